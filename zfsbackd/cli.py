@@ -1,0 +1,320 @@
+"""The ``zfsbackd`` command: FSx-style verbs that print JSON (or a table for people).
+
+Errors print ``{"Error": {"Code", "Message"}}`` on stderr and exit with the
+codes in README.md ("Exit codes"). Long operations draw progress on stderr
+when it is a terminal and stay quiet when piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zfsbackd import __version__
+from zfsbackd.config import load_config, resolve_config_path
+from zfsbackd.engine.archiver import BackupCancelled
+from zfsbackd.engine.engine import FILTER_NAMES, BackupRequest, Engine
+from zfsbackd.engine.progress import Progress
+from zfsbackd.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadRequest, ConfigError, ZfsbackdError
+from zfsbackd.logs import configure_logging
+from zfsbackd.store.crypto import generate_key_file
+from zfsbackd.validation import parse_tags, validate_file_system_id
+
+
+# ------------------------------------------------------------------ rendering
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class TerminalProgress:
+    """Draws one updating status line on a terminal; does nothing when stderr is piped."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        eta = p.eta_seconds
+        eta_text = f" · ETA {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else ""
+        pct = f" · {p.percent}%" if p.total_bytes else ""
+        sys.stderr.write(
+            f"\r{self.verb}: {p.files} files · {_human_bytes(p.bytes_done)} · {_human_bytes(p.rate)}/s{pct}{eta_text}\033[K"
+        )
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    if getattr(args, "output", "json") == "table":
+        if "Backups" in payload:
+            print(_table(payload["Backups"], ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes", "Name")))
+        elif "Backup" in payload:
+            print(_table([payload["Backup"]], ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes")))
+        else:
+            for key, value in payload.items():
+                if isinstance(value, dict):
+                    print(_table([{k: v for k, v in value.items() if not isinstance(v, list | dict)}], list(
+                        k for k, v in value.items() if not isinstance(v, list | dict))))
+                    for k, v in value.items():
+                        if isinstance(v, list):
+                            print(f"{k}:" + ("".join(f"\n  - {item}" for item in v) if v else " none"))
+                else:
+                    print(f"{key}: {value}")
+        return
+    print(json.dumps(payload, indent=2, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------- commands
+def _engine(args: argparse.Namespace) -> Engine:
+    return Engine(load_config(resolve_config_path(args.config)))
+
+
+def _parse_filters(values: Sequence[str]) -> dict[str, list[str]]:
+    filters: dict[str, list[str]] = {}
+    for raw in values:
+        name, sep, value = raw.partition("=")
+        if not sep or not value:
+            raise BadRequest(f"--filter {raw!r}: expected NAME=VALUE with NAME one of {', '.join(FILTER_NAMES)}")
+        filters.setdefault(name, []).extend(v for v in value.split(",") if v)
+    return filters
+
+
+def _with_interrupt(fn: Any) -> Any:
+    """Run ``fn(cancel)`` so that SIGTERM/SIGINT stop it at a checkpoint instead of mid-write."""
+    cancel = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def stop(_signum: int, _frame: object) -> None:
+        cancel.set()
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        return fn(cancel)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_create_backup(args: argparse.Namespace) -> int:
+    validate_file_system_id(args.file_system_id)
+    request = BackupRequest(
+        file_system_id=args.file_system_id,
+        name=args.name,
+        tags=parse_tags(args.tag or []),
+        client_request_token=args.client_request_token,
+    )
+    engine = _engine(args)
+    bar = TerminalProgress("backup")
+    progress = Progress(on_update=bar)
+    try:
+        record = _with_interrupt(lambda cancel: engine.create_backup(request, progress=progress, cancel=cancel))
+    finally:
+        bar.done()
+    _emit(args, {"Backup": record.to_api()})
+    return 0
+
+
+def cmd_describe_backups(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    records, token = engine.describe_backups(
+        region=args.region,
+        backup_ids=args.backup_id or [],
+        filters=_parse_filters(args.filter or []),
+        max_results=args.max_results,
+        next_token=args.next_token,
+    )
+    payload: dict[str, Any] = {"Backups": [r.to_api() for r in records]}
+    if token:
+        payload["NextToken"] = token
+    _emit(args, payload)
+    return 0
+
+
+def cmd_delete_backup(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    record = engine.delete_backup(args.backup_id, region=args.region)
+    _emit(args, {"BackupId": record.backup_id, "Lifecycle": record.lifecycle.value})
+    return 0
+
+
+def cmd_restore_backup(args: argparse.Namespace) -> int:
+    if args.target_dataset:
+        raise BadRequest("--target-dataset needs ZFS support, which this version does not have yet; use --target DIR")
+    engine = _engine(args)
+    bar = TerminalProgress("restore")
+    progress = Progress(on_update=bar)
+    try:
+        result = engine.restore_backup(
+            args.backup_id, Path(args.target), paths=args.path or [], region=args.region, progress=progress
+        )
+    finally:
+        bar.done()
+    _emit(args, {"Restore": result.to_api()})
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    result = engine.check(region=args.region, read_data=args.read_data)
+    _emit(args, {"Check": result.to_api()})
+    return 6 if result.errors else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    result = engine.collect_garbage(args.region, grace_seconds=args.grace_period)
+    _emit(args, {"GarbageCollection": result.to_api()})
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    path = resolve_config_path(args.config)
+    config = load_config(path)
+    _emit(
+        args,
+        {
+            "Config": {
+                "Path": str(path),
+                "Valid": True,
+                "HomeRegion": config.home_region,
+                "Regions": sorted(config.regions),
+                "FileSystems": [fs.id for fs in config.file_systems],
+            }
+        },
+    )
+    return 0
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    path = Path(args.key_file)
+    generate_key_file(path)
+    _emit(args, {"KeyFile": {"Path": str(path), "Mode": "0600"}})
+    return 0
+
+
+# --------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $ZFSBACKD_CONFIG, then /etc/zfsbackd/zfsbackd.yaml)")
+    common.add_argument("--output", choices=("json", "table"), default="json", help="output format")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress events to stderr")
+
+    parser = argparse.ArgumentParser(prog="zfsbackd", description="Snapshot backups to object storage.")
+    parser.add_argument("--version", action="version", version=f"zfsbackd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("create-backup", parents=[common], help="snapshot a file system and back it up now")
+    p.add_argument("--file-system-id", required=True)
+    p.add_argument("--name")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    p.add_argument("--client-request-token", help="idempotency token: the same token returns the same backup")
+    p.add_argument("--wait", action="store_true", help="wait for the backup to finish (always the case in-process)")
+    p.set_defaults(func=cmd_create_backup)
+
+    p = sub.add_parser("describe-backups", parents=[common], help="list backups")
+    p.add_argument("--region")
+    p.add_argument("--backup-id", action="append")
+    p.add_argument("--filter", action="append", metavar="NAME=VALUE[,VALUE]", help=f"NAME: {', '.join(FILTER_NAMES)}")
+    p.add_argument("--max-results", type=int)
+    p.add_argument("--next-token")
+    p.set_defaults(func=cmd_describe_backups)
+
+    p = sub.add_parser("delete-backup", parents=[common], help="delete a backup and free its unique data")
+    p.add_argument("--backup-id", required=True)
+    p.add_argument("--region")
+    p.set_defaults(func=cmd_delete_backup)
+
+    p = sub.add_parser("restore-backup", parents=[common], help="restore a backup, whole or selected paths")
+    p.add_argument("--backup-id", required=True)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", help="an existing directory; the restore goes into a new subdirectory")
+    target.add_argument("--target-dataset", help="a new ZFS dataset POOL/NAME")
+    p.add_argument("--path", action="append", help="restore only this path (repeatable)")
+    p.add_argument("--region")
+    p.set_defaults(func=cmd_restore_backup)
+
+    p = sub.add_parser("check", parents=[common], help="verify the store's structure (and every byte with --read-data)")
+    p.add_argument("--region")
+    p.add_argument("--read-data", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("gc", parents=[common], help="remove data no backup needs (runs after delete-backup too)")
+    p.add_argument("--region")
+    p.add_argument("--grace-period", type=int, metavar="SECONDS", help="override garbage_collection.grace_period_seconds")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("config", help="configuration tools")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    v = config_sub.add_parser("validate", parents=[common], help="check a config file; exit 0 if valid, 2 if not")
+    v.set_defaults(func=cmd_config_validate)
+
+    p = sub.add_parser("key", help="encryption key tools")
+    key_sub = p.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
+    g = key_sub.add_parser("generate", parents=[common], help="write a new random key file (mode 0600)")
+    g.add_argument("--key-file", required=True)
+    g.set_defaults(func=cmd_key_generate)
+    return parser
+
+
+def _print_error(error: ZfsbackdError) -> None:
+    payload = error.to_dict()
+    if isinstance(error, ConfigError) and len(error.errors) > 1:
+        payload["Error"]["Errors"] = error.errors  # type: ignore[assignment]
+    print(json.dumps(payload, indent=2, ensure_ascii=False), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage; 2 is our bad-request code too
+        return int(exc.code or 0)
+    configure_logging(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ZfsbackdError as error:
+        _print_error(error)
+        return error.exit_code
+    except (KeyboardInterrupt, BackupCancelled):
+        print(json.dumps({"Error": {"Code": "Interrupted", "Message": "interrupted; run the command again to resume"}}),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        os._exit(0)
+    except Exception as error:  # a bug: say so plainly, with what to report
+        print(json.dumps({"Error": {"Code": "InternalError", "Message": f"{type(error).__name__}: {error}; "
+                                    "this is a bug in zfsbackd, please report it with the command you ran"}}),
+              file=sys.stderr)
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

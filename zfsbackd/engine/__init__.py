@@ -1,0 +1,1 @@
+"""The engine: a plain library that backs up, restores, deletes, copies and checks."""

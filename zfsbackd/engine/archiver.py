@@ -1,0 +1,337 @@
+"""The archiver: walks a snapshot, stores what changed since the parent backup, returns the root tree.
+
+Threading follows the machine's measured limits (DESIGN.md, "Performance
+facts"): the walk and metadata comparison run on one thread (per-entry Python
+work gets slower with more threads), while reading, chunking, hashing,
+compressing, encrypting and uploading — native calls that release the GIL —
+run on a small pool. A bounded number of file jobs is in flight, each reading
+in bounded blocks, so memory stays bounded whatever the file sizes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyfastcdc
+import structlog
+
+from zfsbackd.engine.progress import Progress
+from zfsbackd.store.blobs import BlobType
+from zfsbackd.store.records import BackupStats
+from zfsbackd.store.repository import Store
+from zfsbackd.store.tree import (
+    ROOT_NAME,
+    Node,
+    encode_name,
+    encode_target,
+    encode_xattrs,
+    node_name,
+    parse_tree,
+    serialize_tree,
+)
+from zfsbackd.store.writer import PackWriter
+
+log = structlog.get_logger(__name__)
+
+READ_BLOCK = 8 * 1024 * 1024
+_CHANGE_KEY = ("inode", "size", "mtime_ns", "ctime_ns")
+
+
+class BackupCancelled(Exception):
+    """The backup was asked to stop (SIGTERM, Ctrl-C); it will resume from its uploaded packs."""
+
+
+@dataclass
+class _FileOutcome:
+    node: Node | None  # None: the file vanished before it could be read
+    bytes_read: int = 0
+    changed_while_read: bool = False
+
+
+@dataclass
+class _Counters:
+    stats: BackupStats = field(default_factory=BackupStats)
+
+    def add_outcome(self, outcome: _FileOutcome) -> None:
+        s = self.stats
+        s.files_read += 1
+        s.bytes_read += outcome.bytes_read
+        s.files_changed_while_read += int(outcome.changed_while_read)
+
+
+def read_xattrs(path: bytes) -> list[tuple[str, bytes]]:
+    """All extended attributes (POSIX ACLs included); empty where the file system has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT):
+            return []
+        raise
+    pairs = []
+    for name in names:
+        try:
+            pairs.append((name, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+                raise
+    return pairs
+
+
+def data_segments(fd: int, size: int, blocks: int) -> list[tuple[int, int]]:
+    """Byte ranges that hold data; holes of a sparse file are skipped (and restored as holes)."""
+    if blocks * 512 >= size:
+        return [(0, size)]
+    segments = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        segments.append((start, end))
+        offset = end
+    return segments
+
+
+def _meta_node(name: bytes, st: os.stat_result) -> Node:
+    node: Node = encode_name(name)
+    node.update(
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        inode=st.st_ino,
+    )
+    return node
+
+
+def _unchanged(previous: Node | None, node_type: str, st: os.stat_result) -> bool:
+    if previous is None or previous.get("type") != node_type:
+        return False
+    now = {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    keys = _CHANGE_KEY if node_type == "file" else ("inode", "mtime_ns", "ctime_ns")
+    return all(previous.get(k) == now[k] for k in keys)
+
+
+class Archiver:
+    def __init__(
+        self,
+        store: Store,
+        writer: PackWriter,
+        snapshot: object,
+        parent_root_tree: str | None,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        read_workers: int = 3,
+        max_jobs: int = 256,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.snapshot = snapshot
+        self.root = os.fsencode(str(snapshot.root))  # type: ignore[attr-defined]
+        self.excluded: frozenset[tuple[int, int]] = getattr(snapshot, "excluded", frozenset())
+        self.parent_root_tree = parent_root_tree
+        self.progress = progress or Progress()
+        self.cancel = cancel or threading.Event()
+        self.counters = _Counters()
+        p = store.chunker
+        self.cdc = pyfastcdc.FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
+        self.small_file = p.min_size
+        self._pool = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="zfsbackd-read")
+        self._jobs = threading.BoundedSemaphore(max_jobs)
+        self._root_dev = 0
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> tuple[str, BackupStats]:
+        """Archive the whole snapshot; returns (root tree id hex, statistics)."""
+        try:
+            root_st = os.lstat(self.root)
+            self._root_dev = root_st.st_dev
+            parent_root = self._parent_root_node()
+            subtree = self._archive_dir(b"", parent_root.get("subtree") if parent_root else None)
+            root_node = _meta_node(ROOT_NAME.encode(), root_st)
+            root_node.update(type="dir", subtree=subtree, xattrs=encode_xattrs(read_xattrs(self.root)))
+            root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
+            self.counters.stats.directories += 1
+            return root_id.hex(), self.counters.stats
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ----------------------------------------------------------------- parent
+    def _parent_root_node(self) -> Node | None:
+        if not self.parent_root_tree:
+            return None
+        nodes = self._load_tree(self.parent_root_tree)
+        return nodes.get(ROOT_NAME.encode()) if nodes else None
+
+    def _load_tree(self, tree_id: str | None) -> dict[bytes, Node] | None:
+        """The parent's entries of one directory, or None (then every entry is read again)."""
+        if not tree_id:
+            return None
+        try:
+            raw = self.store.read_blob(bytes.fromhex(tree_id), what=f"parent tree {tree_id[:16]}")
+        except Exception as exc:  # a damaged parent only costs a full read, never a wrong backup
+            log.warning("parent_tree_unreadable", tree_id=tree_id, error=str(exc))
+            return None
+        return {node_name(n): n for n in parse_tree(raw, what=f"parent tree {tree_id[:16]}")}
+
+    # ------------------------------------------------------------------- walk
+    def _path(self, rel: bytes) -> bytes:
+        return self.root + b"/" + rel if rel else self.root
+
+    def _archive_dir(self, rel: bytes, parent_tree: str | None) -> str:
+        if self.cancel.is_set():
+            raise BackupCancelled()
+        previous = self._load_tree(parent_tree) or {}
+        nodes: list[Node] = []
+        pending: list[tuple[Future[_FileOutcome], Node | None]] = []
+        stats = self.counters.stats
+        with os.scandir(self._path(rel)) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            name = entry.name
+            child = rel + b"/" + name if rel else name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) in self.excluded:
+                continue
+            before = previous.get(name)
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                stats.files += 1
+                stats.bytes_total += st.st_size
+                if _unchanged(before, "file", st):
+                    stats.files_unchanged += 1
+                    nodes.append(before)  # type: ignore[arg-type]
+                    self.progress.advance(files=1, nbytes=st.st_size)
+                else:
+                    self._jobs.acquire()
+                    future = self._pool.submit(self._read_file, child, name)
+                    future.add_done_callback(lambda _f: self._jobs.release())
+                    pending.append((future, before))
+            elif stat.S_ISDIR(mode):
+                stats.directories += 1
+                nodes.append(self._dir_node(child, name, st, before))
+            elif stat.S_ISLNK(mode):
+                stats.symlinks += 1
+                node = _meta_node(name, st)
+                node.update(type="symlink", **encode_target(os.readlink(self._path(child))))
+                nodes.append(node)
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                stats.other += 1
+                node = _meta_node(name, st)
+                node.update(
+                    type="chardev" if stat.S_ISCHR(mode) else "blockdev",
+                    rdev=st.st_rdev,
+                    xattrs=encode_xattrs(read_xattrs(self._path(child))),
+                )
+                nodes.append(node)
+            else:  # sockets and FIFOs cannot be backed up meaningfully
+                stats.specials_skipped += 1
+        for future, _before in pending:
+            outcome = future.result()
+            self.counters.add_outcome(outcome)
+            if outcome.node is not None:
+                nodes.append(outcome.node)
+        tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))
+        return tree_id.hex()
+
+    def _dir_node(self, child: bytes, name: bytes, st: os.stat_result, before: Node | None) -> Node:
+        node = _meta_node(name, st)
+        if _unchanged(before, "dir", st):
+            xattrs = before.get("xattrs", [])  # type: ignore[union-attr]
+        else:
+            xattrs = encode_xattrs(read_xattrs(self._path(child)))
+        if st.st_dev != self._root_dev:
+            # Another file system mounted here: keep the mount point, not its contents.
+            subtree = self.writer.add(BlobType.TREE, serialize_tree([]))[0].hex()
+        else:
+            subtree = self._archive_dir(child, before.get("subtree") if before else None)
+        node.update(type="dir", xattrs=xattrs, subtree=subtree)
+        return node
+
+    # ------------------------------------------------------------- file data
+    def _read_file(self, rel: bytes, name: bytes) -> _FileOutcome:
+        """Runs on the read pool: read the frozen content, chunk it, store new chunks."""
+        if self.cancel.is_set():
+            raise BackupCancelled()
+        try:
+            frozen = self.snapshot.open_file(rel)  # type: ignore[attr-defined]
+        except FileNotFoundError:
+            return _FileOutcome(node=None)
+        with frozen:
+            st = frozen.stat
+            chunks, nread = self._store_content(frozen.fd, st)
+            changed = frozen.changed()
+        node = _meta_node(name, st)
+        node.update(type="file", size=st.st_size, chunks=chunks, xattrs=encode_xattrs(read_xattrs(self._path(rel))))
+        if st.st_nlink > 1:
+            node["hardlink"] = st.st_ino
+        if changed:
+            log.warning("file_changed_while_read", path=os.fsdecode(rel))
+        return _FileOutcome(node=node, bytes_read=nread, changed_while_read=changed)
+
+    def _store_content(self, fd: int, st: os.stat_result) -> tuple[list[list[int | str]], int]:
+        chunks: list[list[int | str]] = []
+        add: Callable[[int, memoryview | bytes], None] = lambda off, data: chunks.append(  # noqa: E731
+            [off, len(data), self.writer.add(BlobType.DATA, data)[0].hex()]
+        )
+        size = st.st_size
+        if size == 0:
+            return chunks, 0
+        if size <= self.small_file:
+            data = os.pread(fd, size, 0)
+            if data:
+                add(0, data)
+            self.progress.advance(files=1, nbytes=len(data))
+            return chunks, len(data)
+        nread = 0
+        for start, end in data_segments(fd, size, st.st_blocks):
+            nread += self._chunk_segment(fd, start, end, add)
+        self.progress.advance(files=1)
+        return chunks, nread
+
+    def _chunk_segment(self, fd: int, start: int, end: int, add: Callable[[int, memoryview], None]) -> int:
+        """Content-defined chunking of [start, end), streamed in READ_BLOCK pieces."""
+        carry = b""
+        carry_offset = start
+        pos = start
+        nread = 0
+        while True:
+            block = os.pread(fd, min(READ_BLOCK, end - pos), pos) if pos < end else b""
+            pos += len(block)
+            nread += len(block)
+            eof = not block or pos >= end
+            buf = carry + block if carry else block
+            if not buf:
+                break
+            view = memoryview(buf)
+            cuts = list(self.cdc.cut_buf(view))
+            if not eof and len(cuts) > 1:
+                last = cuts.pop()
+                carry, next_offset = bytes(view[last.offset :]), carry_offset + last.offset
+            elif not eof:
+                carry, next_offset = buf, carry_offset
+                cuts = []
+            else:
+                carry, next_offset = b"", carry_offset + len(buf)
+            for cut in cuts:
+                add(carry_offset + cut.offset, view[cut.offset : cut.offset + cut.length])
+            self.progress.advance(nbytes=len(block))
+            carry_offset = next_offset
+            if eof:
+                break
+        return nread

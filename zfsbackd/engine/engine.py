@@ -1,0 +1,332 @@
+"""The Engine: the operations of DESIGN.md as a library (no threads of its own, no config parsing).
+
+It takes a parsed :class:`~zfsbackd.config.Config`, opens each region's store
+on first use, and enforces the cross-process rules through
+:class:`~zfsbackd.engine.locks.LockManager`: one backup per file system,
+garbage collection alone on a store.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from zfsbackd.config import Config, LocalRegion
+from zfsbackd.engine.archiver import Archiver, BackupCancelled
+from zfsbackd.engine.locks import LockManager
+from zfsbackd.engine.progress import Progress
+from zfsbackd.engine.restorer import Restorer, RestoreResult
+from zfsbackd.errors import (
+    BackupInProgress,
+    BackupNotFound,
+    BackupRestoring,
+    BadRequest,
+    StoreError,
+    ZfsbackdError,
+)
+from zfsbackd.objectstore.base import ObjectStore
+from zfsbackd.objectstore.local import LocalObjectStore
+from zfsbackd.snapshot import take_snapshot
+from zfsbackd.snapshot.detect import choose_provider
+from zfsbackd.store.check import CheckResult, check_store
+from zfsbackd.store.crypto import load_key_file
+from zfsbackd.store.gc import GcResult, collect_garbage
+from zfsbackd.store.records import (
+    IN_PROGRESS,
+    BackupRecord,
+    BackupType,
+    Lifecycle,
+    new_backup_id,
+    utc_now,
+)
+from zfsbackd.store.repository import Store
+from zfsbackd.store.writer import PackWriter
+from zfsbackd.validation import validate_backup_id, validate_backup_name, validate_tags
+
+log = structlog.get_logger(__name__)
+
+FILTER_NAMES = ("file-system-id", "backup-type", "lifecycle")
+RECORD_SAVE_INTERVAL = 5.0
+
+
+@dataclass
+class BackupRequest:
+    file_system_id: str
+    backup_type: BackupType = BackupType.USER_INITIATED
+    name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    client_request_token: str | None = None
+
+
+class Engine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.locks = LockManager(config.state_dir)
+        self._stores: dict[str, Store] = {}
+        self._stores_lock = threading.Lock()
+        self._key_material: bytes | None = None
+        self._key_loaded = False
+
+    # ------------------------------------------------------------------ stores
+    def _key(self) -> bytes | None:
+        if not self._key_loaded:
+            enc = self.config.encryption
+            self._key_material = None if enc.mode == "none" else load_key_file(enc.key_file)  # type: ignore[arg-type]
+            self._key_loaded = True
+        return self._key_material
+
+    def object_store(self, region: str) -> ObjectStore:
+        spec = self.config.region(region)
+        if isinstance(spec, LocalRegion):
+            return LocalObjectStore(spec.path)
+        raise StoreError(
+            f"regions.{spec.name}: type s3 is not supported by this version of zfsbackd yet; "
+            "use a `type: local` region"
+        )
+
+    def store(self, region: str | None = None) -> Store:
+        """The store of ``region`` (home region by default), created on first use."""
+        name = self.config.region(region).name
+        with self._stores_lock:
+            if name not in self._stores:
+                self._stores[name] = Store.open(self.object_store(name), region=name, key_material=self._key())
+            return self._stores[name]
+
+    # ----------------------------------------------------------------- backups
+    def create_backup(
+        self,
+        request: BackupRequest,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        on_record: Callable[[BackupRecord], None] | None = None,
+    ) -> BackupRecord:
+        """Snapshot the file system and back it up incrementally; returns the final record.
+
+        A backup of the same file system left CREATING by a process that died
+        is resumed (same id, every uploaded blob reused), not started over.
+        """
+        fs = self.config.file_system(request.file_system_id)
+        if request.name is not None:
+            validate_backup_name(request.name)
+        tags = dict(fs.tags) if fs.copy_tags_to_backups else {}
+        tags.update(validate_tags(request.tags, "--tag"))
+        with self.locks.file_system(fs.id), self.locks.store(self.config.home_region, exclusive=False):
+            store = self.store()
+            store.load_index()
+            records = [r for r in store.load_records() if r.file_system_id == fs.id]
+            if request.client_request_token:
+                for r in records:
+                    if r.client_request_token == request.client_request_token and r.lifecycle != Lifecycle.FAILED:
+                        if r.name != request.name or r.backup_type != request.backup_type:
+                            raise BadRequest(
+                                f"--client-request-token {request.client_request_token} was already used for "
+                                f"backup {r.backup_id} with other parameters; use a new token"
+                            )
+                        if r.lifecycle in IN_PROGRESS:
+                            break  # resume it below
+                        return r
+            record = next((r for r in records if r.lifecycle == Lifecycle.CREATING), None)
+            if record is not None:
+                log.info("backup_resuming", fs_id=fs.id, backup_id=record.backup_id, region=store.region)
+            else:
+                record = BackupRecord(
+                    backup_id=new_backup_id(),
+                    file_system_id=fs.id,
+                    region=store.region,
+                    backup_type=request.backup_type,
+                    lifecycle=Lifecycle.CREATING,
+                    creation_time=utc_now(),
+                    name=request.name,
+                    tags=tags,
+                    source=fs.source_description,
+                    client_request_token=request.client_request_token,
+                )
+                store.save_record(record)
+                log.info("backup_creating", fs_id=fs.id, backup_id=record.backup_id, region=store.region)
+            if on_record:
+                on_record(record)
+            parent = self._newest_available(records)
+            return self._run_backup(store, fs, record, parent, progress, cancel)
+
+    @staticmethod
+    def _newest_available(records: Sequence[BackupRecord]) -> BackupRecord | None:
+        available = [r for r in records if r.lifecycle == Lifecycle.AVAILABLE and r.root_tree]
+        return max(available, key=lambda r: r.creation_time) if available else None
+
+    def _run_backup(
+        self,
+        store: Store,
+        fs: object,
+        record: BackupRecord,
+        parent: BackupRecord | None,
+        progress: Progress | None,
+        cancel: threading.Event | None,
+    ) -> BackupRecord:
+        started = time.monotonic()
+        progress = progress or Progress()
+        progress.total_bytes = parent.stats.bytes_total if parent else 0
+        last_save = [time.monotonic()]
+        user_callback = progress.on_update
+
+        def on_update(p: Progress) -> None:
+            if user_callback:
+                user_callback(p)
+            if time.monotonic() - last_save[0] >= RECORD_SAVE_INTERVAL:
+                last_save[0] = time.monotonic()
+                store.save_record(record.with_changes(progress_percent=p.percent))
+
+        progress.on_update = on_update
+        snapshot = None
+        try:
+            provider = choose_provider(fs)  # type: ignore[arg-type]
+            snapshot = provider.find(fs, record.backup_id) or take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
+            record = record.with_changes(snapshot=snapshot.describe(), parent_backup_id=parent.backup_id if parent else None)
+            store.save_record(record)
+            with PackWriter(store) as writer:
+                archiver = Archiver(
+                    store, writer, snapshot, parent.root_tree if parent else None, progress=progress, cancel=cancel
+                )
+                root_tree, stats = archiver.run()
+                writer.flush()  # packs, then the index: durable before the record names them
+            ws = writer.stats
+            stats.bytes_new, stats.blobs_new = ws.bytes_new, ws.blobs_new
+            stats.bytes_uploaded, stats.bytes_deduplicated = ws.bytes_uploaded, ws.bytes_deduplicated
+            stats.blobs_deduplicated = ws.blobs_deduplicated
+            stats.duration_seconds = time.monotonic() - started
+            record = record.with_changes(
+                lifecycle=Lifecycle.AVAILABLE,
+                root_tree=root_tree,
+                stats=stats,
+                progress_percent=100,
+                size_in_bytes=stats.bytes_total,
+                completion_time=utc_now(),
+            )
+            store.save_record(record)
+            log.info(
+                "backup_available",
+                fs_id=record.file_system_id,
+                backup_id=record.backup_id,
+                region=store.region,
+                duration_seconds=round(stats.duration_seconds, 3),
+                files=stats.files,
+                bytes_read=stats.bytes_read,
+                bytes_uploaded=stats.bytes_uploaded,
+            )
+        except (BackupCancelled, KeyboardInterrupt):
+            log.warning("backup_interrupted", fs_id=record.file_system_id, backup_id=record.backup_id)
+            raise
+        except Exception as exc:
+            message = exc.message if isinstance(exc, ZfsbackdError) else f"{type(exc).__name__}: {exc}"
+            record = record.with_changes(lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=utc_now())
+            store.save_record(record)
+            log.error("backup_failed", fs_id=record.file_system_id, backup_id=record.backup_id, error=message)
+            raise
+        finally:
+            if snapshot is not None and record.lifecycle != Lifecycle.CREATING:
+                snapshot.release()
+        return record
+
+    # ---------------------------------------------------------------- describe
+    def describe_backups(
+        self,
+        *,
+        region: str | None = None,
+        backup_ids: Sequence[str] = (),
+        filters: dict[str, list[str]] | None = None,
+        max_results: int | None = None,
+        next_token: str | None = None,
+    ) -> tuple[list[BackupRecord], str | None]:
+        store = self.store(region)
+        for bid in backup_ids:
+            validate_backup_id(bid)
+        filters = filters or {}
+        for name in filters:
+            if name not in FILTER_NAMES:
+                raise BadRequest(f"--filter {name}: unknown filter; use one of {', '.join(FILTER_NAMES)}")
+        if backup_ids:
+            records = [store.load_record(bid) for bid in backup_ids]
+        else:
+            records = store.load_records()
+            if "lifecycle" not in filters:
+                records = [r for r in records if r.lifecycle != Lifecycle.DELETED]
+        selectors = {
+            "file-system-id": lambda r: r.file_system_id,
+            "backup-type": lambda r: r.backup_type.value,
+            "lifecycle": lambda r: r.lifecycle.value,
+        }
+        for name, values in filters.items():
+            records = [r for r in records if selectors[name](r) in values]
+        start = 0
+        if next_token:
+            try:
+                start = int(base64.urlsafe_b64decode(next_token.encode()).decode())
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest(f"--next-token {next_token!r} is not a token this command returned") from None
+        if max_results is not None and max_results < 1:
+            raise BadRequest("--max-results must be at least 1")
+        end = len(records) if max_results is None else start + max_results
+        token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(records) else None
+        return records[start:end], token
+
+    def get_backup(self, backup_id: str, region: str | None = None) -> BackupRecord:
+        validate_backup_id(backup_id)
+        return self.store(region).load_record(backup_id)
+
+    # ------------------------------------------------------------------ delete
+    def delete_backup(self, backup_id: str, *, region: str | None = None, collect: bool = True) -> BackupRecord:
+        record = self.get_backup(backup_id, region)
+        store = self.store(region)
+        if record.lifecycle == Lifecycle.DELETED:
+            raise BackupNotFound(f"backup {backup_id} is already deleted")
+        if record.lifecycle in IN_PROGRESS and self.locks.is_file_system_busy(record.file_system_id):
+            raise BackupInProgress(
+                f"backup {backup_id} is still being created; wait for it to finish, then delete it"
+            )
+        record = record.with_changes(lifecycle=Lifecycle.DELETED)
+        store.save_record(record)
+        log.info("backup_deleted", fs_id=record.file_system_id, backup_id=backup_id, region=store.region)
+        if collect:
+            self.collect_garbage(region)
+        return record
+
+    def collect_garbage(self, region: str | None = None, *, grace_seconds: int | None = None) -> GcResult:
+        store = self.store(region)
+        grace = self.config.garbage_collection.grace_period_seconds if grace_seconds is None else grace_seconds
+        with self.locks.store(store.region, exclusive=True):
+            return collect_garbage(store, grace_seconds=grace)
+
+    # ----------------------------------------------------------------- restore
+    def restore_backup(
+        self,
+        backup_id: str,
+        target: Path,
+        *,
+        paths: Sequence[str] = (),
+        region: str | None = None,
+        progress: Progress | None = None,
+    ) -> RestoreResult:
+        record = self.get_backup(backup_id, region)
+        if record.lifecycle != Lifecycle.AVAILABLE:
+            raise BackupRestoring(
+                f"backup {backup_id} is {record.lifecycle.value}; only AVAILABLE backups can be restored"
+            )
+        store = self.store(region)
+        store.load_index()
+        if progress is not None:
+            progress.total_bytes = record.size_in_bytes
+        result = Restorer(store, record, target, list(paths), progress=progress).run()
+        log.info("backup_restored", backup_id=backup_id, region=store.region, path=str(result.path), files=result.files)
+        return result
+
+    # ------------------------------------------------------------------- check
+    def check(self, *, region: str | None = None, read_data: bool = False) -> CheckResult:
+        store = self.store(region)
+        with self.locks.store(store.region, exclusive=False):
+            return check_store(store, read_data=read_data)

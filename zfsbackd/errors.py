@@ -1,0 +1,125 @@
+"""User-facing errors: a code (FSx-style), a message that says what, where and
+how to fix it, and the documented process exit code.
+
+Every error that can reach a person goes through :class:`ZfsbackdError` so that
+the CLI prints ``{"Error": {"Code": ..., "Message": ...}}`` and exits with the
+code listed in the README ("Exit codes").
+"""
+
+from __future__ import annotations
+
+# Exit codes (documented in README.md, "Exit codes").
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_REQUEST = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_STORE = 5
+EXIT_INTEGRITY = 6
+EXIT_INTERRUPTED = 130
+
+
+class ZfsbackdError(Exception):
+    """Base class: ``code`` names the error, ``exit_code`` is what the CLI returns."""
+
+    code = "InternalError"
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        return {"Error": {"Code": self.code, "Message": self.message}}
+
+
+class BadRequest(ZfsbackdError):
+    """An argument is malformed or out of range."""
+
+    code = "BadRequest"
+    exit_code = EXIT_BAD_REQUEST
+
+
+class ConfigError(ZfsbackdError):
+    """The configuration file is unreadable or invalid; ``errors`` lists every problem."""
+
+    code = "InvalidConfiguration"
+    exit_code = EXIT_BAD_REQUEST
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
+
+
+class KeyFileError(ZfsbackdError):
+    """The encryption key file is missing, too short or readable by others."""
+
+    code = "InvalidKeyFile"
+    exit_code = EXIT_BAD_REQUEST
+
+
+class FileSystemNotFound(ZfsbackdError):
+    code = "FileSystemNotFound"
+    exit_code = EXIT_NOT_FOUND
+
+
+class BackupNotFound(ZfsbackdError):
+    code = "BackupNotFound"
+    exit_code = EXIT_NOT_FOUND
+
+
+class InvalidRegion(ZfsbackdError):
+    code = "InvalidRegion"
+    exit_code = EXIT_NOT_FOUND
+
+
+class BackupInProgress(ZfsbackdError):
+    """Another backup of the same file system is running (here or in another process)."""
+
+    code = "BackupInProgress"
+    exit_code = EXIT_CONFLICT
+
+
+class BackupBeingCopied(ZfsbackdError):
+    code = "BackupBeingCopied"
+    exit_code = EXIT_CONFLICT
+
+
+class SourceBackupUnavailable(ZfsbackdError):
+    code = "SourceBackupUnavailable"
+    exit_code = EXIT_CONFLICT
+
+
+class BackupRestoring(ZfsbackdError):
+    """The backup is not in a state that can be restored (not AVAILABLE)."""
+
+    code = "BackupNotAvailable"
+    exit_code = EXIT_CONFLICT
+
+
+class SnapshotError(ZfsbackdError):
+    """A snapshot could not be taken (unsupported file system, hook failed, …)."""
+
+    code = "SnapshotFailed"
+    exit_code = EXIT_BAD_REQUEST
+
+
+class StoreError(ZfsbackdError):
+    """The object store cannot be reached or refused an operation."""
+
+    code = "StoreUnavailable"
+    exit_code = EXIT_STORE
+
+
+class IntegrityError(ZfsbackdError):
+    """Stored data failed authentication or its id did not re-hash: never silent wrong data."""
+
+    code = "IntegrityError"
+    exit_code = EXIT_INTEGRITY
+
+
+class RestoreError(ZfsbackdError):
+    """A restore was refused (unsafe name, bad target) or failed while writing."""
+
+    code = "RestoreFailed"
+    exit_code = EXIT_BAD_REQUEST

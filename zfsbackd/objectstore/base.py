@@ -1,0 +1,85 @@
+"""The object-store interface.
+
+Kept deliberately small (put-if-absent, put, get, get-range, head, list,
+delete) so that a local directory and any S3-compatible server can implement
+it with the same guarantees: writes are atomic (an object is either absent or
+complete), and ``put_if_absent`` never overwrites.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch (creation time for immutable objects)
+
+
+@dataclass
+class ObjectStoreMetrics:
+    """Request, error and retry counters by operation; read by the daemon's Prometheus exporter."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    bytes_written: int = 0
+    bytes_read: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, operation: str, *, written: int = 0, read: int = 0) -> None:
+        with self._lock:
+            self.requests[operation] += 1
+            self.bytes_written += written
+            self.bytes_read += read
+
+    def count_error(self, operation: str) -> None:
+        with self._lock:
+            self.errors[operation] += 1
+
+
+class ObjectStore(ABC):
+    """A flat key → bytes namespace. Keys use ``/`` as a separator."""
+
+    #: human-readable location for error messages ("local /var/lib/zfsbackd/store")
+    location: str
+
+    def __init__(self) -> None:
+        self.metrics = ObjectStoreMetrics()
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Create ``key`` atomically; return False (and write nothing) if it already exists."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Create or atomically replace ``key`` (only backup records are ever replaced)."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Whole object; raises FileNotFoundError if absent."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; a negative offset counts from the end."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and time of ``key``, or None."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are not an error."""
+
+    def check_reachable(self) -> None:
+        """Raise StoreError with a fix if the store cannot be used at all."""

@@ -1,0 +1,1 @@
+"""The content-addressed store inside one region (see DESIGN.md, "Store format")."""

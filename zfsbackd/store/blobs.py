@@ -1,0 +1,79 @@
+"""Blob encoding: compress when it pays, then seal with the blob id as associated data."""
+
+from __future__ import annotations
+
+import threading
+from enum import IntEnum
+
+import zstandard
+
+from zfsbackd.errors import IntegrityError
+from zfsbackd.store.crypto import BlobHasher, Sealer
+
+_RAW = 0
+_ZSTD = 1
+_ZSTD_LEVEL = 1
+# Compress a sample first for large blobs: incompressible data (media, archives,
+# encrypted files) then costs a 16 KiB probe instead of a full zstd pass.
+_PROBE_THRESHOLD = 128 * 1024
+_PROBE_BYTES = 16 * 1024
+_MIN_SAVING = 0.97
+
+
+class BlobType(IntEnum):
+    DATA = 0
+    TREE = 1
+
+
+class BlobCodec:
+    """Encode/decode blobs. Thread-safe: zstd contexts are per thread (they are not shareable)."""
+
+    def __init__(self, sealer: Sealer, hasher: BlobHasher) -> None:
+        self.sealer = sealer
+        self.hasher = hasher
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "compressor", None)
+        if comp is None:
+            comp = self._local.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "decompressor", None)
+        if dec is None:
+            dec = self._local.decompressor = zstandard.ZstdDecompressor()
+        return dec
+
+    def encode(self, blob_id: bytes, plaintext: bytes | memoryview) -> bytes:
+        size = len(plaintext)
+        body: bytes | memoryview = plaintext
+        flag = _RAW
+        if size >= 64:
+            comp = self._compressor()
+            worth_trying = True
+            if size > _PROBE_THRESHOLD:
+                probe = comp.compress(plaintext[:_PROBE_BYTES])
+                worth_trying = len(probe) < _PROBE_BYTES * _MIN_SAVING
+            if worth_trying:
+                packed = comp.compress(plaintext)
+                if len(packed) < size * _MIN_SAVING:
+                    body, flag = packed, _ZSTD
+        return self.sealer.seal(bytes([flag]) + bytes(body), blob_id)
+
+    def decode(self, blob_id: bytes, sealed: bytes | memoryview, *, what: str) -> bytes:
+        """Open, decompress and re-hash: a blob is returned only if it is exactly the one its id names."""
+        body = self.sealer.open(sealed, blob_id, what=what)
+        flag, payload = body[0], memoryview(body)[1:]
+        if flag == _ZSTD:
+            try:
+                data = self._decompressor().decompress(payload)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"{what} does not decompress: {exc}") from None
+        elif flag == _RAW:
+            data = bytes(payload)
+        else:
+            raise IntegrityError(f"{what} has an unknown encoding {flag}")
+        if self.hasher.blob_id(data) != blob_id:
+            raise IntegrityError(f"{what} does not match its id {blob_id.hex()}: the stored data is wrong")
+        return data

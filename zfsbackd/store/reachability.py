@@ -1,0 +1,64 @@
+"""Walk the trees of backups: which blobs do the live backups reference, and from which file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from zfsbackd.store.records import BackupRecord
+from zfsbackd.store.repository import Store
+from zfsbackd.store.tree import node_name, parse_tree
+
+
+@dataclass
+class Reachable:
+    blobs: set[bytes] = field(default_factory=set)
+    # blob id → (backup id, path) of its first user, to name it in errors
+    users: dict[bytes, tuple[str, str]] = field(default_factory=dict)
+
+
+def mark_reachable(
+    store: Store,
+    records: Iterable[BackupRecord],
+    *,
+    on_error: Callable[[str], None] | None = None,
+    track_users: bool = False,
+) -> Reachable:
+    """Every blob referenced by ``records``' trees.
+
+    A tree shared by several backups is walked once (unchanged directories
+    reuse their tree ids, so incremental backups cost little to mark). When
+    ``on_error`` is given, unreadable trees are reported and skipped instead
+    of raising.
+    """
+    found = Reachable()
+    for record in records:
+        if not record.root_tree:
+            continue
+        stack: list[tuple[bytes, str]] = [(bytes.fromhex(record.root_tree), "")]
+        while stack:
+            tree_id, path = stack.pop()
+            if tree_id in found.blobs:
+                continue
+            found.blobs.add(tree_id)
+            if track_users:
+                found.users.setdefault(tree_id, (record.backup_id, path or "/"))
+            what = f"backup {record.backup_id}: directory {path or '/'}"
+            try:
+                nodes = parse_tree(store.read_blob(tree_id, what=what), what=what)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                on_error(str(exc))
+                continue
+            for node in nodes:
+                child = f"{path}/{os.fsdecode(node_name(node))}" if path else f"/{os.fsdecode(node_name(node))}"
+                if "subtree" in node:
+                    stack.append((bytes.fromhex(node["subtree"]), child if node_name(node) != b"." else ""))
+                for _offset, _length, blob_hex in node.get("chunks", ()):
+                    blob_id = bytes.fromhex(blob_hex)
+                    found.blobs.add(blob_id)
+                    if track_users:
+                        found.users.setdefault(blob_id, (record.backup_id, child))
+    return found

@@ -1,0 +1,157 @@
+"""PackWriter: turns blobs into packs, uploads them in the background, checkpoints the index.
+
+Many archiver threads call :meth:`PackWriter.add` at once. Encoding (zstd,
+AES-GCM) happens outside the lock in the caller's thread — those calls release
+the GIL, so both cores work. Uploads run on a small pool with a bound on packs
+in flight, which bounds memory. Commit order (DESIGN invariant 1): a pack is
+durable before any index names it, and :meth:`flush` returns only when every
+pack and an index covering them are durable.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from zfsbackd.store.blobs import BlobType
+from zfsbackd.store.packs import PackEntry, build_trailer, pack_id_of, pack_key
+from zfsbackd.store.repository import Store
+
+DEFAULT_PACK_SIZE = 16 * 1024 * 1024
+
+
+@dataclass
+class WriterStats:
+    blobs_new: int = 0
+    blobs_deduplicated: int = 0
+    bytes_new: int = 0  # plaintext bytes of new blobs
+    bytes_deduplicated: int = 0  # plaintext bytes found already stored
+    bytes_uploaded: int = 0  # sealed bytes written to the object store (packs incl. headers)
+    packs_uploaded: int = 0
+
+
+class PackWriter:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        upload_threads: int = 2,
+        max_packs_in_flight: int = 3,
+        checkpoint_every: int = 4,
+    ) -> None:
+        self.store = store
+        self.pack_size = pack_size
+        self.checkpoint_every = checkpoint_every
+        self.stats = WriterStats()
+        self._lock = threading.Lock()
+        self._pending: set[bytes] = set()  # reserved: being encoded or in an unuploaded pack
+        self._buffer = bytearray()
+        self._entries: list[PackEntry] = []
+        self._unindexed: dict[bytes, list[PackEntry]] = {}
+        self._slots = threading.BoundedSemaphore(max_packs_in_flight)
+        self._pool = ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix="zfsbackd-upload")
+        self._futures: list[Future[None]] = []
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ adding
+    def reserve(self, blob_id: bytes, raw_length: int) -> bool:
+        """Claim ``blob_id`` for this writer; False if the store has it or another thread claimed it."""
+        with self._lock:
+            if blob_id in self._pending or blob_id in self.store.index:
+                self.stats.blobs_deduplicated += 1
+                self.stats.bytes_deduplicated += raw_length
+                return False
+            self._pending.add(blob_id)
+            return True
+
+    def add(self, blob_type: BlobType, plaintext: bytes | memoryview) -> tuple[bytes, bool]:
+        """Store ``plaintext`` unless it is already stored; returns (blob id, was new)."""
+        blob_id = self.store.hasher.blob_id(plaintext)
+        if not self.reserve(blob_id, len(plaintext)):
+            return blob_id, False
+        sealed = self.store.codec.encode(blob_id, plaintext)
+        self.add_sealed(blob_type, blob_id, sealed, len(plaintext))
+        return blob_id, True
+
+    def add_sealed(self, blob_type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
+        """Append an already-sealed blob (reserved by the caller); used by copies and repacking too."""
+        self._raise_upload_error()
+        full: tuple[bytes, list[PackEntry]] | None = None
+        with self._lock:
+            self._entries.append(PackEntry(blob_type, blob_id, len(self._buffer), len(sealed), raw_length))
+            self._buffer += sealed
+            self.stats.blobs_new += 1
+            self.stats.bytes_new += raw_length
+            if len(self._buffer) >= self.pack_size:
+                full = self._take_pack()
+        if full is not None:
+            self._submit(*full)
+
+    def _take_pack(self) -> tuple[bytes, list[PackEntry]]:
+        data, entries = bytes(self._buffer), self._entries
+        self._buffer = bytearray()
+        self._entries = []
+        return data, entries
+
+    # ---------------------------------------------------------------- uploading
+    def _submit(self, body: bytes, entries: list[PackEntry]) -> None:
+        self._slots.acquire()
+        try:
+            self._futures.append(self._pool.submit(self._upload, body, entries))
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _upload(self, body: bytes, entries: list[PackEntry]) -> None:
+        try:
+            data = body + build_trailer(entries, self.store.sealer)
+            pack_id = pack_id_of(data)
+            self.store.objects.put_if_absent(pack_key(pack_id), data)
+            self.store.index.add_pack(pack_id, entries)
+            checkpoint: dict[bytes, list[PackEntry]] | None = None
+            with self._lock:
+                self.stats.bytes_uploaded += len(data)
+                self.stats.packs_uploaded += 1
+                self._pending.difference_update(e.blob_id for e in entries)
+                self._unindexed[pack_id] = entries
+                if len(self._unindexed) >= self.checkpoint_every:
+                    checkpoint, self._unindexed = self._unindexed, {}
+            if checkpoint:
+                self.store.write_index(checkpoint)
+        except BaseException as exc:
+            self._error = self._error or exc
+            raise
+        finally:
+            self._slots.release()
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # ----------------------------------------------------------------- finishing
+    def flush(self) -> None:
+        """Upload the partial pack, wait for every upload, write the final index checkpoint."""
+        with self._lock:
+            last = self._take_pack() if self._entries else None
+        if last is not None:
+            self._submit(*last)
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+        self._raise_upload_error()
+        with self._lock:
+            remaining, self._unindexed = self._unindexed, {}
+        if remaining:
+            self.store.write_index(remaining)
+
+    def close(self) -> None:
+        """Stop the upload pool. Packs already uploaded stay (the next open adopts them)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PackWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
