@@ -51,9 +51,8 @@ class TerminalProgress:
         eta = p.eta_seconds
         eta_text = f" · ETA {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else ""
         pct = f" · {p.percent}%" if p.total_bytes else ""
-        sys.stderr.write(
-            f"\r{self.verb}: {p.files} files · {_human_bytes(p.bytes_done)} · {_human_bytes(p.rate)}/s{pct}{eta_text}\033[K"
-        )
+        done, rate = _human_bytes(p.bytes_done), _human_bytes(p.rate)
+        sys.stderr.write(f"\r{self.verb}: {p.files} files · {done} · {rate}/s{pct}{eta_text}\033[K")
         sys.stderr.flush()
 
     def done(self) -> None:
@@ -73,14 +72,28 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     if getattr(args, "output", "json") == "table":
         if "Backups" in payload:
-            print(_table(payload["Backups"], ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes", "Name")))
+            print(
+                _table(
+                    payload["Backups"],
+                    ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes", "Name"),
+                )
+            )
         elif "Backup" in payload:
-            print(_table([payload["Backup"]], ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes")))
+            print(
+                _table(
+                    [payload["Backup"]],
+                    ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes"),
+                )
+            )
         else:
             for key, value in payload.items():
                 if isinstance(value, dict):
-                    print(_table([{k: v for k, v in value.items() if not isinstance(v, list | dict)}], list(
-                        k for k, v in value.items() if not isinstance(v, list | dict))))
+                    print(
+                        _table(
+                            [{k: v for k, v in value.items() if not isinstance(v, list | dict)}],
+                            list(k for k, v in value.items() if not isinstance(v, list | dict)),
+                        )
+                    )
                     for k, v in value.items():
                         if isinstance(v, list):
                             print(f"{k}:" + ("".join(f"\n  - {item}" for item in v) if v else " none"))
@@ -267,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", parents=[common], help="remove data no backup needs (runs after delete-backup too)")
     p.add_argument("--region")
-    p.add_argument("--grace-period", type=int, metavar="SECONDS", help="override garbage_collection.grace_period_seconds")
+    p.add_argument(
+        "--grace-period", type=int, metavar="SECONDS", help="override garbage_collection.grace_period_seconds"
+    )
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("config", help="configuration tools")
@@ -303,15 +318,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(error)
         return error.exit_code
     except (KeyboardInterrupt, BackupCancelled):
-        print(json.dumps({"Error": {"Code": "Interrupted", "Message": "interrupted; run the command again to resume"}}),
-              file=sys.stderr)
+        print(
+            json.dumps({"Error": {"Code": "Interrupted", "Message": "interrupted; run the command again to resume"}}),
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         os._exit(0)
     except Exception as error:  # a bug: say so plainly, with what to report
-        print(json.dumps({"Error": {"Code": "InternalError", "Message": f"{type(error).__name__}: {error}; "
-                                    "this is a bug in zfsbackd, please report it with the command you ran"}}),
-              file=sys.stderr)
+        print(
+            json.dumps(
+                {
+                    "Error": {
+                        "Code": "InternalError",
+                        "Message": f"{type(error).__name__}: {error}; "
+                        "this is a bug in zfsbackd, please report it with the command you ran",
+                    }
+                }
+            ),
+            file=sys.stderr,
+        )
         logging.getLogger(__name__).debug("internal error", exc_info=True)
         return EXIT_INTERNAL
 

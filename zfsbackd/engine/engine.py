@@ -86,8 +86,7 @@ class Engine:
         if isinstance(spec, LocalRegion):
             return LocalObjectStore(spec.path)
         raise StoreError(
-            f"regions.{spec.name}: type s3 is not supported by this version of zfsbackd yet; "
-            "use a `type: local` region"
+            f"regions.{spec.name}: type s3 is not supported by this version of zfsbackd yet; use a `type: local` region"
         )
 
     def store(self, region: str | None = None) -> Store:
@@ -187,7 +186,9 @@ class Engine:
         try:
             provider = choose_provider(fs)  # type: ignore[arg-type]
             snapshot = provider.find(fs, record.backup_id) or take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
-            record = record.with_changes(snapshot=snapshot.describe(), parent_backup_id=parent.backup_id if parent else None)
+            record = record.with_changes(
+                snapshot=snapshot.describe(), parent_backup_id=parent.backup_id if parent else None
+            )
             store.save_record(record)
             with PackWriter(store) as writer:
                 archiver = Archiver(
@@ -286,9 +287,7 @@ class Engine:
         if record.lifecycle == Lifecycle.DELETED:
             raise BackupNotFound(f"backup {backup_id} is already deleted")
         if record.lifecycle in IN_PROGRESS and self.locks.is_file_system_busy(record.file_system_id):
-            raise BackupInProgress(
-                f"backup {backup_id} is still being created; wait for it to finish, then delete it"
-            )
+            raise BackupInProgress(f"backup {backup_id} is still being created; wait for it to finish, then delete it")
         record = record.with_changes(lifecycle=Lifecycle.DELETED)
         store.save_record(record)
         log.info("backup_deleted", fs_id=record.file_system_id, backup_id=backup_id, region=store.region)

@@ -23,7 +23,15 @@ from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import IntegrityError, RestoreError, ZfsbackdError
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
-from zfsbackd.store.tree import ROOT_NAME, Node, decode_xattrs, is_safe_name, node_name, node_target, parse_tree
+from zfsbackd.store.tree import (
+    ROOT_NAME,
+    Node,
+    decode_xattrs,
+    is_safe_name,
+    node_name,
+    node_target,
+    parse_tree,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -166,10 +174,10 @@ class Restorer:
                 break
             rel = rel + b"/" + part if rel else part
             out = out + b"/" + part
-            if i < len(parts) - 1:  # a directory on the way: create it with its own metadata
-                if not os.path.lexists(out):
-                    os.mkdir(out, 0o700)
-                    self._plan.directories.append((out, child))
+            if i < len(parts) - 1 and not os.path.lexists(out):
+                # a directory on the way: create it, with its own metadata applied at the end
+                os.mkdir(out, 0o700)
+                self._plan.directories.append((out, child))
             node = child
         else:
             self._restore_node(pool, futures, node, out, rel, result)

@@ -81,5 +81,6 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""
 
+    @abstractmethod
     def check_reachable(self) -> None:
         """Raise StoreError with a fix if the store cannot be used at all."""

@@ -135,10 +135,7 @@ class LocalObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self.metrics.count("delete")
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
+        self._path(key).unlink(missing_ok=True)
 
     def check_reachable(self) -> None:
         if not self.root.is_dir():

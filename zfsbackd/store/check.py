@@ -104,5 +104,3 @@ def _compare_header(key: str, header: list[PackEntry], expected: dict[bytes, Pac
         if other is None or (other.offset, other.length) != (entry.offset, entry.length):
             errors.append(f"pack {key}: blob {blob_id.hex()} is in the index but not where its header says")
     return errors
-
-

@@ -75,9 +75,7 @@ class BlobIndex:
         with self._lock:
             self._packs[pack_id] = entries
             for e in entries:
-                self._blobs.setdefault(
-                    e.blob_id, Location(pack_id, e.offset, e.length, e.raw_length, e.blob_type)
-                )
+                self._blobs.setdefault(e.blob_id, Location(pack_id, e.offset, e.length, e.raw_length, e.blob_type))
 
     def remove_packs(self, pack_ids: Iterable[bytes]) -> None:
         """Forget packs (after garbage collection deleted them); blobs kept elsewhere stay known."""
@@ -87,9 +85,7 @@ class BlobIndex:
             self._blobs = {}
             for pack_id, entries in self._packs.items():
                 for e in entries:
-                    self._blobs.setdefault(
-                        e.blob_id, Location(pack_id, e.offset, e.length, e.raw_length, e.blob_type)
-                    )
+                    self._blobs.setdefault(e.blob_id, Location(pack_id, e.offset, e.length, e.raw_length, e.blob_type))
 
     def get(self, blob_id: bytes) -> Location | None:
         return self._blobs.get(blob_id)

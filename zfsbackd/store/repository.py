@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from zfsbackd.store.blobs import BlobCodec, BlobType
 from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys, derive_wrapping_key
 from zfsbackd.store.index import INDEX_PREFIX, BlobIndex, decode_index, encode_index, new_index_key
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
-from zfsbackd.store.records import RECORD_PREFIX, BackupRecord, record_key, utc_now, iso
+from zfsbackd.store.records import RECORD_PREFIX, BackupRecord, iso, record_key, utc_now
 
 STORE_FORMAT = 1
 CONFIG_KEY = "config"
@@ -51,6 +52,7 @@ class Store:
         self.index = BlobIndex()
         self.index_keys: set[str] = set()
         self._index_loaded = False
+        self._reload_lock = threading.Lock()
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -133,6 +135,10 @@ class Store:
             self.write_index(adopted)
         self._index_loaded = True
 
+    def _refresh_index(self) -> None:
+        with self._reload_lock:
+            self.load_index(force=True)
+
     def _read_index(self, key: str) -> dict[bytes, list[PackEntry]]:
         return decode_index(self.objects.get(key), self.sealer, what=f"index object {key}")
 
@@ -164,6 +170,9 @@ class Store:
     def read_blob(self, blob_id: bytes, *, what: str) -> bytes:
         """Fetch, authenticate, decompress and re-hash one blob; ``what`` names it for errors."""
         loc = self.index.get(blob_id)
+        if loc is None:
+            self._refresh_index()  # another process (daemon or CLI) may have added it since we loaded
+            loc = self.index.get(blob_id)
         if loc is None:
             raise IntegrityError(f"{what}: blob {blob_id.hex()} is not in the store (region {self.region})")
         sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)

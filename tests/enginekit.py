@@ -1,0 +1,91 @@
+"""Helpers for engine and CLI tests: a config per test, and the CLI as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zfsbackd.config import Config, load_config
+from zfsbackd.store.crypto import generate_key_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(
+    tmp_path: Path,
+    sources: dict[str, Path],
+    *,
+    encrypted: bool = True,
+    grace: int = 0,
+    extra_fs: dict[str, Any] | None = None,
+) -> Path:
+    """A config with a local store in ``tmp_path`` and one file system per source (``fs-<name>``)."""
+    key = tmp_path / "store.key"
+    if encrypted and not key.exists():
+        generate_key_file(key)
+    data = {
+        "state_dir": str(tmp_path / "state"),
+        "regions": {"local": {"type": "local", "path": str(tmp_path / "store")}},
+        "encryption": {"key_file": str(key)} if encrypted else {"mode": "none"},
+        "garbage_collection": {"grace_period_seconds": grace},
+        "file_systems": [
+            {"id": f"fs-{name}", "source": {"path": str(path)}, **(extra_fs or {})} for name, path in sources.items()
+        ],
+    }
+    path = tmp_path / "zfsbackd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def make_config(tmp_path: Path, sources: dict[str, Path], **kwargs: Any) -> Config:
+    return load_config(write_config(tmp_path, sources, **kwargs))
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    @property
+    def error(self) -> dict[str, str]:
+        # stderr may hold log lines before the error document, which is always last.
+        start = self.stderr.rfind('{\n  "Error"')
+        return json.loads(self.stderr[start:])["Error"]
+
+
+def cli_command(config: Path | None, *args: str) -> list[str]:
+    argv = [sys.executable, "-m", "zfsbackd.cli", *args]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return argv
+
+
+def run_cli(config: Path | None, *args: str, timeout: float = 300) -> CliResult:
+    """Run ``zfsbackd ARGS --config CONFIG`` as a separate process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        cli_command(config, *args), capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def store_bytes(store_dir: Path) -> int:
+    """Bytes of pack data in a local store."""
+    return sum(p.stat().st_size for p in (store_dir / "data").rglob("*") if p.is_file())
+
+
+def pack_files(store_dir: Path) -> list[Path]:
+    data = store_dir / "data"
+    return sorted(p for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")) if data.exists() else []

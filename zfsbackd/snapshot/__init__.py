@@ -1,0 +1,31 @@
+"""Snapshot providers: a point-in-time view of a file system for the archiver to read.
+
+Use :func:`take_snapshot` (hooks included) or :func:`choose_provider` to pick one.
+"""
+
+from zfsbackd.snapshot.base import (
+    FileChangedError,
+    FileSystemSource,
+    FrozenFile,
+    Snapshot,
+    SnapshotProvider,
+)
+from zfsbackd.snapshot.btrfs import BtrfsProvider
+from zfsbackd.snapshot.copy import CopyProvider
+from zfsbackd.snapshot.detect import choose_provider
+from zfsbackd.snapshot.hooks import run_hook, take_snapshot
+from zfsbackd.snapshot.reflink import ReflinkProvider
+
+__all__ = [
+    "BtrfsProvider",
+    "CopyProvider",
+    "FileChangedError",
+    "FileSystemSource",
+    "FrozenFile",
+    "ReflinkProvider",
+    "Snapshot",
+    "SnapshotProvider",
+    "choose_provider",
+    "run_hook",
+    "take_snapshot",
+]

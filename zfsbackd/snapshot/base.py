@@ -1,0 +1,304 @@
+"""What every snapshot provider offers the archiver, and the small system calls they share.
+
+A :class:`Snapshot` is a directory the archiver walks plus :meth:`Snapshot.open_file`,
+which hands back a :class:`FrozenFile`: an fd whose content matches its ``stat``.
+Providers differ only in how strong that promise is (``atomic``):
+
+* btrfs: the whole tree is one read-only point-in-time image;
+* reflink: each file is cloned when opened, so every file is point-in-time but the
+  tree as a whole is not;
+* copy: the live file is read, and :meth:`FrozenFile.changed` reports whether it
+  moved underneath us so the archiver can record that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol
+
+from zfsbackd.errors import SnapshotError
+
+# statfs(2) f_type values (linux/magic.h) of the file systems people actually point us at.
+BTRFS_MAGIC = 0x9123683E
+XFS_MAGIC = 0x58465342
+ZFS_MAGIC = 0x2FC12FC1
+FS_TYPE_NAMES: dict[int, str] = {
+    BTRFS_MAGIC: "btrfs",
+    XFS_MAGIC: "xfs",
+    ZFS_MAGIC: "zfs",
+    0xEF53: "ext4",
+    0x01021994: "tmpfs",
+    0x858458F6: "ramfs",
+    0x794C7630: "overlayfs",
+    0x6969: "nfs",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x00C36400: "ceph",
+    0x47504653: "gpfs",
+    0x0BD00BD0: "lustre",
+    0xF2F52010: "f2fs",
+    0x4D44: "vfat",
+    0x2011BAB0: "exfat",
+    0x7366746E: "ntfs3",
+    0x5346544E: "ntfs",
+    0x73717368: "squashfs",
+    0x52654973: "reiserfs",
+    0x3153464A: "jfs",
+    0x24051905: "ubifs",
+}
+
+# The inode number of every btrfs subvolume root (BTRFS_FIRST_FREE_OBJECTID).
+BTRFS_SUBVOLUME_INO = 256
+
+# openat2(2): one syscall that opens a path strictly beneath a directory fd, following
+# no symlinks anywhere, so a live tree being renamed under us cannot make us read a file
+# outside the file system being backed up. Same number on every Linux architecture.
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+# O_NONBLOCK: a file swapped for a FIFO between walk and open must not hang the backup.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _StatFs(ctypes.Structure):
+    """struct statfs as far as we need it: f_type is its first member (a long on Linux).
+
+    The padding covers the rest of the struct (120 bytes on 64-bit Linux) with room to
+    spare, so the kernel never writes past our buffer.
+    """
+
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def fs_type(path: str | os.PathLike[str]) -> int:
+    """The statfs(2) ``f_type`` of the file system holding *path* (``os.statvfs`` lacks it)."""
+    buf = _StatFs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(path))
+    return buf.f_type & 0xFFFFFFFF  # the kernel's value is unsigned; a C long may show it negative
+
+
+def fs_type_name(f_type: int) -> str:
+    return FS_TYPE_NAMES.get(f_type, f"an unknown file system (f_type {f_type:#x})")
+
+
+class FileSystemSource(Protocol):
+    """The part of a configured file system (``config.FileSystemConfig``) snapshots need.
+
+    Read-only properties so that frozen dataclasses satisfy it.
+    """
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def source_path(self) -> Path | None: ...
+    @property
+    def source_zfs(self) -> str | None: ...
+    @property
+    def allow_copy_snapshots(self) -> bool: ...
+    @property
+    def pre_snapshot(self) -> tuple[str, ...] | None: ...
+    @property
+    def post_snapshot(self) -> tuple[str, ...] | None: ...
+    @property
+    def hook_timeout_seconds(self) -> int: ...
+
+
+class FileChangedError(OSError):
+    """A file kept changing (or changed type) while we tried to freeze it.
+
+    An ``OSError`` so the archiver can treat it like any other per-file read problem:
+    record it against the path and go on with the rest of the tree.
+    """
+
+
+def source_dir(fs: FileSystemSource) -> Path:
+    """The resolved source directory of *fs*, or a :class:`SnapshotError` saying what is wrong."""
+    if fs.source_zfs is not None:
+        raise SnapshotError(
+            f"file_systems[{fs.id}]: ZFS sources are not supported yet (source zfs: {fs.source_zfs}); "
+            "back up a directory on btrfs or XFS (source: {path: ...}) instead"
+        )
+    if fs.source_path is None:
+        raise SnapshotError(f"file_systems[{fs.id}]: no source configured; set source: {{path: /dir}}")
+    path = Path(os.path.realpath(fs.source_path))
+    if not path.exists():
+        raise SnapshotError(
+            f"file_systems[{fs.id}]: source path {fs.source_path} does not exist; "
+            "create it or mount the file system there"
+        )
+    if not path.is_dir():
+        raise SnapshotError(f"file_systems[{fs.id}]: source path {fs.source_path} is not a directory")
+    return path
+
+
+def check_name(what: str, value: str) -> str:
+    """Refuse ids that would escape the snapshot directory when used as a path component."""
+    if not value or "/" in value or "\0" in value or value in (".", ".."):
+        raise SnapshotError(f"{what} {value!r} cannot be used as a snapshot name")
+    return value
+
+
+def open_beneath(dir_fd: int, relpath: bytes) -> int:
+    """Open the existing file *relpath* below *dir_fd* read-only, following no symlinks at all."""
+    if b"\0" in relpath:
+        raise ValueError("embedded null byte")  # what os.open says; C would silently truncate
+    resolve = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+    how = _OpenHow(flags=_OPEN_FLAGS, mode=0, resolve=resolve)
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(relpath),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM):  # kernel < 5.6, or a seccomp filter that predates openat2
+        return open_beneath_by_walk(dir_fd, relpath)
+    raise OSError(err, os.strerror(err), os.fsdecode(relpath))
+
+
+def open_beneath_by_walk(dir_fd: int, relpath: bytes) -> int:
+    """:func:`open_beneath` without openat2: one ``O_NOFOLLOW`` openat per path component."""
+    parts = relpath.split(b"/")
+    if any(part in (b"", b"..") for part in parts):
+        raise OSError(errno.EXDEV, "path leaves the snapshot root", os.fsdecode(relpath))
+    cur = dir_fd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=cur)
+            if cur != dir_fd:
+                os.close(cur)
+            cur = nxt
+        return os.open(parts[-1], _OPEN_FLAGS, dir_fd=cur)
+    except OSError as exc:
+        exc.filename = os.fsdecode(relpath)
+        raise
+    finally:
+        if cur != dir_fd:
+            os.close(cur)
+
+
+class FrozenFile:
+    """An open file whose content matches ``stat``; use as a context manager (closes the fd).
+
+    ``live`` is True when ``fd`` is the live file itself (copy provider, or a file the
+    reflink provider could not clone): then :meth:`changed` re-checks the metadata.
+    """
+
+    def __init__(self, fd: int, st: os.stat_result, *, live: bool) -> None:
+        self.fd = fd
+        self.stat = st
+        self.live = live
+
+    def changed(self) -> bool:
+        """True if the content may have changed since open; call it after reading."""
+        if not self.live:
+            return False
+        now = os.fstat(self.fd)
+        return _version(now) != _version(self.stat)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FrozenFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells two states of a file's content apart without reading it."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def same_version(a: os.stat_result, b: os.stat_result) -> bool:
+    return _version(a) == _version(b)
+
+
+class Snapshot(ABC):
+    """One point-in-time view of a file system, valid until :meth:`release`.
+
+    Holds an fd on ``root`` so every :meth:`open_file` resolves beneath it in one
+    syscall; :meth:`release` closes it, so always release a snapshot.
+    """
+
+    provider: str
+    atomic: bool
+
+    def __init__(self, name: str, root: Path, excluded: frozenset[tuple[int, int]] = frozenset()) -> None:
+        self.name = name
+        self.root = root
+        self.excluded = excluded
+        self._root_fd = os.open(root, _DIR_FLAGS)
+
+    @abstractmethod
+    def open_file(self, relpath: bytes) -> FrozenFile:
+        """Open the regular file *relpath* (relative to ``root``); FileNotFoundError if it vanished."""
+
+    def release(self) -> None:
+        """Give the snapshot up; idempotent. Providers that own storage destroy it here."""
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def describe(self) -> dict[str, str | bool]:
+        return {"Provider": self.provider, "Name": self.name, "Atomic": self.atomic}
+
+    def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
+        """Open *relpath* and make sure it is (still) a regular file."""
+        if self._root_fd < 0:
+            raise ValueError(f"snapshot {self.name} has been released")
+        try:
+            fd = open_beneath(self._root_fd, relpath)
+        except OSError as exc:
+            exc.filename = self._display_path(relpath)  # the full path, for the archiver's error report
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                why = "is no longer a regular file"
+                raise FileChangedError(errno.EINVAL, why, self._display_path(relpath))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _display_path(self, relpath: bytes) -> str:
+        return os.fsdecode(os.path.join(os.fsencode(self.root), relpath))
+
+
+class SnapshotProvider(ABC):
+    name: str
+
+    @abstractmethod
+    def take(self, fs: FileSystemSource, backup_id: str) -> Snapshot:
+        """Take the snapshot for *backup_id*; SnapshotError if this provider cannot."""
+
+    @abstractmethod
+    def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:
+        """The snapshot an earlier :meth:`take` made for *backup_id* (to resume after a crash)."""
+
+
+def snapshot_name(backup_id: str) -> str:
+    return "zfsbackd-" + check_name("backup id", backup_id)
