@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from zfsbackd.config import Config, LocalRegion
+from zfsbackd.config import Config
 from zfsbackd.engine.archiver import Archiver, BackupCancelled
 from zfsbackd.engine.locks import LockManager
 from zfsbackd.engine.progress import Progress
@@ -27,11 +27,9 @@ from zfsbackd.errors import (
     BackupNotFound,
     BackupRestoring,
     BadRequest,
-    StoreError,
     ZfsbackdError,
 )
-from zfsbackd.objectstore.base import ObjectStore
-from zfsbackd.objectstore.local import LocalObjectStore
+from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.snapshot import take_snapshot
 from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.check import CheckResult, check_store
@@ -81,20 +79,14 @@ class Engine:
             self._key_loaded = True
         return self._key_material
 
-    def object_store(self, region: str) -> ObjectStore:
-        spec = self.config.region(region)
-        if isinstance(spec, LocalRegion):
-            return LocalObjectStore(spec.path)
-        raise StoreError(
-            f"regions.{spec.name}: type s3 is not supported by this version of zfsbackd yet; use a `type: local` region"
-        )
-
     def store(self, region: str | None = None) -> Store:
         """The store of ``region`` (home region by default), created on first use."""
         name = self.config.region(region).name
         with self._stores_lock:
             if name not in self._stores:
-                self._stores[name] = Store.open(self.object_store(name), region=name, key_material=self._key())
+                self._stores[name] = Store.open(
+                    open_object_store(self.config.region(name)), region=name, key_material=self._key()
+                )
             return self._stores[name]
 
     # ----------------------------------------------------------------- backups
