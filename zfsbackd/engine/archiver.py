@@ -22,6 +22,7 @@ import pyfastcdc
 import structlog
 
 from zfsbackd.engine.progress import Progress
+from zfsbackd.snapshot.base import FileChangedError
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.repository import Store
@@ -40,6 +41,9 @@ from zfsbackd.store.writer import PackWriter
 log = structlog.get_logger(__name__)
 
 READ_BLOCK = 8 * 1024 * 1024
+# XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
+# the system.* names recreates them, and the mirrors would not apply on another file system.
+XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
 _CHANGE_KEY = ("inode", "size", "mtime_ns", "ctime_ns")
 
 
@@ -60,7 +64,7 @@ class _Counters:
 
     def add_outcome(self, outcome: _FileOutcome) -> None:
         s = self.stats
-        s.files_read += 1
+        s.files_read += int(outcome.node is not None)
         s.bytes_read += outcome.bytes_read
         s.files_changed_while_read += int(outcome.changed_while_read)
 
@@ -75,6 +79,8 @@ def read_xattrs(path: bytes) -> list[tuple[str, bytes]]:
         raise
     pairs = []
     for name in names:
+        if name in XFS_ACL_MIRRORS:
+            continue
         try:
             pairs.append((name, os.getxattr(path, name, follow_symlinks=False)))
         except OSError as exc:
@@ -272,6 +278,9 @@ class Archiver:
             frozen = self.snapshot.open_file(rel)  # type: ignore[attr-defined]
         except FileNotFoundError:
             return _FileOutcome(node=None)
+        except FileChangedError as exc:  # kept changing (or changed type) on a non-atomic provider
+            log.warning("file_skipped_changing", path=os.fsdecode(rel), error=str(exc))
+            return _FileOutcome(node=None, changed_while_read=True)
         with frozen:
             st = frozen.stat
             chunks, nread = self._store_content(frozen.fd, st)

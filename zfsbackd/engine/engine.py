@@ -222,8 +222,9 @@ class Engine:
             log.error("backup_failed", fs_id=record.file_system_id, backup_id=record.backup_id, error=message)
             raise
         finally:
-            if snapshot is not None and record.lifecycle != Lifecycle.CREATING:
-                snapshot.release()
+            if snapshot is not None:
+                # An interrupted backup keeps its snapshot, so the resumed run reads the same point in time.
+                snapshot.close() if record.lifecycle == Lifecycle.CREATING else snapshot.release()
         return record
 
     # ---------------------------------------------------------------- describe

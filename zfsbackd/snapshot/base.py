@@ -256,11 +256,15 @@ class Snapshot(ABC):
     def open_file(self, relpath: bytes) -> FrozenFile:
         """Open the regular file *relpath* (relative to ``root``); FileNotFoundError if it vanished."""
 
-    def release(self) -> None:
-        """Give the snapshot up; idempotent. Providers that own storage destroy it here."""
+    def close(self) -> None:
+        """Stop using the snapshot but keep it (an interrupted backup resumes from it); idempotent."""
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+
+    def release(self) -> None:
+        """Give the snapshot up; idempotent. Providers that own storage destroy it here."""
+        self.close()
 
     def describe(self) -> dict[str, str | bool]:
         return {"Provider": self.provider, "Name": self.name, "Atomic": self.atomic}

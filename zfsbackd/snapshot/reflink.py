@@ -88,6 +88,7 @@ class ReflinkSnapshot(Snapshot):
                 tmp = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self._root_fd)
                 try:
                     fcntl.ioctl(tmp, FICLONE, src)
+                    after = os.fstat(src)
                 except OSError as exc:
                     os.close(tmp)
                     if exc.errno in _CANNOT_CLONE_THIS_FILE:
@@ -95,7 +96,6 @@ class ReflinkSnapshot(Snapshot):
                         src = -1  # owned by the FrozenFile now
                         return live
                     raise
-                after = os.fstat(src)
                 if same_version(st, after):
                     return FrozenFile(tmp, after, live=False)
                 os.close(tmp)
