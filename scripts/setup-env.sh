@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv; do
+# systemd: systemd-analyze verifies the unit; prometheus: promtool checks the alert rules.
+for pkg in xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv systemd prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -13,6 +14,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+command -v radosgw >/dev/null || { apt-get update -qq && bash ../shared/s3/ceph-rgw.sh install >/dev/null; }  # Ceph RGW for the S3 tests
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -35,6 +35,7 @@ def write_config(
         "regions": {"local": {"type": "local", "path": str(tmp_path / "store")}},
         "encryption": {"key_file": str(key)} if encrypted else {"mode": "none"},
         "garbage_collection": {"grace_period_seconds": grace},
+        "daemon": {"control_socket": str(tmp_path / "control.sock"), "metrics_listen": "127.0.0.1:0"},
         "file_systems": [
             {"id": f"fs-{name}", "source": {"path": str(path)}, **(extra_fs or {})} for name, path in sources.items()
         ],

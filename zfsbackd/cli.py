@@ -8,22 +8,33 @@ when it is a terminal and stay quiet when piped.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from zfsbackd import __version__
 from zfsbackd.config import load_config, resolve_config_path
+from zfsbackd.daemon.client import DaemonClient, DaemonUnavailable
+from zfsbackd.daemon.service import DEFAULT_TICK_SECONDS, Daemon
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import FILTER_NAMES, BackupRequest, Engine
 from zfsbackd.engine.progress import Progress
-from zfsbackd.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadRequest, ConfigError, ZfsbackdError
+from zfsbackd.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    BadRequest,
+    ConfigError,
+    DaemonNotRunning,
+    ZfsbackdError,
+)
 from zfsbackd.logs import configure_logging
 from zfsbackd.store.crypto import generate_key_file
 from zfsbackd.validation import parse_tags, validate_file_system_id
@@ -135,6 +146,31 @@ def _with_interrupt(fn: Any) -> Any:
             signal.signal(sig, handler)
 
 
+def _daemon(args: argparse.Namespace) -> DaemonClient | None:
+    """A client of the running daemon, or None (then the command works in-process)."""
+    if getattr(args, "no_daemon", False):
+        return None
+    config = load_config(resolve_config_path(args.config))
+    try:
+        return DaemonClient(config.daemon.control_socket)
+    except DaemonUnavailable:
+        return None
+
+
+def _wait_remote(client: DaemonClient, backup: dict[str, Any]) -> dict[str, Any]:
+    """Follow a backup the daemon runs until it leaves CREATING, drawing its progress."""
+    bar = TerminalProgress("backup")
+    try:
+        while backup["Lifecycle"] in ("CREATING", "PENDING", "COPYING"):
+            time.sleep(1.0)
+            (backup,) = client.call("DescribeBackups", BackupIds=[backup["BackupId"]])["Backups"]
+            if bar.enabled:
+                sys.stderr.write(f"\rbackup {backup['BackupId']}: {backup['ProgressPercent']}%\033[K")
+    finally:
+        bar.done()
+    return backup
+
+
 def cmd_create_backup(args: argparse.Namespace) -> int:
     validate_file_system_id(args.file_system_id)
     request = BackupRequest(
@@ -143,6 +179,20 @@ def cmd_create_backup(args: argparse.Namespace) -> int:
         tags=parse_tags(args.tag or []),
         client_request_token=args.client_request_token,
     )
+    client = _daemon(args)
+    if client is not None:
+        with client:
+            backup = client.call(
+                "CreateBackup",
+                FileSystemId=request.file_system_id,
+                Name=request.name,
+                Tags=request.tags,
+                ClientRequestToken=request.client_request_token,
+            )["Backup"]
+            if args.wait:
+                backup = _wait_remote(client, backup)
+        _emit(args, {"Backup": backup})
+        return 0 if backup["Lifecycle"] != "FAILED" else EXIT_INTERNAL
     engine = _engine(args)
     bar = TerminalProgress("backup")
     progress = Progress(on_update=bar)
@@ -155,15 +205,28 @@ def cmd_create_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_describe_backups(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    records, token = engine.describe_backups(
+    filters = _parse_filters(args.filter or [])
+    client = _daemon(args)
+    if client is not None:
+        with client:
+            payload = client.call(
+                "DescribeBackups",
+                Region=args.region,
+                BackupIds=args.backup_id or [],
+                Filters=filters,
+                MaxResults=args.max_results,
+                NextToken=args.next_token,
+            )
+        _emit(args, payload)
+        return 0
+    records, token = _engine(args).describe_backups(
         region=args.region,
         backup_ids=args.backup_id or [],
-        filters=_parse_filters(args.filter or []),
+        filters=filters,
         max_results=args.max_results,
         next_token=args.next_token,
     )
-    payload: dict[str, Any] = {"Backups": [r.to_api() for r in records]}
+    payload = {"Backups": [r.to_api() for r in records]}
     if token:
         payload["NextToken"] = token
     _emit(args, payload)
@@ -171,10 +234,33 @@ def cmd_describe_backups(args: argparse.Namespace) -> int:
 
 
 def cmd_delete_backup(args: argparse.Namespace) -> int:
-    engine = _engine(args)
-    record = engine.delete_backup(args.backup_id, region=args.region)
+    client = _daemon(args)
+    if client is not None:
+        with client:
+            _emit(args, client.call("DeleteBackup", BackupId=args.backup_id, Region=args.region))
+        return 0
+    record = _engine(args).delete_backup(args.backup_id, region=args.region)
     _emit(args, {"BackupId": record.backup_id, "Lifecycle": record.lifecycle.value})
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _daemon(args)
+    if client is None:
+        config = load_config(resolve_config_path(args.config))
+        raise DaemonNotRunning(
+            f"no zfsbackd daemon listens on {config.daemon.control_socket}; start it with "
+            "`systemctl start zfsbackd` (or `zfsbackd daemon`)"
+        )
+    with client:
+        _emit(args, client.call("Status"))
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    configure_logging(stream=sys.stdout, level=logging.INFO)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to the journal
+    return Daemon(resolve_config_path(args.config), tick_seconds=args.tick_seconds).run()
 
 
 def cmd_restore_backup(args: argparse.Namespace) -> int:
@@ -238,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="config file (default: $ZFSBACKD_CONFIG, then /etc/zfsbackd/zfsbackd.yaml)")
     common.add_argument("--output", choices=("json", "table"), default="json", help="output format")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress events to stderr")
+    common.add_argument(
+        "--no-daemon", action="store_true", help="work in this process even if a daemon runs (reads only are safe)"
+    )
 
     parser = argparse.ArgumentParser(prog="zfsbackd", description="Snapshot backups to object storage.")
     parser.add_argument("--version", action="version", version=f"zfsbackd {__version__}")
@@ -248,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE")
     p.add_argument("--client-request-token", help="idempotency token: the same token returns the same backup")
-    p.add_argument("--wait", action="store_true", help="wait for the backup to finish (always the case in-process)")
+    p.add_argument("--wait", action="store_true", help="with a daemon: follow the backup until it finishes")
     p.set_defaults(func=cmd_create_backup)
 
     p = sub.add_parser("describe-backups", parents=[common], help="list backups")
@@ -284,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period", type=int, metavar="SECONDS", help="override garbage_collection.grace_period_seconds"
     )
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("status", parents=[common], help="what the daemon is doing")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("daemon", parents=[common], help="run the service (systemd starts it)")
+    p.add_argument("--tick-seconds", type=float, default=DEFAULT_TICK_SECONDS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

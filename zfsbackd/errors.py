@@ -118,6 +118,11 @@ class IntegrityError(ZfsbackdError):
     exit_code = EXIT_INTEGRITY
 
 
+class DaemonNotRunning(ZfsbackdError):
+    code = "DaemonNotRunning"
+    exit_code = EXIT_STORE
+
+
 class RestoreError(ZfsbackdError):
     """A restore was refused (unsafe name, bad target) or failed while writing."""
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -63,8 +64,10 @@ class BackupRequest:
 
 
 class Engine:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now) -> None:
+        """``clock`` gives record times (UTC); the daemon's simulations inject their own."""
         self.config = config
+        self.clock = clock
         self.locks = LockManager(config.state_dir)
         self._stores: dict[str, Store] = {}
         self._stores_lock = threading.Lock()
@@ -89,6 +92,11 @@ class Engine:
                 )
             return self._stores[name]
 
+    def open_stores(self) -> dict[str, Store]:
+        """The stores opened so far, by region (for metrics; opening none)."""
+        with self._stores_lock:
+            return dict(self._stores)
+
     # ----------------------------------------------------------------- backups
     def create_backup(
         self,
@@ -108,21 +116,13 @@ class Engine:
             validate_backup_name(request.name)
         tags = dict(fs.tags) if fs.copy_tags_to_backups else {}
         tags.update(validate_tags(request.tags, "--tag"))
+        earlier = self.find_earlier_request(request)
+        if earlier is not None:
+            return earlier
         with self.locks.file_system(fs.id), self.locks.store(self.config.home_region, exclusive=False):
             store = self.store()
             store.load_index()
             records = [r for r in store.load_records() if r.file_system_id == fs.id]
-            if request.client_request_token:
-                for r in records:
-                    if r.client_request_token == request.client_request_token and r.lifecycle != Lifecycle.FAILED:
-                        if r.name != request.name or r.backup_type != request.backup_type:
-                            raise BadRequest(
-                                f"--client-request-token {request.client_request_token} was already used for "
-                                f"backup {r.backup_id} with other parameters; use a new token"
-                            )
-                        if r.lifecycle in IN_PROGRESS:
-                            break  # resume it below
-                        return r
             record = next((r for r in records if r.lifecycle == Lifecycle.CREATING), None)
             if record is not None:
                 log.info("backup_resuming", fs_id=fs.id, backup_id=record.backup_id, region=store.region)
@@ -133,7 +133,7 @@ class Engine:
                     region=store.region,
                     backup_type=request.backup_type,
                     lifecycle=Lifecycle.CREATING,
-                    creation_time=utc_now(),
+                    creation_time=self.clock(),
                     name=request.name,
                     tags=tags,
                     source=fs.source_description,
@@ -145,6 +145,29 @@ class Engine:
                 on_record(record)
             parent = self._newest_available(records)
             return self._run_backup(store, fs, record, parent, progress, cancel)
+
+    def find_earlier_request(self, request: BackupRequest) -> BackupRecord | None:
+        """The backup an identical earlier request (same client request token) made, if any.
+
+        Checked before taking the file-system lock, so a retried request for a
+        backup that is still running gets that backup back, not BackupInProgress.
+        A CREATING one whose process died is resumed instead (returns None).
+        """
+        token = request.client_request_token
+        if not token:
+            return None
+        for r in self.store().load_records():
+            if r.client_request_token != token or r.lifecycle == Lifecycle.FAILED:
+                continue
+            if (r.file_system_id, r.name, r.backup_type) != (request.file_system_id, request.name, request.backup_type):
+                raise BadRequest(
+                    f"--client-request-token {token} was already used for backup {r.backup_id} with other "
+                    "parameters; use a new token for a new request"
+                )
+            if r.lifecycle == Lifecycle.CREATING and not self.locks.is_file_system_busy(r.file_system_id):
+                return None
+            return r
+        return None
 
     @staticmethod
     def _newest_available(records: Sequence[BackupRecord]) -> BackupRecord | None:
@@ -186,8 +209,12 @@ class Engine:
                 archiver = Archiver(
                     store, writer, snapshot, parent.root_tree if parent else None, progress=progress, cancel=cancel
                 )
-                root_tree, stats = archiver.run()
-                writer.flush()  # packs, then the index: durable before the record names them
+                try:
+                    root_tree, stats = archiver.run()
+                finally:
+                    # Packs, then the index: durable before the record names them. On an
+                    # interruption this checkpoints what was read, so the resumed run reuses it.
+                    writer.flush()
             ws = writer.stats
             stats.bytes_new, stats.blobs_new = ws.bytes_new, ws.blobs_new
             stats.bytes_uploaded, stats.bytes_deduplicated = ws.bytes_uploaded, ws.bytes_deduplicated
@@ -199,7 +226,7 @@ class Engine:
                 stats=stats,
                 progress_percent=100,
                 size_in_bytes=stats.bytes_total,
-                completion_time=utc_now(),
+                completion_time=self.clock(),
             )
             store.save_record(record)
             log.info(
@@ -217,7 +244,9 @@ class Engine:
             raise
         except Exception as exc:
             message = exc.message if isinstance(exc, ZfsbackdError) else f"{type(exc).__name__}: {exc}"
-            record = record.with_changes(lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=utc_now())
+            record = record.with_changes(
+                lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=self.clock()
+            )
             store.save_record(record)
             log.error("backup_failed", fs_id=record.file_system_id, backup_id=record.backup_id, error=message)
             raise

@@ -113,12 +113,18 @@ class Store:
 
     # ------------------------------------------------------------------- index
     def load_index(self, *, force: bool = False) -> None:
-        """Load every index object, then adopt packs that no index lists yet."""
-        if self._index_loaded and not force:
+        """Load every index object, then adopt packs that no index lists yet.
+
+        Without ``force`` an already loaded index is kept only while the set of
+        index objects is unchanged: garbage collection by another process
+        replaces them, and deduplicating against a pack it deleted would make
+        a backup that points at nothing.
+        """
+        keys = [info.key for info in self.objects.list(INDEX_PREFIX)]
+        if self._index_loaded and not force and set(keys) == self.index_keys:
             return
         self.index = BlobIndex()
         self.index_keys = set()
-        keys = [info.key for info in self.objects.list(INDEX_PREFIX)]
         with ThreadPoolExecutor(max_workers=8) as pool:
             for key, packs in zip(keys, pool.map(self._read_index, keys), strict=True):
                 self.index_keys.add(key)

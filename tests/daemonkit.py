@@ -1,0 +1,96 @@
+"""A real daemon process for tests: started with a NOTIFY_SOCKET we read, logs we parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from enginekit import REPO, cli_command
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, workdir: Path, *, watchdog_usec: int | None = None, tick: float = 1.0) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.watchdog_usec = watchdog_usec
+        self.tick = tick
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notify_path = workdir / f"notify-{os.getpid()}-{time.monotonic_ns()}.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        self.log_path = workdir / "daemon.log"
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(self.notify_path)}
+        if self.watchdog_usec:
+            env["WATCHDOG_USEC"] = str(self.watchdog_usec)
+        log = self.log_path.open("ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            cli_command(self.config, "daemon", "--tick-seconds", str(self.tick)), env=env, stdout=log, stderr=log
+        )
+
+    def wait_for(self, prefix: str, timeout: float = 30.0) -> str:
+        """The next notify message with a line starting with ``prefix`` (messages are kept)."""
+        deadline = time.monotonic() + timeout
+        for msg in self.messages:
+            if any(line.startswith(prefix) for line in msg.splitlines()):
+                self.messages.remove(msg)
+                return msg
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, f"daemon exited: {self.log_text()[-3000:]}"
+            self.notify.settimeout(max(0.05, min(0.5, deadline - time.monotonic())))
+            try:
+                msg = self.notify.recv(65536).decode()
+            except TimeoutError:
+                continue
+            if any(line.startswith(prefix) for line in msg.splitlines()):
+                return msg
+            self.messages.append(msg)
+        raise AssertionError(f"no {prefix!r} notification within {timeout} s; log:\n{self.log_text()[-3000:]}")
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        self.wait_for("READY=1", timeout)
+        return time.monotonic() - self.started_at
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def metrics_url(self) -> str:
+        (ready,) = [e for e in self.events() if e.get("event") == "daemon_ready"][-1:]
+        return f"http://{ready['metrics']}/metrics"
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self.notify.close()
+        self.notify_path.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""The daemon: owns time and concurrency around the engine (DESIGN.md, "Daemon")."""

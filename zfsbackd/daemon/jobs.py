@@ -1,0 +1,123 @@
+"""Backup jobs: the daemon's worker pool, one backup per file system, cancellable.
+
+A request returns as soon as the backup's record exists (CREATING, as FSx
+does) or fails fast (BackupInProgress, bad request); the backup itself goes
+on in the pool. Cancelling (SIGTERM, completion window) makes the archiver
+stop at its next checkpoint, flush what it read, and leave the record
+CREATING for the next run to resume.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+
+from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.engine.progress import Progress
+from zfsbackd.errors import BackupInProgress
+from zfsbackd.store.records import BackupRecord
+
+log = structlog.get_logger(__name__)
+
+#: how long a request waits for its backup's record to appear
+START_TIMEOUT = 120.0
+
+
+@dataclass
+class BackupJob:
+    request: BackupRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    record: BackupRecord | None = None
+    error: BaseException | None = None
+    future: Future[BackupRecord] | None = None
+    began: float = field(default_factory=time.monotonic)
+    progress: Progress = field(default_factory=Progress)
+
+    def wait_started(self, timeout: float = START_TIMEOUT) -> BackupRecord:
+        """The CREATING record, or the error that stopped the backup before it began."""
+        self.started.wait(timeout)
+        if self.record is None:
+            if self.error is not None:
+                raise self.error
+            raise TimeoutError(f"backup of {self.request.file_system_id} did not start within {timeout:.0f} s")
+        return self.record
+
+
+class JobRunner:
+    def __init__(
+        self,
+        engine_of: Callable[[], Engine],
+        *,
+        max_parallel: int,
+        on_finished: Callable[[BackupJob], None] | None = None,
+    ) -> None:
+        self._engine_of = engine_of
+        self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="zfsbackd-job")
+        self._lock = threading.Lock()
+        self._running: dict[str, BackupJob] = {}
+        self._on_finished = on_finished
+
+    def running(self) -> dict[str, BackupJob]:
+        with self._lock:
+            return dict(self._running)
+
+    def submit(self, request: BackupRequest) -> BackupJob:
+        fs_id = request.file_system_id
+        job = BackupJob(request)
+        with self._lock:
+            if fs_id in self._running:
+                current = self._running[fs_id]
+                which = current.record.backup_id if current.record else "one"
+                raise BackupInProgress(
+                    f"a backup of {fs_id} ({which}) is already running; wait for it to finish "
+                    f"(`zfsbackd describe-backups --filter file-system-id={fs_id}`)"
+                )
+            self._running[fs_id] = job
+        job.future = self._pool.submit(self._run, job)
+        return job
+
+    def _run(self, job: BackupJob) -> BackupRecord:
+        def on_record(record: BackupRecord) -> None:
+            job.record = record
+            job.started.set()
+
+        try:
+            record = self._engine_of().create_backup(
+                job.request, progress=job.progress, cancel=job.cancel, on_record=on_record
+            )
+            job.record = record
+            return record
+        except BaseException as exc:  # incl. BackupCancelled: the record stays CREATING
+            job.error = exc
+            raise
+        finally:
+            job.started.set()
+            with self._lock:
+                self._running.pop(job.request.file_system_id, None)
+            if self._on_finished is not None:
+                try:
+                    self._on_finished(job)
+                except Exception:  # reporting must never take the worker down
+                    log.exception("job_report_failed", fs_id=job.request.file_system_id)
+
+    def cancel_all(self) -> None:
+        for job in self.running().values():
+            job.cancel.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job runs; False if some still do after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,354 @@
+"""``zfsbackd daemon``: the long-running service systemd supervises.
+
+It owns time (the daily schedule, retention), concurrency (a worker pool, one
+backup per file system, garbage collection only when no backup runs) and the
+outside world (control socket, Prometheus, sd_notify, signals). All backup
+work is the engine's. State that must survive a restart lives in the store's
+records: on start, backups left CREATING are resumed.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from zfsbackd import __version__
+from zfsbackd.config import Config, load_config
+from zfsbackd.daemon.control import ControlServer
+from zfsbackd.daemon.jobs import BackupJob, JobRunner
+from zfsbackd.daemon.metrics import DaemonMetrics, StateSnapshot
+from zfsbackd.daemon.schedule import automatic_backup_due, expired_backups, next_slot
+from zfsbackd.daemon.sdnotify import Notifier
+from zfsbackd.engine.archiver import BackupCancelled
+from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.errors import BadRequest, ConfigError, ZfsbackdError
+from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle, utc_now
+from zfsbackd.validation import validate_tags
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TICK_SECONDS = 30.0
+STORE_SIZE_EVERY_SECONDS = 300.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        tick_seconds: float = DEFAULT_TICK_SECONDS,
+        notifier: Notifier | None = None,
+        serve: bool = True,
+    ) -> None:
+        """``serve=False`` runs without socket and HTTP listener (simulations drive :meth:`tick`)."""
+        self.config_path = config_path
+        self.config: Config = load_config(config_path)
+        self.clock = clock
+        self.tick_seconds = tick_seconds
+        self.notifier = notifier or Notifier()
+        self.serve = serve
+        self.engine = Engine(self.config, clock=clock)
+        self.runner = JobRunner(
+            lambda: self.engine, max_parallel=self.config.daemon.max_parallel_backups, on_finished=self._job_finished
+        )
+        self.state = StateSnapshot()
+        self.metrics = DaemonMetrics(lambda: self.state)
+        self.control: ControlServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._gc_pending = False
+        self._store_size_at = 0.0
+        self._ready = False
+
+    # ------------------------------------------------------------------ control
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {
+            "CreateBackup": self._create_backup,
+            "DescribeBackups": self._describe_backups,
+            "DeleteBackup": self._delete_backup,
+            "Status": lambda _params: {"Daemon": self.status()},
+        }
+
+    def _create_backup(self, params: dict[str, Any]) -> dict[str, Any]:
+        tags = params.get("Tags") or {}
+        if not isinstance(tags, dict):
+            raise BadRequest('"Tags" must be an object of key → value')
+        request = BackupRequest(
+            file_system_id=str(params.get("FileSystemId", "")),
+            name=params.get("Name"),
+            tags=validate_tags(tags, "--tag"),
+            client_request_token=params.get("ClientRequestToken"),
+        )
+        engine = self.engine
+        engine.config.file_system(request.file_system_id)
+        earlier = engine.find_earlier_request(request)
+        if earlier is not None:
+            return {"Backup": earlier.to_api()}
+        job = self.runner.submit(request)
+        return {"Backup": job.wait_started().to_api()}
+
+    def _describe_backups(self, params: dict[str, Any]) -> dict[str, Any]:
+        records, token = self.engine.describe_backups(
+            region=params.get("Region"),
+            backup_ids=params.get("BackupIds") or [],
+            filters=params.get("Filters") or {},
+            max_results=params.get("MaxResults"),
+            next_token=params.get("NextToken"),
+        )
+        running = {j.record.backup_id: j for j in self.runner.running().values() if j.record}
+        out = []
+        for r in records:
+            api = r.to_api()
+            job = running.get(r.backup_id)
+            if job is not None:
+                api["ProgressPercent"] = job.progress.percent
+            out.append(api)
+        result: dict[str, Any] = {"Backups": out}
+        if token:
+            result["NextToken"] = token
+        return result
+
+    def _delete_backup(self, params: dict[str, Any]) -> dict[str, Any]:
+        record = self.engine.delete_backup(str(params.get("BackupId", "")), region=params.get("Region"), collect=False)
+        self._gc_pending = True  # collected when no backup runs
+        self._wake.set()
+        return {"BackupId": record.backup_id, "Lifecycle": record.lifecycle.value}
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "Version": __version__,
+            "Ready": self._ready,
+            "Config": str(self.config_path),
+            "Running": {fs: (j.record.backup_id if j.record else None) for fs, j in self.runner.running().items()},
+            "NextAutomaticBackups": {
+                fs.id: next_slot(fs, now).isoformat() if fs.automatic_backup_retention_days else None
+                for fs in self.config.file_systems
+            },
+        }
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Serve metrics, open the home store (retrying until it answers), then the socket; resume backups.
+
+        Metrics come first so that an unreachable store shows (zfsbackd_ready 0,
+        zfsbackd_store_reachable 0) while the daemon waits for it.
+        """
+        if self.serve:
+            self.metrics_address = self.metrics.serve(self.config.daemon.metrics_listen)
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                store = self.engine.store()
+                store.objects.check_reachable()
+                self.state.store_reachable[store.region] = True
+                break
+            except ZfsbackdError as exc:
+                self.state.store_reachable[self.config.home_region] = False
+                log.error("store_unreachable", region=self.config.home_region, error=exc.message)
+                self.notifier.status(f"waiting for region {self.config.home_region}: {exc.message}")
+                self._stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+        if self._stop.is_set():
+            return
+        if self.serve:
+            self.control = ControlServer(
+                self.config.daemon.control_socket, self.handlers(), group=self.config.daemon.control_group
+            )
+            self.control.start()
+        self._resume_interrupted()
+        self._ready = True
+        self.metrics.ready.set(1)
+        self.notifier.ready(self._status_line())
+        log.info(
+            "daemon_ready",
+            version=__version__,
+            file_systems=len(self.config.file_systems),
+            metrics=f"{self.metrics_address[0]}:{self.metrics_address[1]}" if self.metrics_address else None,
+            control_socket=str(self.config.daemon.control_socket) if self.serve else None,
+        )
+
+    def _resume_interrupted(self) -> None:
+        configured = {fs.id for fs in self.config.file_systems}
+        for record in self.engine.store().load_records():
+            if record.lifecycle != Lifecycle.CREATING or record.file_system_id not in configured:
+                continue
+            if self.engine.locks.is_file_system_busy(record.file_system_id):
+                continue  # a CLI process is running it right now
+            log.info("backup_resume_scheduled", fs_id=record.file_system_id, backup_id=record.backup_id)
+            self._submit(
+                BackupRequest(
+                    record.file_system_id,
+                    record.backup_type,
+                    record.name,
+                    dict(record.tags),
+                    record.client_request_token,
+                )
+            )
+
+    def _submit(self, request: BackupRequest) -> BackupJob | None:
+        try:
+            return self.runner.submit(request)
+        except ZfsbackdError as exc:
+            log.warning("backup_not_started", fs_id=request.file_system_id, error=exc.message)
+            return None
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+        for sig, action in ((signal.SIGTERM, self._stop), (signal.SIGINT, self._stop), (signal.SIGHUP, self._reload)):
+            signal.signal(sig, lambda _s, _f, ev=action: (ev.set(), self._wake.set()))
+        self.start()
+        while not self._stop.is_set():
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            try:
+                self.tick()
+            except Exception as exc:  # keep serving: the next tick may succeed (e.g. the store came back)
+                log.error("tick_failed", error=exc.message if isinstance(exc, ZfsbackdError) else repr(exc))
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            timeout = min(self.tick_seconds, self.notifier.watchdog_interval or self.tick_seconds)
+            self._wake.wait(timeout)
+            self._wake.clear()
+        return self.stop()
+
+    def stop(self) -> int:
+        self.notifier.stopping()
+        log.info("daemon_stopping", running=list(self.runner.running()))
+        if self.control is not None:
+            self.control.stop()
+        self.runner.cancel_all()
+        bound = self.config.daemon.stop_timeout_seconds
+        if not self.runner.wait_idle(bound):
+            log.error("daemon_stop_timeout", seconds=bound, running=list(self.runner.running()))
+        self.runner.shutdown()
+        self.metrics.close()
+        log.info("daemon_stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload_rejected", config=str(self.config_path), errors=exc.errors)
+            self.notifier.ready(f"reload rejected, old configuration kept: {len(exc.errors)} problem(s)")
+            return
+        old = self.config
+        for what, before, after in (
+            ("daemon.control_socket", old.daemon.control_socket, config.daemon.control_socket),
+            ("daemon.metrics_listen", old.daemon.metrics_listen, config.daemon.metrics_listen),
+            ("daemon.max_parallel_backups", old.daemon.max_parallel_backups, config.daemon.max_parallel_backups),
+        ):
+            if before != after:
+                log.warning("reload_needs_restart", key=what, running=str(before), configured=str(after))
+        self.config = config
+        self.engine = Engine(config, clock=self.clock)
+        log.info("config_reloaded", config=str(self.config_path), file_systems=[fs.id for fs in config.file_systems])
+        self.notifier.ready(self._status_line())
+
+    # -------------------------------------------------------------------- tick
+    def tick(self) -> None:
+        """One round of decisions: start due automatic backups, apply retention, collect garbage."""
+        now = self.clock()
+        engine = self.engine
+        store = engine.store()
+        records = store.load_records()
+        running = self.runner.running()
+        for fs in self.config.file_systems:
+            mine = [r for r in records if r.file_system_id == fs.id]
+            job = running.get(fs.id)
+            if job is None:
+                due = automatic_backup_due(fs, mine, now)
+                if due is not None:
+                    self._start_automatic(due.file_system_id, due.slot, late=due.late, first=due.first)
+            elif self._past_completion_window(fs.completion_window_minutes, job):
+                log.warning(
+                    "backup_completion_window_passed",
+                    fs_id=fs.id,
+                    minutes=fs.completion_window_minutes,
+                    backup_id=job.record.backup_id if job.record else None,
+                )
+                job.cancel.set()  # it checkpoints; the next run resumes it
+            for expired in expired_backups(fs, mine, now):
+                engine.delete_backup(expired.backup_id, collect=False)
+                self.metrics.retention_deletions.labels(fs.id).inc()
+                log.info(
+                    "backup_expired",
+                    fs_id=fs.id,
+                    backup_id=expired.backup_id,
+                    retention_days=fs.automatic_backup_retention_days,
+                )
+                self._gc_pending = True
+        if self._gc_pending and not self.runner.running():
+            self._gc_pending = False
+            engine.collect_garbage()
+            self._store_size_at = 0.0
+        self._refresh_state(store.load_records(), now)
+        self.notifier.status(self._status_line())
+
+    @staticmethod
+    def _past_completion_window(minutes: int | None, job: BackupJob) -> bool:
+        if not minutes or job.cancel.is_set():
+            return False
+        return time.monotonic() - job.began > minutes * 60
+
+    def _start_automatic(self, fs_id: str, slot: datetime, *, late: bool, first: bool) -> None:
+        if late and not first:
+            self.metrics.late_backups.labels(fs_id).inc()
+        log.info("automatic_backup_starting", fs_id=fs_id, slot=slot.isoformat(), late=late and not first, first=first)
+        self._submit(BackupRequest(fs_id, BackupType.AUTOMATIC))
+
+    def _refresh_state(self, records: list[BackupRecord], now: datetime) -> None:
+        stores = self.engine.open_stores()
+        sizes = dict(self.state.store_sizes)
+        if time.monotonic() - self._store_size_at > STORE_SIZE_EVERY_SECONDS:
+            self._store_size_at = time.monotonic()
+            for region, store in stores.items():
+                sizes[region] = sum(info.size for info in store.objects.list("data/"))
+        self.state = StateSnapshot(
+            records=records,
+            store_metrics={region: s.objects.metrics for region, s in stores.items()},
+            store_sizes=sizes,
+            store_reachable={**self.state.store_reachable, **dict.fromkeys(stores, True)},
+            running={fs: j.record.backup_id for fs, j in self.runner.running().items() if j.record},
+            next_automatic={
+                fs.id: next_slot(fs, now).timestamp()
+                for fs in self.config.file_systems
+                if fs.automatic_backup_retention_days
+            },
+        )
+
+    def _status_line(self) -> str:
+        running = self.runner.running()
+        if not running:
+            return f"idle; {len(self.config.file_systems)} file system(s) configured"
+        return "backing up " + ", ".join(sorted(running))
+
+    # ------------------------------------------------------------------ reports
+    def _job_finished(self, job: BackupJob) -> None:
+        record = job.record
+        if isinstance(job.error, BackupCancelled):
+            log.info(
+                "backup_checkpointed", fs_id=job.request.file_system_id, backup_id=record.backup_id if record else None
+            )
+        elif record is not None:
+            if job.error is not None:
+                record = record.with_changes(lifecycle=Lifecycle.FAILED)
+            self.metrics.observe_backup(record, "available" if job.error is None else "failed")
+        self._wake.set()
