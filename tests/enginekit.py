@@ -25,6 +25,8 @@ def write_config(
     encrypted: bool = True,
     grace: int = 0,
     extra_fs: dict[str, Any] | None = None,
+    extra_regions: dict[str, Path] | None = None,
+    max_copies: int = 5,
 ) -> Path:
     """A config with a local store in ``tmp_path`` and one file system per source (``fs-<name>``)."""
     key = tmp_path / "store.key"
@@ -32,7 +34,12 @@ def write_config(
         generate_key_file(key)
     data = {
         "state_dir": str(tmp_path / "state"),
-        "regions": {"local": {"type": "local", "path": str(tmp_path / "store")}},
+        "home_region": "local",
+        "regions": {
+            "local": {"type": "local", "path": str(tmp_path / "store")},
+            **{name: {"type": "local", "path": str(path)} for name, path in (extra_regions or {}).items()},
+        },
+        "copies": {"max_in_flight_per_region": max_copies},
         "encryption": {"key_file": str(key)} if encrypted else {"mode": "none"},
         "garbage_collection": {"grace_period_seconds": grace},
         "daemon": {"control_socket": str(tmp_path / "control.sock"), "metrics_listen": "127.0.0.1:0"},

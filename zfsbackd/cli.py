@@ -26,6 +26,7 @@ from zfsbackd.daemon.client import DaemonClient, DaemonUnavailable
 from zfsbackd.daemon.service import DEFAULT_TICK_SECONDS, Daemon
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import FILTER_NAMES, BackupRequest, Engine
+from zfsbackd.engine.locks import SlotWaitCancelled
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import (
     EXIT_INTERNAL,
@@ -163,7 +164,9 @@ def _wait_remote(client: DaemonClient, backup: dict[str, Any]) -> dict[str, Any]
     try:
         while backup["Lifecycle"] in ("CREATING", "PENDING", "COPYING"):
             time.sleep(1.0)
-            (backup,) = client.call("DescribeBackups", BackupIds=[backup["BackupId"]])["Backups"]
+            (backup,) = client.call("DescribeBackups", BackupIds=[backup["BackupId"]], Region=backup["Region"])[
+                "Backups"
+            ]
             if bar.enabled:
                 sys.stderr.write(f"\rbackup {backup['BackupId']}: {backup['ProgressPercent']}%\033[K")
     finally:
@@ -241,6 +244,38 @@ def cmd_delete_backup(args: argparse.Namespace) -> int:
         return 0
     record = _engine(args).delete_backup(args.backup_id, region=args.region)
     _emit(args, {"BackupId": record.backup_id, "Lifecycle": record.lifecycle.value})
+    return 0
+
+
+def cmd_copy_backup(args: argparse.Namespace) -> int:
+    tags = parse_tags(args.tag or [])
+    client = _daemon(args)
+    if client is not None:
+        with client:
+            backup = client.call(
+                "CopyBackup",
+                SourceBackupId=args.source_backup_id,
+                SourceRegion=args.source_region,
+                DestinationRegion=args.destination_region,
+                CopyTags=args.copy_tags,
+                Tags=tags,
+            )["Backup"]
+            if args.wait:
+                backup = _wait_remote(client, backup)
+        _emit(args, {"Backup": backup})
+        return 0 if backup["Lifecycle"] != "FAILED" else EXIT_INTERNAL
+    engine = _engine(args)
+    record = _with_interrupt(
+        lambda cancel: engine.copy_backup(
+            args.source_backup_id,
+            destination_region=args.destination_region,
+            source_region=args.source_region,
+            copy_tags=args.copy_tags,
+            tags=tags,
+            cancel=cancel,
+        )
+    )
+    _emit(args, {"Backup": record.to_api()})
     return 0
 
 
@@ -353,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region")
     p.set_defaults(func=cmd_delete_backup)
 
+    p = sub.add_parser("copy-backup", parents=[common], help="copy a backup to another region (only new data travels)")
+    p.add_argument("--source-backup-id", required=True)
+    p.add_argument("--source-region", help="region of the source backup (default: the home region)")
+    p.add_argument("--destination-region", required=True)
+    p.add_argument("--copy-tags", action="store_true", help="copy the source backup's tags (merged with --tag)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    p.add_argument("--wait", action="store_true", help="with a daemon: follow the copy until it finishes")
+    p.set_defaults(func=cmd_copy_backup)
+
     p = sub.add_parser("restore-backup", parents=[common], help="restore a backup, whole or selected paths")
     p.add_argument("--backup-id", required=True)
     target = p.add_mutually_exclusive_group(required=True)
@@ -413,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ZfsbackdError as error:
         _print_error(error)
         return error.exit_code
-    except (KeyboardInterrupt, BackupCancelled):
+    except (KeyboardInterrupt, BackupCancelled, SlotWaitCancelled):
         print(
             json.dumps({"Error": {"Code": "Interrupted", "Message": "interrupted; run the command again to resume"}}),
             file=sys.stderr,

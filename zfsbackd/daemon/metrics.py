@@ -148,6 +148,9 @@ class DaemonMetrics:
             ["file_system_id"],
             registry=r,
         )
+        self.copies_finished = Counter(
+            "zfsbackd_copies_finished_total", "Backup copies that ended, by outcome", ["region", "outcome"], registry=r
+        )
         r.register(_StateCollector(state))
         self.up.set(1)
         self._server: object | None = None

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,14 @@ import structlog
 from zfsbackd import __version__
 from zfsbackd.config import Config, load_config
 from zfsbackd.daemon.control import ControlServer
+from zfsbackd.daemon.copies import CopyScheduler
 from zfsbackd.daemon.jobs import BackupJob, JobRunner
 from zfsbackd.daemon.metrics import DaemonMetrics, StateSnapshot
 from zfsbackd.daemon.schedule import automatic_backup_due, expired_backups, next_slot
 from zfsbackd.daemon.sdnotify import Notifier
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.engine.locks import SlotWaitCancelled
 from zfsbackd.errors import BadRequest, ConfigError, ZfsbackdError
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle, utc_now
 from zfsbackd.validation import validate_tags
@@ -35,6 +37,8 @@ from zfsbackd.validation import validate_tags
 log = structlog.get_logger(__name__)
 
 DEFAULT_TICK_SECONDS = 30.0
+#: record property set on copies made by a `copy_to` rule that has `retention_days`
+COPY_RETENTION_PROPERTY = "CopyRetentionDays"
 STORE_SIZE_EVERY_SECONDS = 300.0
 
 
@@ -59,6 +63,9 @@ class Daemon:
         self.runner = JobRunner(
             lambda: self.engine, max_parallel=self.config.daemon.max_parallel_backups, on_finished=self._job_finished
         )
+        self.copies = CopyScheduler(
+            lambda: self.engine, limit=self.config.copies.max_in_flight_per_region, on_finished=self._copy_finished
+        )
         self.state = StateSnapshot()
         self.metrics = DaemonMetrics(lambda: self.state)
         self.control: ControlServer | None = None
@@ -66,7 +73,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wake = threading.Event()
-        self._gc_pending = False
+        self._gc_pending: set[str] = set()  # regions to garbage-collect once no backup runs
         self._store_size_at = 0.0
         self._ready = False
 
@@ -76,6 +83,7 @@ class Daemon:
             "CreateBackup": self._create_backup,
             "DescribeBackups": self._describe_backups,
             "DeleteBackup": self._delete_backup,
+            "CopyBackup": self._copy_backup,
             "Status": lambda _params: {"Daemon": self.status()},
         }
 
@@ -120,9 +128,26 @@ class Daemon:
 
     def _delete_backup(self, params: dict[str, Any]) -> dict[str, Any]:
         record = self.engine.delete_backup(str(params.get("BackupId", "")), region=params.get("Region"), collect=False)
-        self._gc_pending = True  # collected when no backup runs
+        self._gc_pending.add(record.region)  # collected when no backup runs
         self._wake.set()
         return {"BackupId": record.backup_id, "Lifecycle": record.lifecycle.value}
+
+    def _copy_backup(self, params: dict[str, Any]) -> dict[str, Any]:
+        tags = params.get("Tags") or {}
+        if not isinstance(tags, dict):
+            raise BadRequest('"Tags" must be an object of key → value')
+        destination = params.get("DestinationRegion")
+        if not isinstance(destination, str):
+            raise BadRequest('"DestinationRegion" is required')
+        record = self.engine.request_copy(
+            str(params.get("SourceBackupId", "")),
+            destination_region=destination,
+            source_region=params.get("SourceRegion"),
+            copy_tags=bool(params.get("CopyTags")),
+            tags=tags,
+        )
+        self.copies.enqueue(record)
+        return {"Backup": record.to_api()}
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -167,6 +192,7 @@ class Daemon:
             )
             self.control.start()
         self._resume_interrupted()
+        self.copies.adopt_unfinished()
         self._ready = True
         self.metrics.ready.set(1)
         self.notifier.ready(self._status_line())
@@ -233,6 +259,7 @@ class Daemon:
         if not self.runner.wait_idle(bound):
             log.error("daemon_stop_timeout", seconds=bound, running=list(self.runner.running()))
         self.runner.shutdown()
+        self.copies.stop()
         self.metrics.close()
         log.info("daemon_stopped")
         return 0
@@ -286,21 +313,37 @@ class Daemon:
                 )
                 job.cancel.set()  # it checkpoints; the next run resumes it
             for expired in expired_backups(fs, mine, now):
-                engine.delete_backup(expired.backup_id, collect=False)
-                self.metrics.retention_deletions.labels(fs.id).inc()
-                log.info(
-                    "backup_expired",
-                    fs_id=fs.id,
-                    backup_id=expired.backup_id,
-                    retention_days=fs.automatic_backup_retention_days,
-                )
-                self._gc_pending = True
-        if self._gc_pending and not self.runner.running():
-            self._gc_pending = False
-            engine.collect_garbage()
+                self._expire(engine, expired, fs.automatic_backup_retention_days)
+        self._expire_copies(engine, now)
+        if self._gc_pending and not self.runner.running() and not self.copies.counts()[0]:
+            for region in sorted(self._gc_pending):
+                engine.collect_garbage(region)
+            self._gc_pending.clear()
             self._store_size_at = 0.0
         self._refresh_state(store.load_records(), now)
         self.notifier.status(self._status_line())
+
+    def _expire(self, engine: Engine, record: BackupRecord, days: int) -> None:
+        engine.delete_backup(record.backup_id, region=record.region, collect=False)
+        self.metrics.retention_deletions.labels(record.file_system_id).inc()
+        log.info(
+            "backup_expired",
+            fs_id=record.file_system_id,
+            backup_id=record.backup_id,
+            region=record.region,
+            retention_days=days,
+        )
+        self._gc_pending.add(record.region)
+
+    def _expire_copies(self, engine: Engine, now: datetime) -> None:
+        """Copies made by a `copy_to` rule with `retention_days` are deleted once older than that."""
+        for region in self.config.regions:
+            if region == self.config.home_region:
+                continue
+            for r in engine.store(region).load_records():
+                days = r.properties.get(COPY_RETENTION_PROPERTY)
+                if days and r.lifecycle == Lifecycle.AVAILABLE and r.creation_time < now - timedelta(days=int(days)):
+                    self._expire(engine, r, int(days))
 
     @staticmethod
     def _past_completion_window(minutes: int | None, job: BackupJob) -> bool:
@@ -327,6 +370,8 @@ class Daemon:
             store_sizes=sizes,
             store_reachable={**self.state.store_reachable, **dict.fromkeys(stores, True)},
             running={fs: j.record.backup_id for fs, j in self.runner.running().items() if j.record},
+            copies_in_flight=self.copies.counts()[0],
+            copies_queued=self.copies.counts()[1],
             next_automatic={
                 fs.id: next_slot(fs, now).timestamp()
                 for fs in self.config.file_systems
@@ -351,4 +396,32 @@ class Daemon:
             if job.error is not None:
                 record = record.with_changes(lifecycle=Lifecycle.FAILED)
             self.metrics.observe_backup(record, "available" if job.error is None else "failed")
+            if job.error is None:
+                self._copy_by_rules(record)
+        self._wake.set()
+
+    def _copy_by_rules(self, record: BackupRecord) -> None:
+        """Start the automatic copies a file system's `copy_to` rules ask for."""
+        try:
+            fs = self.config.file_system(record.file_system_id)
+        except ZfsbackdError:
+            return  # removed from the config meanwhile
+        for rule in fs.copy_to:
+            props = {COPY_RETENTION_PROPERTY: str(rule.retention_days)} if rule.retention_days else {}
+            try:
+                copy = self.engine.request_copy(
+                    record.backup_id, destination_region=rule.region, copy_tags=rule.copy_tags, properties=props
+                )
+            except ZfsbackdError as exc:
+                log.error("copy_not_started", backup_id=record.backup_id, region=rule.region, error=exc.message)
+                continue
+            self.copies.enqueue(copy)
+
+    def _copy_finished(self, record: BackupRecord, error: BaseException | None) -> None:
+        outcome = (
+            "interrupted"
+            if isinstance(error, (BackupCancelled, SlotWaitCancelled))
+            else ("failed" if error else "available")
+        )
+        self.metrics.copies_finished.labels(record.region, outcome).inc()
         self._wake.set()

@@ -12,7 +12,7 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -20,14 +20,18 @@ import structlog
 
 from zfsbackd.config import Config
 from zfsbackd.engine.archiver import Archiver, BackupCancelled
+from zfsbackd.engine.copier import Copier
 from zfsbackd.engine.locks import LockManager
 from zfsbackd.engine.progress import Progress
 from zfsbackd.engine.restorer import Restorer, RestoreResult
 from zfsbackd.errors import (
+    BackupBeingCopied,
     BackupInProgress,
     BackupNotFound,
     BackupRestoring,
     BadRequest,
+    SourceBackupUnavailable,
+    StoreError,
     ZfsbackdError,
 )
 from zfsbackd.objectstore.factory import open_object_store
@@ -70,7 +74,7 @@ class Engine:
         self.clock = clock
         self.locks = LockManager(config.state_dir)
         self._stores: dict[str, Store] = {}
-        self._stores_lock = threading.Lock()
+        self._stores_lock = threading.RLock()
         self._key_material: bytes | None = None
         self._key_loaded = False
 
@@ -87,9 +91,19 @@ class Engine:
         name = self.config.region(region).name
         with self._stores_lock:
             if name not in self._stores:
-                self._stores[name] = Store.open(
-                    open_object_store(self.config.region(name)), region=name, key_material=self._key()
+                # Every region of a deployment shares the home region's id key, so blob ids compare.
+                home = self.config.home_region
+                id_key = None if name == home else self.store(home).keys.id_key
+                store = Store.open(
+                    open_object_store(self.config.region(name)), region=name, key_material=self._key(), id_key=id_key
                 )
+                if id_key is not None and store.keys.id_key != id_key:
+                    raise StoreError(
+                        f"the store in region {name} ({store.objects.location}) belongs to another deployment "
+                        f"(its blob-id key differs from region {home}'s); point regions.{name} at an empty "
+                        "location or at this deployment's store"
+                    )
+                self._stores[name] = store
             return self._stores[name]
 
     def open_stores(self) -> dict[str, Store]:
@@ -308,14 +322,153 @@ class Engine:
         store = self.store(region)
         if record.lifecycle == Lifecycle.DELETED:
             raise BackupNotFound(f"backup {backup_id} is already deleted")
-        if record.lifecycle in IN_PROGRESS and self.locks.is_file_system_busy(record.file_system_id):
+        if record.lifecycle in IN_PROGRESS and (
+            self.locks.is_file_system_busy(record.file_system_id) or self.locks.is_copy_busy(backup_id)
+        ):
             raise BackupInProgress(f"backup {backup_id} is still being created; wait for it to finish, then delete it")
+        copies = self.copies_in_progress(backup_id, store.region)
+        if copies:
+            raise BackupBeingCopied(
+                f"backup {backup_id} is being copied ({', '.join(f'{c.backup_id} to {c.region}' for c in copies)}); "
+                "delete it once the copies are AVAILABLE"
+            )
         record = record.with_changes(lifecycle=Lifecycle.DELETED)
         store.save_record(record)
         log.info("backup_deleted", fs_id=record.file_system_id, backup_id=backup_id, region=store.region)
         if collect:
             self.collect_garbage(region)
         return record
+
+    # ------------------------------------------------------------------ copies
+    def copies_in_progress(
+        self, source_backup_id: str | None = None, source_region: str | None = None
+    ) -> list[BackupRecord]:
+        """PENDING and COPYING copies in every region, oldest first (optionally of one source backup)."""
+        found = []
+        for region in self.config.regions:
+            for r in self.store(region).load_records():
+                if r.lifecycle not in (Lifecycle.PENDING, Lifecycle.COPYING) or r.source_backup_id is None:
+                    continue
+                if source_backup_id is None or (r.source_backup_id, r.source_region) == (
+                    source_backup_id,
+                    source_region,
+                ):
+                    found.append(r)
+        return sorted(found, key=lambda r: (r.creation_time, r.backup_id))
+
+    def request_copy(
+        self,
+        source_backup_id: str,
+        *,
+        destination_region: str,
+        source_region: str | None = None,
+        copy_tags: bool = False,
+        tags: dict[str, str] | None = None,
+        properties: dict[str, str] | None = None,
+    ) -> BackupRecord:
+        """Record a copy as PENDING in the destination (durable: a restarted daemon finds it)."""
+        source_region = self.config.region(source_region).name
+        destination_region = self.config.region(destination_region).name
+        source = self.get_backup(source_backup_id, source_region)
+        if source.lifecycle != Lifecycle.AVAILABLE:
+            raise SourceBackupUnavailable(
+                f"backup {source_backup_id} in region {source_region} is {source.lifecycle.value}; only AVAILABLE "
+                "backups can be copied"
+            )
+        merged = dict(source.tags) if copy_tags else {}
+        merged.update(validate_tags(tags or {}, "--tag"))
+        record = BackupRecord(
+            backup_id=new_backup_id(),
+            file_system_id=source.file_system_id,
+            region=destination_region,
+            backup_type=BackupType.USER_INITIATED,
+            lifecycle=Lifecycle.PENDING,
+            creation_time=self.clock(),
+            name=source.name,
+            tags=merged,
+            source=source.source,
+            snapshot=source.snapshot,
+            size_in_bytes=source.size_in_bytes,
+            source_backup_id=source.backup_id,
+            source_region=source_region,
+            properties=dict(properties or {}),
+        )
+        self.store(destination_region).save_record(record)
+        log.info(
+            "copy_pending",
+            backup_id=record.backup_id,
+            source_backup_id=source_backup_id,
+            source_region=source_region,
+            region=destination_region,
+        )
+        return record
+
+    def run_copy(self, record: BackupRecord, *, cancel: threading.Event | None = None) -> BackupRecord:
+        """Do a PENDING (or interrupted COPYING) copy; the caller holds a copy slot of its region."""
+        started = time.monotonic()
+        assert record.source_backup_id and record.source_region
+        with (
+            self.locks.copy_job(record.backup_id),
+            self.locks.store(record.source_region, exclusive=False),
+            self.locks.store(record.region, exclusive=False),
+        ):
+            destination = self.store(record.region)
+            record = destination.load_record(record.backup_id)
+            if record.lifecycle not in (Lifecycle.PENDING, Lifecycle.COPYING):
+                return record  # done (or deleted) meanwhile
+            source_record = self.get_backup(record.source_backup_id, record.source_region)
+            record = record.with_changes(lifecycle=Lifecycle.COPYING)
+            destination.save_record(record)
+            log.info(
+                "copy_started",
+                backup_id=record.backup_id,
+                region=record.region,
+                source_backup_id=record.source_backup_id,
+            )
+            try:
+                stats = Copier(self.store(record.source_region), destination, source_record, cancel=cancel).run()
+            except (BackupCancelled, KeyboardInterrupt):
+                log.warning("copy_interrupted", backup_id=record.backup_id, region=record.region)
+                raise
+            except Exception as exc:
+                message = exc.message if isinstance(exc, ZfsbackdError) else f"{type(exc).__name__}: {exc}"
+                record = record.with_changes(
+                    lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=self.clock()
+                )
+                destination.save_record(record)
+                log.error("copy_failed", backup_id=record.backup_id, region=record.region, error=message)
+                raise
+            record = record.with_changes(
+                lifecycle=Lifecycle.AVAILABLE,
+                root_tree=source_record.root_tree,
+                progress_percent=100,
+                completion_time=self.clock(),
+                stats=replace(
+                    source_record.stats,
+                    bytes_read=stats.bytes_copied,
+                    bytes_uploaded=stats.bytes_uploaded,
+                    bytes_new=stats.bytes_copied,
+                    blobs_new=stats.blobs_copied,
+                    duration_seconds=time.monotonic() - started,
+                ),
+            )
+            destination.save_record(record)
+            log.info(
+                "copy_available",
+                backup_id=record.backup_id,
+                region=record.region,
+                bytes_uploaded=stats.bytes_uploaded,
+                blobs_copied=stats.blobs_copied,
+            )
+            return record
+
+    def copy_backup(
+        self, source_backup_id: str, *, destination_region: str, cancel: threading.Event | None = None, **kwargs: object
+    ) -> BackupRecord:
+        """Request a copy and do it in this process, waiting for a slot of the destination region."""
+        record = self.request_copy(source_backup_id, destination_region=destination_region, **kwargs)  # type: ignore[arg-type]
+        with self.locks.copy_slot(record.region, self.config.copies.max_in_flight_per_region, cancel=cancel):
+            return self.run_copy(record, cancel=cancel)
 
     def collect_garbage(self, region: str | None = None, *, grace_seconds: int | None = None) -> GcResult:
         store = self.store(region)

@@ -1,18 +1,26 @@
 """Cross-process locks in ``state_dir``: the rules hold whoever does the work (daemon or CLI).
 
 ``flock`` locks belong to an open file and vanish when the process dies, so a
-SIGKILLed backup never leaves a stale lock behind.
+SIGKILLed backup or copy never leaves a stale lock behind.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from zfsbackd.errors import BackupInProgress
+
+SLOT_POLL_SECONDS = 0.2
+
+
+class SlotWaitCancelled(Exception):
+    """Stopped while waiting for a copy slot; the copy stays PENDING."""
 
 
 class LockManager:
@@ -23,32 +31,75 @@ class LockManager:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         return os.open(self.directory / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    @contextmanager
-    def file_system(self, fs_id: str) -> Iterator[None]:
-        """One backup per file system at a time; a second one gets BackupInProgress at once."""
-        fd = self._open(f"fs-backup-{fs_id}")
+    def _try(self, name: str) -> int | None:
+        """An fd holding ``name`` exclusively, or None if someone else holds it."""
+        fd = self._open(name)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BackupInProgress(
-                    f"a backup of {fs_id} is already running; wait for it to finish "
-                    f"(`zfsbackd describe-backups --filter file-system-id={fs_id}`)"
-                ) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _busy(self, name: str) -> bool:
+        fd = self._try(name)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    @contextmanager
+    def _exclusive(self, name: str, busy_message: str) -> Iterator[None]:
+        fd = self._try(name)
+        if fd is None:
+            raise BackupInProgress(busy_message)
+        try:
             yield
         finally:
             os.close(fd)
 
-    def is_file_system_busy(self, fs_id: str) -> bool:
-        fd = self._open(f"fs-backup-{fs_id}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+    # ------------------------------------------------------------- backups
+    def file_system(self, fs_id: str) -> AbstractContextManager[None]:
+        """One backup per file system at a time; a second one gets BackupInProgress at once."""
+        return self._exclusive(
+            f"fs-backup-{fs_id}",
+            f"a backup of {fs_id} is already running; wait for it to finish "
+            f"(`zfsbackd describe-backups --filter file-system-id={fs_id}`)",
+        )
 
+    def is_file_system_busy(self, fs_id: str) -> bool:
+        return self._busy(f"fs-backup-{fs_id}")
+
+    # -------------------------------------------------------------- copies
+    def copy_job(self, backup_id: str) -> AbstractContextManager[None]:
+        """Held by whoever works on a copy, so others can tell a live copy from an orphaned one."""
+        return self._exclusive(f"copy-{backup_id}", f"copy {backup_id} is already being worked on")
+
+    def is_copy_busy(self, backup_id: str) -> bool:
+        return self._busy(f"copy-{backup_id}")
+
+    @contextmanager
+    def copy_slot(self, region: str, limit: int, *, cancel: threading.Event | None = None) -> Iterator[int]:
+        """One of ``limit`` copy slots of a destination region, waiting for one to free up.
+
+        The slots are lock files, so the limit holds across the daemon and any
+        CLI process copying to the same region.
+        """
+        while True:
+            for slot in range(limit):
+                fd = self._try(f"copy-slot-{region}-{slot}")
+                if fd is not None:
+                    try:
+                        yield slot
+                    finally:
+                        os.close(fd)
+                    return
+            if cancel is not None and cancel.wait(SLOT_POLL_SECONDS):
+                raise SlotWaitCancelled()
+            if cancel is None:
+                time.sleep(SLOT_POLL_SECONDS)
+
+    # --------------------------------------------------------------- stores
     @contextmanager
     def store(self, region: str, *, exclusive: bool) -> Iterator[None]:
         """Writers (backups, copies) share a region's store; garbage collection has it alone."""

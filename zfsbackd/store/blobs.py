@@ -63,7 +63,15 @@ class BlobCodec:
 
     def decode(self, blob_id: bytes, sealed: bytes | memoryview, *, what: str) -> bytes:
         """Open, decompress and re-hash: a blob is returned only if it is exactly the one its id names."""
+        return self._plaintext(blob_id, self.sealer.open(sealed, blob_id, what=what), what=what)
+
+    def reseal(self, blob_id: bytes, sealed: bytes | memoryview, target: BlobCodec, *, what: str) -> bytes:
+        """Re-encrypt a blob for another store (another data key), verified but not recompressed."""
         body = self.sealer.open(sealed, blob_id, what=what)
+        self._plaintext(blob_id, body, what=what)
+        return target.sealer.seal(body, blob_id)
+
+    def _plaintext(self, blob_id: bytes, body: bytes, *, what: str) -> bytes:
         flag, payload = body[0], memoryview(body)[1:]
         if flag == _ZSTD:
             try:
