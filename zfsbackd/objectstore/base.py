@@ -39,6 +39,10 @@ class ObjectStoreMetrics:
             self.bytes_written += written
             self.bytes_read += read
 
+    def count_retry(self, operation: str) -> None:
+        with self._lock:
+            self.retries[operation] += 1
+
     def count_error(self, operation: str) -> None:
         with self._lock:
             self.errors[operation] += 1
