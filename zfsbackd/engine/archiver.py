@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,6 +45,52 @@ READ_BLOCK = 8 * 1024 * 1024
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
 _CHANGE_KEY = ("inode", "size", "mtime_ns", "ctime_ns")
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """What changed since the parent backup's snapshot, when the snapshot provider knows (``zfs diff``).
+
+    ``touched`` are paths relative to the snapshot root that were added, removed,
+    modified or renamed (both names); ``dirty_dirs`` are their ancestors. A
+    directory that is neither is not even listed: its parent-backup node,
+    subtree included, is reused as it is — which is exactly what a full walk
+    would have produced for an unchanged directory.
+    """
+
+    touched: frozenset[bytes]
+    dirty_dirs: frozenset[bytes]
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[bytes]) -> ChangeSet:
+        touched = frozenset(p.strip(b"/") for p in paths)
+        dirty = {b""}
+        for path in touched:
+            parts = path.split(b"/")
+            dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
+        return cls(touched, frozenset(dirty))
+
+    def is_clean(self, rel: bytes) -> bool:
+        return rel not in self.touched and rel not in self.dirty_dirs
+
+
+@dataclass
+class _Totals:
+    """Regular files, their bytes and directories below a directory; kept in its node as tree_*."""
+
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+
+    def add_node(self, node: Node) -> None:
+        kind = node.get("type")
+        if kind == "file":
+            self.files += 1
+            self.bytes += int(node.get("size", 0))
+        elif kind == "dir":
+            self.dirs += 1 + int(node.get("tree_dirs", 0))
+            self.files += int(node.get("tree_files", 0))
+            self.bytes += int(node.get("tree_bytes", 0))
 
 
 class BackupCancelled(Exception):
@@ -141,6 +187,7 @@ class Archiver:
         cancel: threading.Event | None = None,
         read_workers: int = 3,
         max_jobs: int = 256,
+        changes: ChangeSet | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -148,6 +195,7 @@ class Archiver:
         self.root = os.fsencode(str(snapshot.root))  # type: ignore[attr-defined]
         self.excluded: frozenset[tuple[int, int]] = getattr(snapshot, "excluded", frozenset())
         self.parent_root_tree = parent_root_tree
+        self.changes = changes
         self.progress = progress or Progress()
         self.cancel = cancel or threading.Event()
         self.counters = _Counters()
@@ -165,12 +213,16 @@ class Archiver:
             root_st = os.lstat(self.root)
             self._root_dev = root_st.st_dev
             parent_root = self._parent_root_node()
-            subtree = self._archive_dir(b"", parent_root.get("subtree") if parent_root else None)
+            if parent_root is None:
+                self.changes = None  # nothing to reuse: every entry is examined
+            subtree, totals = self._archive_dir(b"", parent_root.get("subtree") if parent_root else None)
             root_node = _meta_node(ROOT_NAME.encode(), root_st)
             root_node.update(type="dir", subtree=subtree, xattrs=encode_xattrs(read_xattrs(self.root)))
+            root_node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
             root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
-            self.counters.stats.directories += 1
-            return root_id.hex(), self.counters.stats
+            stats = self.counters.stats
+            stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1
+            return root_id.hex(), stats
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -196,7 +248,7 @@ class Archiver:
     def _path(self, rel: bytes) -> bytes:
         return self.root + b"/" + rel if rel else self.root
 
-    def _archive_dir(self, rel: bytes, parent_tree: str | None) -> str:
+    def _archive_dir(self, rel: bytes, parent_tree: str | None) -> tuple[str, _Totals]:
         if self.cancel.is_set():
             raise BackupCancelled()
         previous = self._load_tree(parent_tree) or {}
@@ -208,17 +260,19 @@ class Archiver:
         for entry in entries:
             name = entry.name
             child = rel + b"/" + name if rel else name
+            before = previous.get(name)
+            if before is not None and self.changes is not None and self.changes.is_clean(child):
+                nodes.append(before)  # unchanged since the parent's snapshot: not even stat'ed
+                self._count_reused(before)
+                continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if (st.st_dev, st.st_ino) in self.excluded:
                 continue
-            before = previous.get(name)
             mode = st.st_mode
             if stat.S_ISREG(mode):
-                stats.files += 1
-                stats.bytes_total += st.st_size
                 if _unchanged(before, "file", st):
                     stats.files_unchanged += 1
                     nodes.append(before)  # type: ignore[arg-type]
@@ -229,7 +283,6 @@ class Archiver:
                     future.add_done_callback(lambda _f: self._jobs.release())
                     pending.append((future, before))
             elif stat.S_ISDIR(mode):
-                stats.directories += 1
                 nodes.append(self._dir_node(child, name, st, before))
             elif stat.S_ISLNK(mode):
                 stats.symlinks += 1
@@ -252,8 +305,19 @@ class Archiver:
             self.counters.add_outcome(outcome)
             if outcome.node is not None:
                 nodes.append(outcome.node)
+        totals = _Totals()
+        for node in nodes:
+            totals.add_node(node)
         tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))
-        return tree_id.hex()
+        return tree_id.hex(), totals
+
+    def _count_reused(self, node: Node) -> None:
+        if node.get("type") == "file":
+            self.counters.stats.files_unchanged += 1
+            self.progress.advance(files=1, nbytes=int(node.get("size", 0)))
+        elif node.get("type") == "dir":
+            self.counters.stats.files_unchanged += int(node.get("tree_files", 0))
+            self.progress.advance(files=int(node.get("tree_files", 0)), nbytes=int(node.get("tree_bytes", 0)))
 
     def _dir_node(self, child: bytes, name: bytes, st: os.stat_result, before: Node | None) -> Node:
         node = _meta_node(name, st)
@@ -263,10 +327,11 @@ class Archiver:
             xattrs = encode_xattrs(read_xattrs(self._path(child)))
         if st.st_dev != self._root_dev:
             # Another file system mounted here: keep the mount point, not its contents.
-            subtree = self.writer.add(BlobType.TREE, serialize_tree([]))[0].hex()
+            subtree, totals = self.writer.add(BlobType.TREE, serialize_tree([]))[0].hex(), _Totals()
         else:
-            subtree = self._archive_dir(child, before.get("subtree") if before else None)
+            subtree, totals = self._archive_dir(child, before.get("subtree") if before else None)
         node.update(type="dir", xattrs=xattrs, subtree=subtree)
+        node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
         return node
 
     # ------------------------------------------------------------- file data

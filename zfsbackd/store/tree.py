@@ -15,6 +15,7 @@ Node fields (absent when not applicable)::
     chunks          files: [[offset, length, blob id hex], …] — gaps are holes (sparse)
     hardlink        files with nlink > 1: the inode number shared by the links
     subtree         dirs: tree blob id hex
+    tree_files tree_bytes tree_dirs   dirs: regular files, their bytes and directories below (totals)
     target | target_b64  symlinks
     rdev            devices
 """
