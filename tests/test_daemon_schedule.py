@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from enginekit import write_config
 from fsfixtures import tree_manifest
 
@@ -13,6 +15,7 @@ from zfsbackd.config import FileSystemConfig
 from zfsbackd.daemon.schedule import MAX_ATTEMPTS, automatic_backup_due, expired_backups
 from zfsbackd.daemon.service import Daemon
 from zfsbackd.engine.engine import BackupRequest
+from zfsbackd.logs import configure_logging
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -150,7 +153,8 @@ def test_120_days_of_daily_backups_keep_exactly_the_retained_ones(xfs_fs, tmp_pa
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs() -> None:
-    from zfsbackd.logs import configure_logging
-
+def _quiet_logs() -> Iterator[None]:
+    """Only errors from the 120-day simulation; other tests get structlog's defaults back."""
     configure_logging(level=40)
+    yield
+    structlog.reset_defaults()
