@@ -15,9 +15,10 @@ from pathlib import Path
 from enginekit import make_config
 from fsfixtures import populate_sample_tree
 
-from zfsbackd.engine.archiver import Archiver, ChangeSet
+from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.snapshot import take_snapshot
+from zfsbackd.snapshot.base import ChangeSet
 from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.writer import PackWriter
 

@@ -225,7 +225,7 @@ def test_bad_sources_are_snapshot_errors(xfs_dir: Path) -> None:
     cases = {
         "does not exist": Source("fs-a", xfs_dir / "missing"),
         "is not a directory": Source("fs-a", xfs_dir / "file"),
-        "ZFS sources are not supported yet": Source("fs-a", None, source_zfs="tank/home"),
+        "the zpool command is not installed.*install zfsutils-linux": Source("fs-a", None, source_zfs="tank/home"),
         "no source configured": Source("fs-a", None),
     }
     for needle, source in cases.items():

@@ -299,14 +299,17 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_restore_backup(args: argparse.Namespace) -> int:
-    if args.target_dataset:
-        raise BadRequest("--target-dataset needs ZFS support, which this version does not have yet; use --target DIR")
     engine = _engine(args)
     bar = TerminalProgress("restore")
     progress = Progress(on_update=bar)
     try:
         result = engine.restore_backup(
-            args.backup_id, Path(args.target), paths=args.path or [], region=args.region, progress=progress
+            args.backup_id,
+            Path(args.target) if args.target else None,
+            target_dataset=args.target_dataset,
+            paths=args.path or [],
+            region=args.region,
+            progress=progress,
         )
     finally:
         bar.done()

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,7 +22,7 @@ import pyfastcdc
 import structlog
 
 from zfsbackd.engine.progress import Progress
-from zfsbackd.snapshot.base import FileChangedError
+from zfsbackd.snapshot.base import ChangeSet, FileChangedError
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.repository import Store
@@ -45,33 +45,6 @@ READ_BLOCK = 8 * 1024 * 1024
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
 _CHANGE_KEY = ("inode", "size", "mtime_ns", "ctime_ns")
-
-
-@dataclass(frozen=True)
-class ChangeSet:
-    """What changed since the parent backup's snapshot, when the snapshot provider knows (``zfs diff``).
-
-    ``touched`` are paths relative to the snapshot root that were added, removed,
-    modified or renamed (both names); ``dirty_dirs`` are their ancestors. A
-    directory that is neither is not even listed: its parent-backup node,
-    subtree included, is reused as it is — which is exactly what a full walk
-    would have produced for an unchanged directory.
-    """
-
-    touched: frozenset[bytes]
-    dirty_dirs: frozenset[bytes]
-
-    @classmethod
-    def from_paths(cls, paths: Iterable[bytes]) -> ChangeSet:
-        touched = frozenset(p.strip(b"/") for p in paths)
-        dirty = {b""}
-        for path in touched:
-            parts = path.split(b"/")
-            dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
-        return cls(touched, frozenset(dirty))
-
-    def is_clean(self, rel: bytes) -> bool:
-        return rel not in self.touched and rel not in self.dirty_dirs
 
 
 @dataclass

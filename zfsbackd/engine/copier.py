@@ -99,4 +99,3 @@ class Copier:
                 sealed = self.source.objects.get_range(key, loc.offset, loc.length)
             resealed = self.source.codec.reseal(blob_id, sealed, self.destination.codec, what=what)
             writer.add_sealed(loc.blob_type, blob_id, resealed, loc.raw_length)
-

@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from zfsbackd.config import Config
+from zfsbackd.config import Config, FileSystemConfig
 from zfsbackd.engine.archiver import Archiver, BackupCancelled
 from zfsbackd.engine.copier import Copier
 from zfsbackd.engine.locks import LockManager
@@ -30,6 +30,7 @@ from zfsbackd.errors import (
     BackupNotFound,
     BackupRestoring,
     BadRequest,
+    RestoreError,
     SourceBackupUnavailable,
     StoreError,
     ZfsbackdError,
@@ -51,10 +52,14 @@ from zfsbackd.store.records import (
 from zfsbackd.store.repository import Store
 from zfsbackd.store.writer import PackWriter
 from zfsbackd.validation import validate_backup_id, validate_backup_name, validate_tags
+from zfsbackd.zfs import command as zfs_command
 
 log = structlog.get_logger(__name__)
 
 FILTER_NAMES = ("file-system-id", "backup-type", "lifecycle")
+#: record properties holding the source dataset's ZFS properties (set again on a restore to a new dataset)
+ZFS_PROPERTY_PREFIX = "zfs:"
+READ_ONLY_AFTER_RESTORE = ("readonly",)
 RECORD_SAVE_INTERVAL = 5.0
 
 
@@ -191,7 +196,7 @@ class Engine:
     def _run_backup(
         self,
         store: Store,
-        fs: object,
+        fs: FileSystemConfig,
         record: BackupRecord,
         parent: BackupRecord | None,
         progress: Progress | None,
@@ -216,12 +221,31 @@ class Engine:
             provider = choose_provider(fs)  # type: ignore[arg-type]
             snapshot = provider.find(fs, record.backup_id) or take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
             record = record.with_changes(
-                snapshot=snapshot.describe(), parent_backup_id=parent.backup_id if parent else None
+                snapshot=snapshot.describe(),
+                parent_backup_id=parent.backup_id if parent else None,
+                properties={
+                    **record.properties,
+                    **{ZFS_PROPERTY_PREFIX + k: v for k, v in snapshot.source_properties().items()},
+                },
             )
             store.save_record(record)
+            changes = snapshot.changes_since(parent.snapshot) if parent else None
+            if changes is not None:
+                log.info(
+                    "backup_using_change_list",
+                    fs_id=fs.id,
+                    backup_id=record.backup_id,  # type: ignore[attr-defined]
+                    changed_paths=len(changes.touched),
+                )
             with PackWriter(store) as writer:
                 archiver = Archiver(
-                    store, writer, snapshot, parent.root_tree if parent else None, progress=progress, cancel=cancel
+                    store,
+                    writer,
+                    snapshot,
+                    parent.root_tree if parent else None,
+                    progress=progress,
+                    cancel=cancel,
+                    changes=changes,
                 )
                 try:
                     root_tree, stats = archiver.run()
@@ -267,7 +291,12 @@ class Engine:
         finally:
             if snapshot is not None:
                 # An interrupted backup keeps its snapshot, so the resumed run reads the same point in time.
-                snapshot.close() if record.lifecycle == Lifecycle.CREATING else snapshot.release()
+                if record.lifecycle == Lifecycle.CREATING:
+                    snapshot.close()
+                elif record.lifecycle == Lifecycle.AVAILABLE:
+                    snapshot.commit()
+                else:
+                    snapshot.release()
         return record
 
     # ---------------------------------------------------------------- describe
@@ -480,8 +509,9 @@ class Engine:
     def restore_backup(
         self,
         backup_id: str,
-        target: Path,
+        target: Path | None,
         *,
+        target_dataset: str | None = None,
         paths: Sequence[str] = (),
         region: str | None = None,
         progress: Progress | None = None,
@@ -495,8 +525,34 @@ class Engine:
         store.load_index()
         if progress is not None:
             progress.total_bytes = record.size_in_bytes
-        result = Restorer(store, record, target, list(paths), progress=progress).run()
+        restorer = Restorer(store, record, target or Path("/"), list(paths), progress=progress)
+        result = self._restore_to_dataset(restorer, record, target_dataset) if target_dataset else restorer.run()
         log.info("backup_restored", backup_id=backup_id, region=store.region, path=str(result.path), files=result.files)
+        return result
+
+    @staticmethod
+    def _restore_to_dataset(restorer: Restorer, record: BackupRecord, dataset: str) -> RestoreResult:
+        """Create ``dataset`` with the source's recorded properties and restore into it (the FSx way)."""
+        props = {
+            k[len(ZFS_PROPERTY_PREFIX) :]: v for k, v in record.properties.items() if k.startswith(ZFS_PROPERTY_PREFIX)
+        }
+        for name in READ_ONLY_AFTER_RESTORE:
+            props.pop(name, None)  # set once the data is in
+        zfs_command.create(dataset, props)
+        mnt = zfs_command.mountpoint(dataset)
+        if mnt is None or not zfs_command.is_mounted(dataset):
+            raise RestoreError(f"--target-dataset {dataset} was created but is not mounted; mount it and retry")
+        try:
+            result = restorer.run_into(mnt)
+        except BaseException:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            failed = f"{dataset.rsplit('/', 1)[0]}/zfsbackd-failed-restore_{stamp}"
+            zfs_command.rename(dataset, failed)
+            log.error("restore_failed", backup_id=record.backup_id, dataset=failed)
+            raise
+        read_only = record.properties.get(ZFS_PROPERTY_PREFIX + "readonly")
+        if read_only == "on":
+            zfs_command.set_property(dataset, "readonly", "on")
         return result
 
     # ------------------------------------------------------------------- check

@@ -128,6 +128,18 @@ class Restorer:
             raise
         return result
 
+    def run_into(self, dest: Path) -> RestoreResult:
+        """Restore into ``dest``, an existing empty directory (the root of a new ZFS dataset).
+
+        The root's own metadata is applied to ``dest``; the caller deals with a failure
+        (for a dataset: renaming it out of the way).
+        """
+        if any(dest.iterdir()):
+            raise RestoreError(f"{dest} is not empty; a restore goes into a new, empty dataset")
+        result = RestoreResult(path=dest)
+        self._restore_into(os.fsencode(str(dest)), result)
+        return result
+
     # ----------------------------------------------------------------- walk
     def _tree(self, tree_id: str, where: bytes) -> list[Node]:
         what = f"backup {self.record.backup_id}: directory /{os.fsdecode(where)}"

@@ -18,6 +18,8 @@ import errno
 import os
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -131,8 +133,8 @@ def source_dir(fs: FileSystemSource) -> Path:
     """The resolved source directory of *fs*, or a :class:`SnapshotError` saying what is wrong."""
     if fs.source_zfs is not None:
         raise SnapshotError(
-            f"file_systems[{fs.id}]: ZFS sources are not supported yet (source zfs: {fs.source_zfs}); "
-            "back up a directory on btrfs or XFS (source: {path: ...}) instead"
+            f"file_systems[{fs.id}]: source zfs: {fs.source_zfs} is a dataset, not a directory; only the zfs "
+            "provider can snapshot it"
         )
     if fs.source_path is None:
         raise SnapshotError(f"file_systems[{fs.id}]: no source configured; set source: {{path: /dir}}")
@@ -236,6 +238,33 @@ def same_version(a: os.stat_result, b: os.stat_result) -> bool:
     return _version(a) == _version(b)
 
 
+@dataclass(frozen=True)
+class ChangeSet:
+    """What changed since the parent backup's snapshot, when the snapshot provider knows (``zfs diff``).
+
+    ``touched`` are paths relative to the snapshot root that were added, removed,
+    modified or renamed (both names); ``dirty_dirs`` are their ancestors. A
+    directory that is neither is not even listed: its parent-backup node,
+    subtree included, is reused as it is — which is exactly what a full walk
+    would have produced for an unchanged directory.
+    """
+
+    touched: frozenset[bytes]
+    dirty_dirs: frozenset[bytes]
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[bytes]) -> ChangeSet:
+        touched = frozenset(p.strip(b"/") for p in paths)
+        dirty = {b""}
+        for path in touched:
+            parts = path.split(b"/")
+            dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
+        return cls(touched, frozenset(dirty))
+
+    def is_clean(self, rel: bytes) -> bool:
+        return rel not in self.touched and rel not in self.dirty_dirs
+
+
 class Snapshot(ABC):
     """One point-in-time view of a file system, valid until :meth:`release`.
 
@@ -265,6 +294,18 @@ class Snapshot(ABC):
     def release(self) -> None:
         """Give the snapshot up; idempotent. Providers that own storage destroy it here."""
         self.close()
+
+    def commit(self) -> None:
+        """The backup made from this snapshot is AVAILABLE. ZFS keeps it as the next incremental's base."""
+        self.release()
+
+    def source_properties(self) -> dict[str, str]:
+        """Properties of the source a restore should recreate (ZFS dataset properties); none elsewhere."""
+        return {}
+
+    def changes_since(self, parent_snapshot: dict[str, object]) -> ChangeSet | None:
+        """What changed since the parent backup's snapshot, if this provider can tell without a walk."""
+        return None
 
     def describe(self) -> dict[str, str | bool]:
         return {"Provider": self.provider, "Name": self.name, "Atomic": self.atomic}

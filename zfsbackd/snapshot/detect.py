@@ -16,13 +16,16 @@ from zfsbackd.snapshot.base import (
 from zfsbackd.snapshot.btrfs import BtrfsProvider
 from zfsbackd.snapshot.copy import CopyProvider
 from zfsbackd.snapshot.reflink import ReflinkProvider, reflink_problem
+from zfsbackd.snapshot.zfs import ZfsProvider
 
 
 def choose_provider(fs: FileSystemSource) -> SnapshotProvider:
-    """btrfs subvolume → atomic snapshot; XFS/btrfs with reflink → per-file clones;
+    """ZFS dataset → ZFS snapshot; btrfs subvolume → atomic snapshot; XFS/btrfs with reflink → per-file clones;
     anything else → plain copy, but only if the configuration allows it explicitly,
     because such a backup is not point-in-time.
     """
+    if fs.source_zfs is not None:
+        return ZfsProvider()
     src = source_dir(fs)
     if fs_type(src) == BTRFS_MAGIC and os.stat(src).st_ino == BTRFS_SUBVOLUME_INO:
         return BtrfsProvider()

@@ -1,0 +1,735 @@
+"""Host unit tests of zfsbackd.zfs: no ZFS needed (fakes of libzfs_core and of the zfs command).
+
+What runs only against real OpenZFS (nvlists through libzfs_core, parity with
+Debian's pyzfs, real `zfs diff`) lives in tests/zfsvm and runs in the VM.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import errno
+import os
+import stat
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zfsbackd.errors import SnapshotError
+from zfsbackd.zfs import command, exceptions
+from zfsbackd.zfs import libzfs_core as lzc
+
+# ---------------------------------------------------------------------------
+# Import and initialisation without ZFS
+
+
+@pytest.fixture
+def no_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget any loaded library so the next call loads again."""
+    monkeypatch.setattr(lzc, "_backend", None)
+
+
+def test_calls_without_libzfs_core_raise_initialization_failed(
+    monkeypatch: pytest.MonkeyPatch, no_backend: None
+) -> None:
+    monkeypatch.setattr(lzc, "_LZC_SONAMES", ("libzfs_core.so.99", "libzfs_core.so.98"))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(exceptions.ZFSInitializationFailed) as info:
+        lzc.lzc_exists(b"tank/home")
+    err = info.value
+    assert err.errno == errno.ENOENT
+    assert "libzfs_core is not installed (tried: libzfs_core.so.99, libzfs_core.so.98)" in str(err)
+    assert "install zfsutils-linux" in str(err)
+    # A failure is not cached: the next call tries again.
+    assert lzc._backend is None
+    with pytest.raises(exceptions.ZFSInitializationFailed):
+        lzc.is_supported(lzc.lzc_snapshot)
+
+
+def test_header_is_found_and_parses() -> None:
+    import cffi
+
+    path = lzc.header_path()
+    assert path.name == "libzfs_core.h"
+    ffi = cffi.FFI()
+    ffi.cdef(path.read_text())
+    assert ffi.typeof("nvlist_t *").cname == "nvlist_t *"
+    lib = ffi.dlopen(None)  # only the constants of the cdef are needed here
+    assert (lib.LZC_SEND_FLAG_RAW, lib.LZC_DATSET_TYPE_ZFS, lib.DATA_TYPE_NVLIST) == (8, 2, 19)
+
+
+def test_failed_libzfs_core_init_names_the_cause(monkeypatch: pytest.MonkeyPatch, no_backend: None) -> None:
+    class Lib:
+        def libzfs_core_init(self) -> int:
+            return errno.ENOENT
+
+    monkeypatch.setattr(lzc, "_dlopen", lambda ffi, names: Lib())
+    with pytest.raises(exceptions.ZFSInitializationFailed) as info:
+        lzc.lzc_exists(b"tank")
+    assert info.value.errno == errno.ENOENT
+    assert "modprobe zfs" in str(info.value)
+
+
+def test_names_must_be_bytes_without_nul(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lzc, "_backend", FakeBackend())
+    with pytest.raises(TypeError):
+        lzc.lzc_exists("tank/home")  # type: ignore[arg-type]
+    with pytest.raises(exceptions.NameInvalid):
+        lzc.lzc_destroy(b"tank/home\0/other")
+
+
+# ---------------------------------------------------------------------------
+# Exception classes: names, hierarchy and errno as in pyzfs 2.1-2.3
+
+# (class, direct base, errno) as defined in contrib/pyzfs/libzfs_core/exceptions.py
+PYZFS_CLASSES = [
+    ("ZFSGenericError", "ZFSError", None),
+    ("ZFSInitializationFailed", "ZFSError", None),
+    ("MultipleOperationsFailure", "ZFSError", None),
+    ("DatasetNotFound", "ZFSError", errno.ENOENT),
+    ("DatasetExists", "ZFSError", errno.EEXIST),
+    ("FilesystemExists", "DatasetExists", errno.EEXIST),
+    ("FilesystemNotFound", "DatasetNotFound", errno.ENOENT),
+    ("ParentNotFound", "ZFSError", errno.ENOENT),
+    ("WrongParent", "ZFSError", 1033),
+    ("SnapshotExists", "DatasetExists", errno.EEXIST),
+    ("SnapshotNotFound", "DatasetNotFound", errno.ENOENT),
+    ("SnapshotIsCloned", "ZFSError", errno.EEXIST),
+    ("SnapshotIsHeld", "ZFSError", errno.EBUSY),
+    ("DuplicateSnapshots", "ZFSError", errno.EXDEV),
+    ("SnapshotFailure", "MultipleOperationsFailure", None),
+    ("SnapshotDestructionFailure", "MultipleOperationsFailure", None),
+    ("BookmarkExists", "ZFSError", errno.EEXIST),
+    ("BookmarkNotFound", "ZFSError", errno.ENOENT),
+    ("BookmarkMismatch", "ZFSError", errno.EINVAL),
+    ("BookmarkSourceInvalid", "ZFSError", errno.EINVAL),
+    ("BookmarkNotSupported", "ZFSError", errno.ENOTSUP),
+    ("BookmarkFailure", "MultipleOperationsFailure", None),
+    ("BookmarkDestructionFailure", "MultipleOperationsFailure", None),
+    ("BadHoldCleanupFD", "ZFSError", errno.EBADF),
+    ("HoldExists", "ZFSError", errno.EEXIST),
+    ("HoldNotFound", "ZFSError", errno.ENOENT),
+    ("HoldFailure", "MultipleOperationsFailure", None),
+    ("HoldReleaseFailure", "MultipleOperationsFailure", None),
+    ("SnapshotMismatch", "ZFSError", errno.ENODEV),
+    ("StreamMismatch", "ZFSError", errno.ENODEV),
+    ("DestinationModified", "ZFSError", errno.ETXTBSY),
+    ("BadStream", "ZFSError", errno.EBADE),
+    ("EncryptionKeyNotLoaded", "ZFSError", errno.EACCES),
+    ("StreamFeatureNotSupported", "ZFSError", errno.ENOTSUP),
+    ("UnknownStreamFeature", "ZFSError", errno.ENOTSUP),
+    ("StreamTruncated", "ZFSError", 1040),
+    ("StreamIOError", "ZFSError", None),
+    ("ZIOError", "ZFSError", errno.EIO),
+    ("NoSpace", "ZFSError", errno.ENOSPC),
+    ("QuotaExceeded", "ZFSError", errno.EDQUOT),
+    ("DatasetBusy", "ZFSError", errno.EBUSY),
+    ("NameTooLong", "ZFSError", errno.ENAMETOOLONG),
+    ("NameInvalid", "ZFSError", errno.EINVAL),
+    ("SnapshotNameInvalid", "NameInvalid", errno.EINVAL),
+    ("FilesystemNameInvalid", "NameInvalid", errno.EINVAL),
+    ("BookmarkNameInvalid", "NameInvalid", errno.EINVAL),
+    ("ReadOnlyPool", "ZFSError", errno.EROFS),
+    ("SuspendedPool", "ZFSError", errno.EAGAIN),
+    ("PoolNotFound", "ZFSError", errno.EXDEV),
+    ("PoolsDiffer", "ZFSError", errno.EXDEV),
+    ("FeatureNotSupported", "ZFSError", errno.ENOTSUP),
+    ("PropertyNotSupported", "ZFSError", errno.ENOTSUP),
+    ("PropertyInvalid", "ZFSError", errno.EINVAL),
+    ("DatasetTypeInvalid", "ZFSError", errno.EINVAL),
+]
+
+
+@pytest.mark.parametrize(("name", "base", "errno_value"), PYZFS_CLASSES)
+def test_exception_classes_match_pyzfs(name: str, base: str, errno_value: int | None) -> None:
+    cls = getattr(exceptions, name)
+    assert issubclass(cls, getattr(exceptions, base))
+    assert issubclass(cls, exceptions.ZFSError)
+    assert cls.errno == errno_value
+    # Where pyzfs has an intermediate private base we may too, but never another public one.
+    public_bases = [b.__name__ for b in cls.__mro__[1:] if not b.__name__.startswith("_") and b is not Exception]
+    expected = []
+    current: Any = getattr(exceptions, base)
+    while current is not Exception:
+        expected.append(current.__name__)
+        current = current.__mro__[1] if not current.__mro__[1].__name__.startswith("_") else current.__mro__[2]
+    assert public_bases[: len(expected)] == expected
+
+
+def test_exception_rendering_matches_pyzfs() -> None:
+    err = exceptions.SnapshotExists(b"tank/home@a")
+    assert (err.errno, err.message, err.name) == (errno.EEXIST, "Snapshot already exists", b"tank/home@a")
+    assert str(err) == "[Errno 17] Snapshot already exists: 'b'tank/home@a''"
+    assert repr(err) == "SnapshotExists(17, 'Snapshot already exists')"
+    failure = exceptions.SnapshotFailure([err], 2)
+    assert failure.errno == errno.EEXIST and failure.errors == [err] and failure.suppressed_count == 2
+    assert (
+        str(failure)
+        == "[Errno 17] Creation of snapshot(s) failed for one or more reasons, 1 errors included, 2 suppressed"
+    )
+    generic = exceptions.ZFSGenericError(errno.EPERM, b"tank/x", "Failed to create snapshot")
+    assert (generic.name, generic.message) == (b"tank/x", "Failed to create snapshot")
+    assert str(exceptions.BadStream()) == "[Errno 52] Bad backup stream"
+
+
+# ---------------------------------------------------------------------------
+# Error translation with a fake library
+
+
+class FakeBackend:
+    """Stands in for the loaded libzfs_core: records calls, returns canned (ret, outputs)."""
+
+    def __init__(self, **results: Any) -> None:
+        self.results = results
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            self.calls.append((name, args))
+            return self.results.get(name, _DEFAULTS.get(name, 0))
+
+        return call
+
+
+_DEFAULTS: dict[str, Any] = {
+    "snapshot": (0, {}),
+    "destroy_snaps": (0, {}),
+    "hold": (0, {}),
+    "release": (0, {}),
+    "get_holds": (0, {}),
+    "bookmark": (0, {}),
+    "get_bookmarks": (0, {}),
+    "destroy_bookmarks": (0, {}),
+    "send_space": (0, 0),
+    "rollback": (0, b""),
+    "exists": True,
+    "has_function": True,
+}
+
+
+def _errors(err: exceptions.MultipleOperationsFailure) -> list[tuple[str, bytes | None]]:
+    return [(type(e).__name__, e.name) for e in err.errors]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeBackend:
+    backend = FakeBackend()
+    monkeypatch.setattr(lzc, "_backend", backend)
+    return backend
+
+
+# (call, backend result, expected exception class, expected per-item errors or name)
+COMPOUND_CASES = [
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s", b"p/b@s"]),
+        ("snapshot", (errno.EEXIST, {b"p/b@s": errno.EEXIST})),
+        "SnapshotFailure",
+        [("SnapshotExists", b"p/b@s")],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s", b"p/a@t"]),
+        ("snapshot", (errno.EXDEV, {})),
+        "SnapshotFailure",
+        [("DuplicateSnapshots", None)],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s", b"q/a@t"]),
+        ("snapshot", (errno.EXDEV, {})),
+        "SnapshotFailure",
+        [("PoolsDiffer", None)],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s"]),
+        ("snapshot", (errno.ENOENT, {})),
+        "SnapshotFailure",
+        [("FilesystemNotFound", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s!"]),
+        ("snapshot", (errno.EINVAL, {})),
+        "SnapshotFailure",
+        [("NameInvalid", b"p/a@s!")],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s"], {b"user:x": b"1"}),
+        ("snapshot", (errno.EINVAL, {})),
+        "SnapshotFailure",
+        [("PropertyInvalid", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s", b"p/b@s"]),
+        ("snapshot", (errno.EEXIST, {b"p/a@s": errno.EEXIST, b"N_MORE_ERRORS": 3})),
+        "SnapshotFailure",
+        [("SnapshotExists", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_snapshot([b"p/a@s"]),
+        ("snapshot", (errno.EPERM, {})),
+        "SnapshotFailure",
+        [("ZFSGenericError", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_destroy_snaps([b"p/a@s"], False),
+        ("destroy_snaps", (errno.EBUSY, {b"p/a@s": errno.EBUSY})),
+        "SnapshotDestructionFailure",
+        [("SnapshotIsHeld", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_destroy_snaps([b"p/a@s"], False),
+        ("destroy_snaps", (errno.EEXIST, {b"p/a@s": errno.EEXIST})),
+        "SnapshotDestructionFailure",
+        [("SnapshotIsCloned", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_destroy_snaps([b"nopool/a@s"], True),
+        ("destroy_snaps", (errno.ENOENT, {})),
+        "SnapshotDestructionFailure",
+        [("PoolNotFound", b"nopool/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_hold({b"p/a@s": b"tag"}),
+        ("hold", (errno.EEXIST, {b"p/a@s": errno.EEXIST})),
+        "HoldFailure",
+        [("HoldExists", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_hold({b"p/a@s": b"t" * 300}),
+        ("hold", (errno.E2BIG, {b"p/a@s": errno.E2BIG})),
+        "HoldFailure",
+        [("NameTooLong", b"t" * 300)],
+    ),
+    (
+        lambda: lzc.lzc_hold({b"p/a@s": b"tag", b"q/a@s": b"tag"}),
+        ("hold", (errno.EXDEV, {})),
+        "HoldFailure",
+        [("PoolsDiffer", None)],
+    ),
+    (
+        lambda: lzc.lzc_hold({b"p/a@s": b"tag"}),
+        ("hold", (errno.ENOENT, {b"p/a@s": errno.ENOENT})),
+        "HoldFailure",
+        [("FilesystemNotFound", b"p/a")],
+    ),
+    (
+        lambda: lzc.lzc_release({b"p/a@s": [b"tag"]}),
+        ("release", (errno.EINVAL, {b"p/a@s": errno.EINVAL})),
+        "HoldReleaseFailure",
+        [("ZFSGenericError", b"p/a@s")],
+    ),
+    (
+        lambda: lzc.lzc_release({b"p/a@s": [b"tag"]}),
+        ("release", (errno.ENOTSUP, {})),
+        "HoldReleaseFailure",
+        [("FeatureNotSupported", b"p")],
+    ),
+    (
+        lambda: lzc.lzc_bookmark({b"p/a#b": b"p/a@s"}),
+        ("bookmark", (errno.EEXIST, {b"p/a#b": errno.EEXIST})),
+        "BookmarkFailure",
+        [("BookmarkExists", b"p/a#b")],
+    ),
+    (
+        lambda: lzc.lzc_bookmark({b"p/a#b": b"p/a@s"}),
+        ("bookmark", (errno.ENOENT, {b"p/a#b": errno.ENOENT})),
+        "BookmarkFailure",
+        [("SnapshotNotFound", b"p/a#b")],
+    ),
+    (
+        lambda: lzc.lzc_bookmark({b"p/a#b": b"p/a"}),
+        ("bookmark", (errno.EINVAL, {b"p/a#b": errno.EINVAL})),
+        "BookmarkFailure",
+        [("BookmarkSourceInvalid", b"p/a")],
+    ),
+    (
+        lambda: lzc.lzc_bookmark({b"p/a#b": b"p/a@s", b"p/a#b!": b"p/a@s"}),
+        ("bookmark", (errno.EINVAL, {})),
+        "BookmarkFailure",
+        [("BookmarkNameInvalid", b"p/a#b!")],
+    ),
+    (
+        lambda: lzc.lzc_bookmark({b"p/a#b": b"p/a@s", b"p/c#b": b"p/c@s"}),
+        ("bookmark", (1024 + 15, {})),
+        "BookmarkFailure",
+        [("BookmarkMismatch", None)],
+    ),
+    (
+        lambda: lzc.lzc_destroy_bookmarks([b"p/a#b"]),
+        ("destroy_bookmarks", (errno.EINVAL, {b"p/a#b": errno.EINVAL})),
+        "BookmarkDestructionFailure",
+        [("NameInvalid", b"p/a#b")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "result", "failure", "errors"), COMPOUND_CASES)
+def test_compound_error_translation(
+    fake: FakeBackend, call: Any, result: tuple[str, Any], failure: str, errors: list[Any]
+) -> None:
+    fake.results[result[0]] = result[1]
+    with pytest.raises(exceptions.MultipleOperationsFailure) as info:
+        call()
+    assert type(info.value).__name__ == failure
+    assert _errors(info.value) == errors
+    assert info.value.errno == info.value.errors[0].errno
+
+
+def test_n_more_errors_becomes_suppressed_count(fake: FakeBackend) -> None:
+    fake.results["destroy_snaps"] = (errno.EBUSY, {b"p/a@s": errno.EBUSY, b"N_MORE_ERRORS": 7})
+    with pytest.raises(exceptions.SnapshotDestructionFailure) as info:
+        lzc.lzc_destroy_snaps([b"p/a@s"], defer=False)
+    assert info.value.suppressed_count == 7 and len(info.value.errors) == 1
+
+
+# (call, backend method, backend result, expected exception, expected name)
+SINGLE_CASES = [
+    (lambda: lzc.lzc_create(b"p/a"), "create", errno.EEXIST, "FilesystemExists", b"p/a"),
+    (lambda: lzc.lzc_create(b"p/a/b"), "create", errno.ENOENT, "ParentNotFound", b"p/a/b"),
+    (lambda: lzc.lzc_create(b"p/a b!"), "create", errno.EINVAL, "FilesystemNameInvalid", b"p/a b!"),
+    (lambda: lzc.lzc_create(b"p/" + b"x" * 300), "create", errno.EINVAL, "NameTooLong", b"p/" + b"x" * 300),
+    (lambda: lzc.lzc_create(b"p/a", props={b"bogus": 1}), "create", errno.EINVAL, "PropertyInvalid", b"p/a"),
+    (lambda: lzc.lzc_create(b"p/vol/a"), "create", 1024 + 9, "WrongParent", b"p/vol/a"),
+    (lambda: lzc.lzc_create(b"p/a"), "create", 1024 + 20, "PropertyInvalid", b"p/a"),
+    (lambda: lzc.lzc_create(b"p/a"), "create", errno.ENOSPC, "NoSpace", b"p/a"),
+    (lambda: lzc.lzc_get_holds(b"p/a@s"), "get_holds", (errno.ENOENT, {}), "SnapshotNotFound", b"p/a@s"),
+    (lambda: lzc.lzc_get_holds(b"p/a"), "get_holds", (errno.EINVAL, {}), "SnapshotNameInvalid", b"p/a"),
+    (lambda: lzc.lzc_get_holds(b"p/a@s"), "get_holds", (errno.ENOTSUP, {}), "FeatureNotSupported", b"p"),
+    (lambda: lzc.lzc_get_bookmarks(b"p/a"), "get_bookmarks", (errno.ENOENT, {}), "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_send(b"p/a@s", None, 1), "send", errno.ENOENT, "SnapshotNotFound", b"p/a@s"),
+    (lambda: lzc.lzc_send(b"p/a@s", b"p/a@r", 1), "send", errno.EXDEV, "SnapshotMismatch", b"p/a@s"),
+    (lambda: lzc.lzc_send(b"p/a@s", b"q/a@r", 1), "send", errno.EXDEV, "PoolsDiffer", b"p/a@s"),
+    (lambda: lzc.lzc_send(b"p/a@s", b"p/a@r!", 1), "send", errno.EINVAL, "NameInvalid", b"p/a@r!"),
+    (lambda: lzc.lzc_send(b"p/a@s", b"p/a#bm", 1), "send", errno.ENOENT, "SnapshotNotFound", b"p/a@s"),
+    (lambda: lzc.lzc_send(b"p/a@s", None, 1), "send", errno.EPIPE, "StreamIOError", None),
+    (lambda: lzc.lzc_send(b"p/a@s", None, 1, ["bogus"]), "send", 0, "UnknownStreamFeature", None),
+    (lambda: lzc.lzc_send_space(b"p/a@s", b"p/a#bm"), "send_space", (errno.ENOENT, 0), "NameInvalid", b"p/a#bm"),
+    (lambda: lzc.lzc_send_space(b"p/a@s"), "send_space", (errno.ENOENT, 0), "SnapshotNotFound", b"p/a@s"),
+    (lambda: lzc.lzc_send_space(b"p/a@s"), "send_space", (errno.EPERM, 0), "ZFSGenericError", b"p/a@s"),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.EEXIST, "DatasetExists", b"p/a@s"),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.ENOENT, "DatasetNotFound", b"p/a@s"),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.EINVAL, "BadStream", None),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.ENODEV, "StreamMismatch", b"p/a"),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.ETXTBSY, "DestinationModified", b"p/a"),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.EBADE, "BadStream", None),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", 1024 + 16, "StreamTruncated", None),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.EROFS, "ReadOnlyPool", b"p"),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.EIO, "StreamIOError", None),
+    (lambda: lzc.lzc_receive(b"p/a@s", 0), "receive", errno.EACCES, "EncryptionKeyNotLoaded", None),
+    (lambda: lzc.lzc_rollback(b"p/a"), "rollback", (errno.ESRCH, b""), "SnapshotNotFound", b"p/a"),
+    (lambda: lzc.lzc_rollback(b"p/a"), "rollback", (errno.ENOENT, b""), "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_rollback(b"p/a!"), "rollback", (errno.ENOENT, b""), "NameInvalid", b"p/a!"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.ENOENT, "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.EBUSY, "DatasetBusy", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.EEXIST, "ZFSGenericError", b"p/a"),
+    (lambda: lzc.lzc_hold({b"p/a@s": b"t"}, fd=99), "hold", (errno.EBADF, {}), "BadHoldCleanupFD", None),
+    (lambda: lzc.lzc_create(b"p/a", ds_type="dir"), "create", 0, "DatasetTypeInvalid", "dir"),
+]
+
+
+@pytest.mark.parametrize(("call", "method", "result", "expected", "name"), SINGLE_CASES)
+def test_error_translation(fake: FakeBackend, call: Any, method: str, result: Any, expected: str, name: Any) -> None:
+    fake.results[method] = result
+    with pytest.raises(exceptions.ZFSError) as info:
+        call()
+    assert type(info.value).__name__ == expected
+    assert info.value.name == name
+
+
+def test_successful_calls_pass_pyzfs_shapes_to_the_library(fake: FakeBackend) -> None:
+    fake.results["hold"] = (0, {b"p/gone@s": errno.ENOENT})
+    fake.results["release"] = (0, {b"p/a@s#nope": errno.ENOENT})
+    fake.results["get_holds"] = (0, {b"tag": 1700000000})
+    fake.results["rollback"] = (0, b"p/a@latest")
+    fake.results["send_space"] = (0, 123456)
+    lzc.lzc_snapshot([b"p/a@s"], {b"user:x": b"1"})
+    assert lzc.lzc_hold({b"p/a@s": b"tag", b"p/gone@s": b"tag"}) == [b"p/gone@s"]
+    assert lzc.lzc_release({b"p/a@s": [b"tag", b"nope"]}) == [b"p/a@s#nope"]
+    assert lzc.lzc_get_holds(b"p/a@s") == {b"tag": 1700000000}
+    assert lzc.lzc_rollback(b"p/a") == b"p/a@latest"
+    assert lzc.lzc_send_space(b"p/a@s", flags=["compress"]) == 123456
+    lzc.lzc_send(b"p/a@s", b"p/a#bm", 5, ["large_blocks", "embedded_data", "compress", "raw"])
+    lzc.lzc_create(b"p/v", "zvol", {b"volsize": 1 << 20})
+    lzc.lzc_receive(b"p/r@s", 7, force=True, origin=b"p/o@s", props={b"user:x": b"y"})
+    lzc.lzc_destroy_snaps(iter([b"p/a@s"]), defer=True)
+    assert lzc.lzc_exists(b"p/a") is True
+    assert lzc.is_supported(lzc.lzc_bookmark) is True
+    calls = dict(fake.calls)
+    assert calls["snapshot"] == ({b"p/a@s": None}, {b"user:x": b"1"})
+    assert calls["release"] == ({b"p/a@s": {b"tag": None, b"nope": None}},)
+    assert calls["hold"] == ({b"p/a@s": b"tag", b"p/gone@s": b"tag"}, -1)
+    assert calls["send"] == (
+        b"p/a@s",
+        b"p/a#bm",
+        5,
+        ["LZC_SEND_FLAG_LARGE_BLOCK", "LZC_SEND_FLAG_EMBED_DATA", "LZC_SEND_FLAG_COMPRESS", "LZC_SEND_FLAG_RAW"],
+    )
+    assert calls["create"] == (b"p/v", "LZC_DATSET_TYPE_ZVOL", {b"volsize": 1 << 20}, b"")
+    assert calls["receive"] == (b"p/r@s", {b"user:x": b"y"}, b"p/o@s", True, False, 7)
+    assert calls["destroy_snaps"] == ({b"p/a@s": None}, True)
+    assert calls["has_function"] == ("lzc_bookmark",)
+
+
+def test_release_wants_lists(fake: FakeBackend) -> None:
+    with pytest.raises(TypeError, match="holds must be in a list"):
+        lzc.lzc_release({b"p/a@s": b"tag"})  # type: ignore[dict-item]
+
+
+def test_is_supported_refuses_foreign_functions(fake: FakeBackend) -> None:
+    with pytest.raises(ValueError, match="not from libzfs_core"):
+        lzc.is_supported(os.getcwd)
+    with pytest.raises(ValueError, match="not a libzfs_core API function"):
+        lzc.is_supported(lzc.header_path)
+
+
+# ---------------------------------------------------------------------------
+# zfs diff parsing (samples as OpenZFS 2.1 and 2.3 print them; see tests/zfsvm for the real thing)
+
+
+def test_decode_diff_path_is_exact() -> None:
+    assert command.decode_diff_path(rb"/p/fs/with\0040space") == b"/p/fs/with space"
+    assert command.decode_diff_path(rb"/p/fs/new\0012line") == b"/p/fs/new\nline"
+    assert command.decode_diff_path(rb"/p/fs/back\0134slash") == b"/p/fs/back\\slash"
+    assert command.decode_diff_path(rb"/p/fs/caf\0303\0251") == "/p/fs/café".encode()
+    assert command.decode_diff_path(rb"/p/fs/latin\0351") == b"/p/fs/latin\xe9"
+    assert command.decode_diff_path(rb"/p/fs/\00400401") == b"/p/fs/ 0401"
+    for bad in (rb"/p/trailing\\", rb"/p/short\012", rb"/p/x\0400", rb"/p/\x41"):
+        with pytest.raises(ValueError, match="bad escape"):
+            command.decode_diff_path(bad)
+
+
+DIFF_SAMPLE = (
+    b"1700000000.123456789\tM\t/\t/p/fs/dir\n"
+    b"1700000001.000000001\t+\tF\t/p/fs/dir/new\\0040file\n"
+    b"1700000002.000000000\t-\t@\t/p/fs/link\n"
+    b"1700000003.500000000\tR\tF\t/p/fs/old\tp/fs/new\n"
+    b"1700000004.000000000\tM\tF\t/p/fs/hard\t(+1)\n"
+    b"1700000005.000000000\tR\t/\t/p/fs/a\\0012b\t/p/fs/c\\0377d\n"
+)
+
+
+def test_parse_diff_lines() -> None:
+    lines = DIFF_SAMPLE.split(b"\n")[:-1]
+    entries = [command.parse_diff_line(line) for line in lines if b"\tp/fs/new" not in line]
+    assert entries == [
+        command.DiffEntry(1_700_000_000_123_456_789, "M", "/", b"/p/fs/dir"),
+        command.DiffEntry(1_700_000_001_000_000_001, "+", "F", b"/p/fs/dir/new file"),
+        command.DiffEntry(1_700_000_002_000_000_000, "-", "@", b"/p/fs/link"),
+        command.DiffEntry(1_700_000_004_000_000_000, "M", "F", b"/p/fs/hard", link_delta=1),
+        command.DiffEntry(1_700_000_005_000_000_000, "R", "/", b"/p/fs/a\nb", new_path=b"/p/fs/c\xffd"),
+    ]
+    with pytest.raises(ValueError, match="not absolute"):
+        command.parse_diff_line(lines[3])
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"1700000000.1\tM\tF\t/p/x",  # nanoseconds must have 9 digits
+        b"1700000000.123456789\tX\tF\t/p/x",  # unknown change
+        b"1700000000.123456789\tM\tZ\t/p/x",  # unknown file type
+        b"1700000000.123456789\tM\tF",  # missing path
+        b"1700000000.123456789\tR\tF\t/p/x",  # rename without target
+        b"1700000000.123456789\t+\tF\t/p/x\t(+1)",  # link delta on an add
+        b"1700000000.123456789\tM\tF\t/p/x\t+1",
+        b"M\tF\t/p/x",  # no -t
+    ],
+)
+def test_parse_diff_rejects_surprises(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        command.parse_diff_line(line)
+
+
+# ---------------------------------------------------------------------------
+# The zfs command wrapper with a fake zfs/zpool on PATH
+
+
+@pytest.fixture
+def fake_zfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory on PATH whose zfs/zpool print files from it: `<dir>/<prog>.out`, `.err`, `.rc`."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for prog in ("zfs", "zpool"):
+        script = bindir / prog
+        script.write_text(
+            textwrap.dedent(
+                f"""\
+                #!/bin/sh
+                d={bindir}
+                printf '%s\\n' "$*" >> "$d/{prog}.args"
+                [ -f "$d/{prog}.out" ] && cat "$d/{prog}.out"
+                [ -f "$d/{prog}.err" ] && cat "$d/{prog}.err" >&2
+                exit "$(cat "$d/{prog}.rc" 2>/dev/null || echo 0)"
+                """
+            )
+        )
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return bindir
+
+
+def _say(bindir: Path, prog: str, out: bytes = b"", err: bytes = b"", rc: int = 0) -> None:
+    (bindir / f"{prog}.out").write_bytes(out)
+    (bindir / f"{prog}.err").write_bytes(err)
+    (bindir / f"{prog}.rc").write_text(str(rc))
+
+
+def _args(bindir: Path, prog: str) -> list[str]:
+    return (bindir / f"{prog}.args").read_text().splitlines()
+
+
+def test_list_snapshots_parses_zfs_get(fake_zfs: Path) -> None:
+    _say(
+        fake_zfs,
+        "zfs",
+        b"p/fs@b\tcreatetxg\t20\t-\n"
+        b"p/fs@b\tguid\t222\t-\n"
+        b"p/fs@b\tcreation\t1700000100\t-\n"
+        b"p/fs@b\tzfsbackd:backup-id\tbackup-0123456789abcdef0\tlocal\n"
+        b"p/fs@a\tcreatetxg\t10\t-\n"
+        b"p/fs@a\tguid\t111\t-\n"
+        b"p/fs@a\tcreation\t1700000000\t-\n"
+        b"p/fs@a\tzfsbackd:backup-id\tbackup-inherited\tinherited from p/fs\n"
+        b"p/fs@c d\tcreatetxg\t30\t-\n"
+        b"p/fs@c d\tguid\t333\t-\n"
+        b"p/fs@c d\tcreation\t1700000200\t-\n"
+        b"p/fs@c d\tzfsbackd:backup-id\tvalue\twith tab\tlocal\n",
+    )
+    snaps = command.list_snapshots("p/fs")
+    assert [(s.name, s.createtxg, s.guid, s.creation, s.backup_id) for s in snaps] == [
+        ("p/fs@a", 10, 111, 1700000000, None),
+        ("p/fs@b", 20, 222, 1700000100, "backup-0123456789abcdef0"),
+        ("p/fs@c d", 30, 333, 1700000200, "value\twith tab"),
+    ]
+    assert snaps[2].snapname == "c d"
+    assert _args(fake_zfs, "zfs") == [
+        "get -Hp -d 1 -t snapshot -o name,property,value,source createtxg,guid,creation,zfsbackd:backup-id p/fs"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("out", "what"),
+    [
+        (
+            b"p/fs@a\tcreatetxg\tten\t-\np/fs@a\tguid\t1\t-\np/fs@a\tcreation\t1\t-\n"
+            b"p/fs@a\tzfsbackd:backup-id\t-\t-\n",
+            "not a number",
+        ),
+        (b"p/other@a\tcreatetxg\t10\t-\n", "is not a snapshot of"),
+        (b"p/fs@a\tcreatetxg\t10\n", "3 tab-separated fields instead of 4"),
+        (b"p/fs@a\tcreatetxg\t10\t-\np/fs@a\tcreatetxg\t11\t-\n", "property 'createtxg'"),
+        (b"p/fs@a\tcreatetxg\t10\t-\n", "lacks"),
+    ],
+)
+def test_list_snapshots_is_strict(fake_zfs: Path, out: bytes, what: str) -> None:
+    _say(fake_zfs, "zfs", out)
+    with pytest.raises(command.ZfsCommandError, match=what) as info:
+        command.list_snapshots("p/fs")
+    assert "zfs get -Hp" in str(info.value)
+
+
+def test_list_datasets_and_properties(fake_zfs: Path) -> None:
+    _say(fake_zfs, "zfs", b"p/fs\tfilesystem\np/fs/child one\tfilesystem\np/fs/vol\tvolume\n")
+    assert command.list_datasets("p/fs", recursive=True) == [
+        command.DatasetInfo("p/fs", "filesystem"),
+        command.DatasetInfo("p/fs/child one", "filesystem"),
+        command.DatasetInfo("p/fs/vol", "volume"),
+    ]
+    _say(fake_zfs, "zfs", b"p/fsx\tfilesystem\n")
+    with pytest.raises(command.ZfsCommandError, match="is not 'p/fs' or below it"):
+        command.list_datasets("p/fs")
+    _say(fake_zfs, "zfs", b"compression\tlz4\tlocal\nuser:note\ta\tb\treceived\n")
+    assert command.get_properties("p/fs") == {"compression": "lz4", "user:note": "a\tb"}
+    assert _args(fake_zfs, "zfs")[-1] == "get -Hp -o property,value,source -s local,received all p/fs"
+    command.get_properties("p/fs", ["recordsize", "atime"], sources=None)
+    assert _args(fake_zfs, "zfs")[-1] == "get -Hp -o property,value,source recordsize,atime p/fs"
+
+
+def test_mountpoint_and_mounted(fake_zfs: Path) -> None:
+    _say(fake_zfs, "zfs", b"/srv/data dir\n")
+    assert command.mountpoint("p/fs") == Path("/srv/data dir")
+    for value in (b"none\n", b"-\n"):
+        _say(fake_zfs, "zfs", value)
+        assert command.mountpoint("p/fs") is None
+    _say(fake_zfs, "zfs", b"relative\n")
+    with pytest.raises(command.ZfsCommandError, match="not an absolute path"):
+        command.mountpoint("p/fs")
+    _say(fake_zfs, "zfs", b"yes\n")
+    assert command.is_mounted("p/fs") is True
+    _say(fake_zfs, "zfs", b"no\n")
+    assert command.is_mounted("p/fs") is False
+    _say(fake_zfs, "zfs", b"maybe\n")
+    with pytest.raises(command.ZfsCommandError, match="mounted is not yes/no"):
+        command.is_mounted("p/fs")
+
+
+def test_legacy_mountpoint_comes_from_mountinfo(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_bytes(
+        b"22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
+        b"90 1 0:50 / /mnt/legacy\\040dir rw,relatime shared:1 - zfs p/with\\040space rw,xattr\n"
+    )
+    assert command._legacy_mountpoint("p/with space", mountinfo) == Path("/mnt/legacy dir")
+    assert command._legacy_mountpoint("p/other", mountinfo) is None
+
+
+def test_missing_dataset_names_the_fix(fake_zfs: Path) -> None:
+    _say(fake_zfs, "zfs", err=b"cannot open 'tank/home': dataset does not exist\n", rc=1)
+    _say(fake_zfs, "zpool", out=b"tank\n")
+    with pytest.raises(command.DatasetMissing) as info:
+        command.list_snapshots("tank/home")
+    err = info.value
+    assert isinstance(err, SnapshotError) and not isinstance(err, command.PoolNotImported)
+    assert err.dataset == "tank/home"
+    assert "zfs create tank/home" in str(err) and "file_systems[].source.zfs" in str(err)
+
+
+def test_pool_not_imported_says_zpool_import(fake_zfs: Path) -> None:
+    _say(fake_zfs, "zfs", err=b"cannot open 'tank/home': dataset does not exist\n", rc=1)
+    _say(fake_zfs, "zpool", err=b"cannot open 'tank': no such pool\n", rc=1)
+    with pytest.raises(command.PoolNotImported) as info:
+        command.mountpoint("tank/home")
+    assert info.value.pool == "tank" and "zpool import tank" in str(info.value)
+    _say(fake_zfs, "zfs", err=b"cannot create 'tank/new': no such pool 'tank'\n", rc=1)
+    with pytest.raises(command.PoolNotImported, match="zpool import tank"):
+        command.create("tank/new", {"compression": "lz4"})
+    assert _args(fake_zfs, "zfs")[-1] == "create -o compression=lz4 tank/new"
+    assert command.pool_imported("tank") is False
+
+
+def test_other_failures_keep_the_message(fake_zfs: Path) -> None:
+    _say(fake_zfs, "zfs", err=b"cannot set property for 'p/fs': permission denied\n", rc=1)
+    with pytest.raises(command.ZfsCommandError, match="run zfsbackd as root") as info:
+        command.set_user_property("p/fs", "zfsbackd:note", "x")
+    assert info.value.returncode == 1 and "permission denied" in info.value.stderr
+    with pytest.raises(SnapshotError, match="not a user property"):
+        command.set_user_property("p/fs", "compression", "lz4")
+
+
+def test_zfs_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(command.ZfsNotInstalled, match="install zfsutils-linux"):
+        command.list_datasets("p/fs")
+    with pytest.raises(command.ZfsNotInstalled):
+        list(command.diff("p/fs@a", "p/fs@b"))
+
+
+def test_diff_streams_and_reports_failure(fake_zfs: Path) -> None:
+    _say(fake_zfs, "zfs", DIFF_SAMPLE.replace(b"\tp/fs/new", b"\t/p/fs/new"))
+    entries = list(command.diff("p/fs@a", "p/fs@b"))
+    assert len(entries) == 6 and entries[3].new_path == b"/p/fs/new"
+    assert _args(fake_zfs, "zfs") == ["diff -FHt p/fs@a p/fs@b"]
+    _say(
+        fake_zfs,
+        "zfs",
+        DIFF_SAMPLE.split(b"\n")[0] + b"\n",
+        err=b"cannot open 'p/fs@b': dataset does not exist\n",
+        rc=1,
+    )
+    _say(fake_zfs, "zpool", out=b"p\n")
+    gen = command.diff("p/fs@a", "p/fs@b")
+    assert next(gen).path == b"/p/fs/dir"
+    with pytest.raises(command.DatasetMissing, match="snapshot 'p/fs@b' does not exist"):
+        next(gen)
+    _say(fake_zfs, "zfs", b"garbage\n")
+    with pytest.raises(command.ZfsCommandError, match="unexpected output"):
+        list(command.diff("p/fs@a", "p/fs@b"))

@@ -1,0 +1,1 @@
+../../native/libzfs_core.h
