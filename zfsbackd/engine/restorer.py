@@ -10,8 +10,12 @@ goes into a new ``zfsbackd-restore_<UTC timestamp>`` directory and is renamed
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +40,8 @@ from zfsbackd.store.tree import (
 log = structlog.get_logger(__name__)
 
 RESTORE_PREFIX = "zfsbackd-restore_"
+MAX_FILES_IN_FLIGHT = 256
+FETCH_AHEAD = 4  # chunks of one big file fetched (read, decrypted, verified) ahead of the writer
 FAILED_PREFIX = "zfsbackd-failed-restore_"
 
 
@@ -49,6 +55,49 @@ class RestoreResult:
 
     def to_api(self) -> dict[str, object]:
         return {"Path": str(self.path), "Files": self.files, "Directories": self.directories, "Bytes": self.bytes}
+
+
+class _BoundedJobs:
+    """File jobs on a pool with at most ``limit`` queued or running: memory stays flat for millions of files."""
+
+    def __init__(self, pool: ThreadPoolExecutor, limit: int) -> None:
+        self._pool = pool
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._total = 0
+        self._error: BaseException | None = None
+        self._futures: set[Future[int]] = set()
+
+    def submit(self, fn: Callable[..., int], *args: object) -> None:
+        if self._error is not None:
+            raise self._error
+        self._slots.acquire()
+        future = self._pool.submit(fn, *args)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[int]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+            if future.exception() is not None:
+                self._error = self._error or future.exception()
+            else:
+                self._total += future.result()
+        self._slots.release()
+
+    def wait(self) -> int:
+        """Bytes written by all jobs; raises the first job's error."""
+        while True:
+            with self._lock:
+                remaining = list(self._futures)
+            if not remaining:
+                break
+            for future in remaining:
+                future.exception()  # waits
+        if self._error is not None:
+            raise self._error
+        return self._total
 
 
 @dataclass
@@ -162,19 +211,21 @@ class Restorer:
         root = next((n for n in root_nodes if n.get("name") == ROOT_NAME), None)
         if root is None:
             raise IntegrityError(f"backup {self.record.backup_id}: root tree has no root entry")
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool:
-            futures: list[Future[int]] = []
+        with (
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool,
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-fetch") as self._fetch_pool,
+        ):
+            jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT)
             if not self.paths:
-                self._restore_dir_contents(pool, futures, root, dest, b"", result)
+                self._restore_dir_contents(jobs, root, dest, b"", result)
                 self._plan.directories.append((dest, root))
             else:
                 for raw in self.paths:
-                    self._restore_selected(pool, futures, root, dest, raw, result)
-            for future in futures:
-                result.bytes += future.result()
+                    self._restore_selected(jobs, root, dest, raw, result)
+            result.bytes += jobs.wait()
         self._finish(result)
 
-    def _restore_selected(self, pool, futures, root: Node, dest: bytes, raw: str, result: RestoreResult) -> None:  # type: ignore[no-untyped-def]
+    def _restore_selected(self, jobs: _BoundedJobs, root: Node, dest: bytes, raw: str, result: RestoreResult) -> None:
         parts = split_request_path(raw, self.record.backup_id)
         node, rel, out = root, b"", dest
         for i, part in enumerate(parts):
@@ -192,25 +243,27 @@ class Restorer:
                 self._plan.directories.append((out, child))
             node = child
         else:
-            self._restore_node(pool, futures, node, out, rel, result)
+            self._restore_node(jobs, node, out, rel, result)
             return
         raise RestoreError(
             f"--path {raw!r} is not in backup {self.record.backup_id}; list the backup's files with a full "
             "restore or check the spelling (paths are relative to the backed-up file system's root)"
         )
 
-    def _restore_dir_contents(self, pool, futures, node: Node, out: bytes, rel: bytes, result: RestoreResult) -> None:  # type: ignore[no-untyped-def]
+    def _restore_dir_contents(
+        self, jobs: _BoundedJobs, node: Node, out: bytes, rel: bytes, result: RestoreResult
+    ) -> None:
         for child in self._tree(node["subtree"], rel):
             name = node_name(child)
-            self._restore_node(pool, futures, child, out + b"/" + name, rel + b"/" + name if rel else name, result)
+            self._restore_node(jobs, child, out + b"/" + name, rel + b"/" + name if rel else name, result)
 
-    def _restore_node(self, pool, futures, node: Node, out: bytes, rel: bytes, result: RestoreResult) -> None:  # type: ignore[no-untyped-def]
+    def _restore_node(self, jobs: _BoundedJobs, node: Node, out: bytes, rel: bytes, result: RestoreResult) -> None:
         kind = node.get("type")
         if kind == "dir":
             if not os.path.isdir(out):
                 os.mkdir(out, 0o700)
             result.directories += 1
-            self._restore_dir_contents(pool, futures, node, out, rel, result)
+            self._restore_dir_contents(jobs, node, out, rel, result)
             self._plan.directories.append((out, node))
         elif kind == "file":
             link_key = node.get("hardlink")
@@ -219,7 +272,7 @@ class Restorer:
             else:
                 if link_key is not None:
                     self._hardlink_first[link_key] = out
-                futures.append(pool.submit(self._write_file, node, out, rel))
+                jobs.submit(self._write_file, node, out, rel)
             result.files += 1
         elif kind == "symlink":
             self._plan.symlinks.append((out, node))
@@ -237,8 +290,8 @@ class Restorer:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         written = 0
         try:
-            for offset, length, blob_hex in node.get("chunks", ()):
-                data = self.store.read_blob(bytes.fromhex(blob_hex), what=what)
+            chunks = node.get("chunks", ())
+            for (offset, length, _blob), data in zip(chunks, self._fetch(chunks, what), strict=True):
                 if len(data) != length:
                     raise IntegrityError(f"{what}: chunk at offset {offset} has {len(data)} bytes, expected {length}")
                 view = memoryview(data)
@@ -248,12 +301,31 @@ class Restorer:
                     view, pos = view[n:], pos + n
                 written += length
                 self.progress.advance(nbytes=length)
-            os.ftruncate(fd, node["size"])
+            end = chunks[-1][0] + chunks[-1][1] if chunks else 0
+            if node["size"] > end:  # a trailing hole (truncating to the same size costs XFS a flush)
+                os.ftruncate(fd, node["size"])
             _apply_metadata(out, node, fd=fd)
         finally:
             os.close(fd)
         self.progress.advance(files=1)
         return written
+
+    def _fetch(self, chunks: Sequence[list], what: str) -> Iterator[bytes]:
+        """The chunks' plaintexts in order; for big files a few are fetched ahead on the fetch pool."""
+        if len(chunks) <= 1:
+            for _offset, _length, blob_hex in chunks:
+                yield self.store.read_blob(bytes.fromhex(blob_hex), what=what)
+            return
+        ahead: deque[Future[bytes]] = deque()
+        pending = iter(chunks)
+        for _offset, _length, blob_hex in itertools.islice(pending, FETCH_AHEAD):
+            ahead.append(self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(blob_hex), what=what))
+        while ahead:
+            data = ahead.popleft().result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                ahead.append(self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(nxt[2]), what=what))
+            yield data
 
     # --------------------------------------------------------------- finish
     def _finish(self, result: RestoreResult) -> None:
