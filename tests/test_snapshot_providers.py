@@ -123,8 +123,28 @@ def sample_tree(xfs_fs: LoopFs) -> Iterator[Path]:
 
 
 @pytest.fixture(params=["xfs", "btrfs"])
-def reflink_dir(request: pytest.FixtureRequest) -> Path:
+def reflink_dir(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory for the clone tests: every file is cloned, however small (see the direct-read test)."""
+    monkeypatch.setattr(reflink, "DIRECT_READ_MAX", -1)
     return request.getfixturevalue("xfs_dir" if request.param == "xfs" else "btrfs_plain_dir")
+
+
+def test_reflink_reads_small_files_directly_and_notices_changes(xfs_dir: Path) -> None:
+    small, big = xfs_dir / "small", xfs_dir / "big"
+    small.write_bytes(b"a" * 1000)
+    big.write_bytes(os.urandom(reflink.DIRECT_READ_MAX + 1))
+    snap = ReflinkProvider().take(Source("fs-a", xfs_dir), "backup-0123456789abcdef0")
+    try:
+        with snap.open_file(b"small") as frozen:
+            assert frozen.live and not frozen.changed()
+            with small.open("ab") as f:
+                f.write(b"more")
+            assert frozen.changed(), "a live small file that moved must be read again"
+        with snap.open_file(b"big") as frozen:
+            assert not frozen.live
+            assert os.fstat(frozen.fd).st_ino != big.stat().st_ino  # a clone
+    finally:
+        snap.release()
 
 
 def _read_all(fd: int) -> bytes:

@@ -14,6 +14,7 @@ import errno
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from zfsbackd.store.writer import PackWriter
 log = structlog.get_logger(__name__)
 
 READ_BLOCK = 8 * 1024 * 1024
+READ_ATTEMPTS = 3
+CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memory: ~6 MiB average)
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
@@ -176,6 +179,7 @@ class Archiver:
         self.cdc = pyfastcdc.FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
         self.small_file = p.min_size
         self._pool = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="zfsbackd-read")
+        self._chunk_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-chunk")
         self._jobs = threading.BoundedSemaphore(max_jobs)
         self._root_dev = 0
 
@@ -198,6 +202,7 @@ class Archiver:
             return root_id.hex(), stats
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._chunk_pool.shutdown(wait=True, cancel_futures=True)
 
     # ----------------------------------------------------------------- parent
     def _parent_root_node(self) -> Node | None:
@@ -312,17 +317,22 @@ class Archiver:
         """Runs on the read pool: read the frozen content, chunk it, store new chunks."""
         if self.cancel.is_set():
             raise BackupCancelled()
-        try:
-            frozen = self.snapshot.open_file(rel)  # type: ignore[attr-defined]
-        except FileNotFoundError:
-            return _FileOutcome(node=None)
-        except FileChangedError as exc:  # kept changing (or changed type) on a non-atomic provider
-            log.warning("file_skipped_changing", path=os.fsdecode(rel), error=str(exc))
-            return _FileOutcome(node=None, changed_while_read=True)
-        with frozen:
-            st = frozen.stat
-            chunks, nread = self._store_content(frozen.fd, st)
-            changed = frozen.changed()
+        nread = 0
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                frozen = self.snapshot.open_file(rel)  # type: ignore[attr-defined]
+            except FileNotFoundError:
+                return _FileOutcome(node=None)
+            except FileChangedError as exc:  # kept changing (or changed type) on a non-atomic provider
+                log.warning("file_skipped_changing", path=os.fsdecode(rel), error=str(exc))
+                return _FileOutcome(node=None, changed_while_read=True)
+            with frozen:
+                st = frozen.stat
+                chunks, done = self._store_content(frozen.fd, st)
+                nread += done
+                changed = frozen.changed()
+            if not changed or attempt == READ_ATTEMPTS - 1:
+                break  # a live file that moved while read is read again (non-atomic providers only)
         node = _meta_node(name, st)
         node.update(type="file", size=st.st_size, chunks=chunks, xattrs=encode_xattrs(read_xattrs(self._path(rel))))
         if st.st_nlink > 1:
@@ -332,22 +342,39 @@ class Archiver:
         return _FileOutcome(node=node, bytes_read=nread, changed_while_read=changed)
 
     def _store_content(self, fd: int, st: os.stat_result) -> tuple[list[list[int | str]], int]:
-        chunks: list[list[int | str]] = []
-        add: Callable[[int, memoryview | bytes], None] = lambda off, data: chunks.append(  # noqa: E731
-            [off, len(data), self.writer.add(BlobType.DATA, data)[0].hex()]
-        )
         size = st.st_size
         if size == 0:
-            return chunks, 0
+            return [], 0
         if size <= self.small_file:
             data = os.pread(fd, size, 0)
+            chunks: list[list[int | str]] = []
             if data:
-                add(0, data)
+                chunks.append([0, len(data), self.writer.add(BlobType.DATA, data)[0].hex()])
             self.progress.advance(files=1, nbytes=len(data))
             return chunks, len(data)
+        # A big file's chunks are hashed, compressed and sealed on the chunk pool while this
+        # thread reads on: one large file then keeps both cores busy.
+        window: deque[tuple[int, int, Future[tuple[bytes, bool]]]] = deque()
+        chunks = []
+
+        def add(offset: int, data: memoryview) -> None:
+            window.append((offset, len(data), self._chunk_pool.submit(self.writer.add, BlobType.DATA, data)))
+            while len(window) > CHUNKS_AHEAD:
+                drain()
+
+        def drain() -> None:
+            offset, length, future = window.popleft()
+            chunks.append([offset, length, future.result()[0].hex()])
+
         nread = 0
-        for start, end in data_segments(fd, size, st.st_blocks):
-            nread += self._chunk_segment(fd, start, end, add)
+        try:
+            for start, end in data_segments(fd, size, st.st_blocks):
+                nread += self._chunk_segment(fd, start, end, add)
+            while window:
+                drain()
+        finally:
+            for _offset, _length, future in window:
+                future.cancel()
         self.progress.advance(files=1)
         return chunks, nread
 
