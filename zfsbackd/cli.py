@@ -174,6 +174,16 @@ def _wait_remote(client: DaemonClient, backup: dict[str, Any]) -> dict[str, Any]
     return backup
 
 
+def _remote_backup(args: argparse.Namespace, client: DaemonClient, action: str, **params: Any) -> int:
+    """Ask the daemon to create or copy a backup; with --wait, follow it to the end."""
+    with client:
+        backup = client.call(action, **params)["Backup"]
+        if args.wait:
+            backup = _wait_remote(client, backup)
+    _emit(args, {"Backup": backup})
+    return 0 if backup["Lifecycle"] != "FAILED" else EXIT_INTERNAL
+
+
 def cmd_create_backup(args: argparse.Namespace) -> int:
     validate_file_system_id(args.file_system_id)
     request = BackupRequest(
@@ -184,18 +194,15 @@ def cmd_create_backup(args: argparse.Namespace) -> int:
     )
     client = _daemon(args)
     if client is not None:
-        with client:
-            backup = client.call(
-                "CreateBackup",
-                FileSystemId=request.file_system_id,
-                Name=request.name,
-                Tags=request.tags,
-                ClientRequestToken=request.client_request_token,
-            )["Backup"]
-            if args.wait:
-                backup = _wait_remote(client, backup)
-        _emit(args, {"Backup": backup})
-        return 0 if backup["Lifecycle"] != "FAILED" else EXIT_INTERNAL
+        return _remote_backup(
+            args,
+            client,
+            "CreateBackup",
+            FileSystemId=request.file_system_id,
+            Name=request.name,
+            Tags=request.tags,
+            ClientRequestToken=request.client_request_token,
+        )
     engine = _engine(args)
     bar = TerminalProgress("backup")
     progress = Progress(on_update=bar)
@@ -251,19 +258,16 @@ def cmd_copy_backup(args: argparse.Namespace) -> int:
     tags = parse_tags(args.tag or [])
     client = _daemon(args)
     if client is not None:
-        with client:
-            backup = client.call(
-                "CopyBackup",
-                SourceBackupId=args.source_backup_id,
-                SourceRegion=args.source_region,
-                DestinationRegion=args.destination_region,
-                CopyTags=args.copy_tags,
-                Tags=tags,
-            )["Backup"]
-            if args.wait:
-                backup = _wait_remote(client, backup)
-        _emit(args, {"Backup": backup})
-        return 0 if backup["Lifecycle"] != "FAILED" else EXIT_INTERNAL
+        return _remote_backup(
+            args,
+            client,
+            "CopyBackup",
+            SourceBackupId=args.source_backup_id,
+            SourceRegion=args.source_region,
+            DestinationRegion=args.destination_region,
+            CopyTags=args.copy_tags,
+            Tags=tags,
+        )
     engine = _engine(args)
     record = _with_interrupt(
         lambda cancel: engine.copy_backup(

@@ -188,6 +188,13 @@ class Engine:
             return r
         return None
 
+    def _record_failure(self, store: Store, record: BackupRecord, exc: Exception) -> BackupRecord:
+        """Save the record FAILED with a reason a person can act on (the error's own message)."""
+        message = exc.message if isinstance(exc, ZfsbackdError) else f"{type(exc).__name__}: {exc}"
+        record = record.with_changes(lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=self.clock())
+        store.save_record(record)
+        return record
+
     @staticmethod
     def _newest_available(records: Sequence[BackupRecord]) -> BackupRecord | None:
         available = [r for r in records if r.lifecycle == Lifecycle.AVAILABLE and r.root_tree]
@@ -281,12 +288,10 @@ class Engine:
             log.warning("backup_interrupted", fs_id=record.file_system_id, backup_id=record.backup_id)
             raise
         except Exception as exc:
-            message = exc.message if isinstance(exc, ZfsbackdError) else f"{type(exc).__name__}: {exc}"
-            record = record.with_changes(
-                lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=self.clock()
+            record = self._record_failure(store, record, exc)
+            log.error(
+                "backup_failed", fs_id=record.file_system_id, backup_id=record.backup_id, error=record.failure_message
             )
-            store.save_record(record)
-            log.error("backup_failed", fs_id=record.file_system_id, backup_id=record.backup_id, error=message)
             raise
         finally:
             if snapshot is not None:
@@ -460,12 +465,8 @@ class Engine:
                 log.warning("copy_interrupted", backup_id=record.backup_id, region=record.region)
                 raise
             except Exception as exc:
-                message = exc.message if isinstance(exc, ZfsbackdError) else f"{type(exc).__name__}: {exc}"
-                record = record.with_changes(
-                    lifecycle=Lifecycle.FAILED, failure_message=message, completion_time=self.clock()
-                )
-                destination.save_record(record)
-                log.error("copy_failed", backup_id=record.backup_id, region=record.region, error=message)
+                record = self._record_failure(destination, record, exc)
+                log.error("copy_failed", backup_id=record.backup_id, region=record.region, error=record.failure_message)
                 raise
             record = record.with_changes(
                 lifecycle=Lifecycle.AVAILABLE,
