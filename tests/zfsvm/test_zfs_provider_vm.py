@@ -1,0 +1,177 @@
+"""The ZFS snapshot provider on real OpenZFS: zfs-diff incrementals, holds, cleanup, restore to a new dataset."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from enginekit import write_config
+from fsfixtures import tree_manifest
+from zfsvm_util import sh
+
+from zfsbackd.config import load_config
+from zfsbackd.engine.archiver import Archiver
+from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.snapshot.zfs import ZfsProvider
+from zfsbackd.store.writer import PackWriter
+from zfsbackd.zfs import command
+
+
+def _engine(tmp_path: Path, dataset: str) -> Engine:
+    config = write_config(tmp_path, {})
+    data = yaml.safe_load(config.read_text())
+    data["file_systems"] = [{"id": "fs-zfs", "source": {"zfs": dataset}}]
+    config.write_text(yaml.safe_dump(data))
+    return Engine(load_config(config))
+
+
+def _mnt(dataset: str) -> Path:
+    mnt = command.mountpoint(dataset)
+    assert mnt is not None
+    return mnt
+
+
+def _full_walk_root(engine: Engine, backup_id: str, parent_root: str | None) -> str:
+    """Archive the backup's own ZFS snapshot again, without a change list."""
+    fs = engine.config.file_system("fs-zfs")
+    snapshot = ZfsProvider().find(fs, backup_id)
+    assert snapshot is not None, "the newest backup's snapshot is kept as the next base"
+    store = engine.store()
+    with PackWriter(store) as writer:
+        root, _ = Archiver(store, writer, snapshot, parent_root).run()
+        writer.flush()
+    snapshot.close()
+    return root
+
+
+def _manifest(root: Path) -> dict[bytes, dict]:
+    """tree_manifest without sparseness: ZFS updates st_blocks only when the transaction group syncs."""
+    manifest = tree_manifest(root, ignore={b".zfs"})
+    for info in manifest.values():
+        info.pop("allocated_blocks_lt_size", None)
+    return manifest
+
+
+def _ours(dataset: str) -> list[str]:
+    return [s.snapname for s in command.list_snapshots(dataset) if s.backup_id]
+
+
+def test_zfs_diff_incremental_reads_only_changed_files(dataset: str, tmp_path: Path) -> None:
+    root = _mnt(dataset)
+    rng = random.Random(5)
+    for d in range(100):
+        sub = root / f"d{d:03d}"
+        sub.mkdir()
+        for f in range(500):
+            (sub / f"f{f:03d}").write_bytes(rng.randbytes(rng.randint(0, 64)))
+    engine = _engine(tmp_path, dataset)
+    first = engine.create_backup(BackupRequest("fs-zfs"))
+    assert first.snapshot["Provider"] == "zfs" and first.stats.files == 50_000
+    assert _ours(dataset) == [f"zfsbackd-{first.backup_id}"]
+
+    changed = [root / f"d{rng.randrange(100):03d}" / f"f{i:03d}" for i in range(20)]
+    for path in changed:
+        path.write_bytes(b"changed " + os.urandom(16))
+    second = engine.create_backup(BackupRequest("fs-zfs"))
+
+    assert second.stats.files == 50_000
+    assert second.stats.files_read == 20
+    assert second.stats.bytes_read == 24 * 20
+    assert _ours(dataset) == [f"zfsbackd-{second.backup_id}"], "older snapshots of ours are pruned"
+    bookmarks = sh("zfs", "list", "-H", "-t", "bookmark", "-o", "name", "-r", dataset).split()
+    assert bookmarks == [f"{dataset}#zfsbackd-{second.backup_id}"]
+    assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
+
+
+def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes(dataset: str, tmp_path: Path) -> None:
+    root = _mnt(dataset)
+    (root / "keep").mkdir()
+    (root / "keep" / "a").write_text("a\n")
+    (root / "mv-src").mkdir()
+    (root / "mv-src" / "inner").write_text("inner\n")
+    (root / "gone").write_text("bye\n")
+    (root / "becomes-dir").write_text("file now\n")
+    (root / "linked").write_text("hard\n")
+    os.link(root / "linked", root / "keep" / "second-name")
+    (root / "tagged").write_text("x\n")
+    engine = _engine(tmp_path, dataset)
+    first = engine.create_backup(BackupRequest("fs-zfs"))
+
+    os.rename(root / "mv-src", root / "mv-dst")  # renamed directory
+    (root / "gone").unlink()  # deleted
+    (root / "becomes-dir").unlink()  # type change
+    (root / "becomes-dir").mkdir()
+    (root / "becomes-dir" / "child").write_text("child\n")
+    os.setxattr(root / "tagged", "user.color", b"blue")  # xattr only
+    os.chmod(root / "keep", 0o750)  # metadata only
+    (root / "new dir with space").mkdir()
+    (root / "new dir with space" / b"\xffnot-utf8".decode("utf-8", "surrogateescape")).write_text("odd\n")
+    second = engine.create_backup(BackupRequest("fs-zfs"))
+    assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
+
+    (root / "linked").write_text("hard, changed\n")  # a changed file with another name elsewhere
+    third = engine.create_backup(BackupRequest("fs-zfs"))
+    assert _full_walk_root(engine, third.backup_id, second.root_tree) == third.root_tree
+    target_fs = f"{dataset}-target"  # on ZFS: the guest's /tmp (tmpfs, kernel 6.1) has no user xattrs
+    sh("zfs", "create", target_fs)
+    restored = engine.restore_backup(third.backup_id, _mnt(target_fs)).path
+    assert _manifest(restored) == _manifest(root)
+
+
+def test_restore_to_new_dataset_has_recorded_properties(dataset: str, tmp_path: Path) -> None:
+    sh("zfs", "set", "recordsize=16K", "compression=zle", "atime=off", "org.example:owner=storage-team", dataset)
+    root = _mnt(dataset)
+    (root / "dir").mkdir()
+    (root / "dir" / "file").write_bytes(os.urandom(100_000))
+    os.symlink("dir/file", root / "link")
+    os.chown(root / "dir" / "file", 1234, 5678)
+    engine = _engine(tmp_path, dataset)
+    record = engine.create_backup(BackupRequest("fs-zfs"))
+    assert record.properties["zfs:recordsize"] == "16384"
+    assert record.properties["zfs:org.example:owner"] == "storage-team"
+
+    new = f"{dataset}-restored"
+    result = engine.restore_backup(record.backup_id, None, target_dataset=new)
+    assert result.path == _mnt(new)
+    assert _manifest(_mnt(new)) == _manifest(root)
+    props = command.get_properties(new, ["recordsize", "compression", "atime", "org.example:owner"])
+    assert props == {"recordsize": "16384", "compression": "zle", "atime": "off", "org.example:owner": "storage-team"}
+    with pytest.raises(Exception, match="exists"):
+        engine.restore_backup(record.backup_id, None, target_dataset=new)
+
+
+def test_held_snapshot_survives_cleanup_and_missing_base_falls_back(dataset: str, tmp_path: Path) -> None:
+    root = _mnt(dataset)
+    (root / "f").write_text("1\n")
+    engine = _engine(tmp_path, dataset)
+    first = engine.create_backup(BackupRequest("fs-zfs"))
+    first_snap = f"{dataset}@zfsbackd-{first.backup_id}"
+    sh("zfs", "hold", "someone-else", first_snap)
+    sh("zfs", "snapshot", f"{dataset}@manual")
+    (root / "f").write_text("2\n")
+    second = engine.create_backup(BackupRequest("fs-zfs"))
+    snaps = [s.snapname for s in command.list_snapshots(dataset)]
+    assert f"zfsbackd-{first.backup_id}" in snaps, "a snapshot someone holds is never destroyed"
+    assert "manual" in snaps, "snapshots that are not ours are never touched"
+    sh("zfs", "release", "someone-else", first_snap)
+
+    sh("zfs", "destroy", f"{dataset}@zfsbackd-{second.backup_id}")  # the base is lost
+    (root / "g").write_text("3\n")
+    third = engine.create_backup(BackupRequest("fs-zfs"))
+    assert third.stats.files_read == 1  # a full walk, but unchanged files are still not read
+    assert _full_walk_root(engine, third.backup_id, second.root_tree) == third.root_tree
+
+
+def test_missing_dataset_and_pool_are_clear_errors(pool: str, tmp_path: Path) -> None:
+    from zfsbackd.errors import SnapshotError
+
+    engine = _engine(tmp_path, f"{pool}/does-not-exist")
+    with pytest.raises(SnapshotError, match="does-not-exist"):
+        engine.create_backup(BackupRequest("fs-zfs"))
+    (tmp_path / "other").mkdir()
+    engine = _engine(tmp_path / "other", "nopool/data")
+    with pytest.raises(SnapshotError, match="zpool import nopool"):
+        engine.create_backup(BackupRequest("fs-zfs"))
