@@ -77,6 +77,13 @@ class DaemonProcess:
         (ready,) = [e for e in self.events() if e.get("event") == "daemon_ready"][-1:]
         return f"http://{ready['metrics']}/metrics"
 
+    def thread_dump(self) -> str:
+        """Every thread's stack (the daemon's SIGUSR1 handler writes them to its log)."""
+        before = len(self.log_text())
+        self.signal(signal.SIGUSR1)
+        time.sleep(1)
+        return self.log_text()[before:]
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

@@ -94,7 +94,7 @@ def test_daemon_socket_metrics_reload_and_graceful_stop(daemons, xfs_dir: Path, 
         if m.get(key) == 2 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert m[key] == 2, (m, d.log_text()[-2000:], d.messages[-5:])
+    assert m[key] == 2, f"metrics: {m}\nthreads:\n{d.thread_dump()}"
     assert m[("zfsbackd_up", ())] == 1 and m[("zfsbackd_ready", ())] == 1
     assert m[("zfsbackd_last_successful_backup_timestamp_seconds", (("file_system_id", "fs-src"),))] > 0
     assert (
