@@ -938,8 +938,11 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: v for k, v in last.items() if k != "steps"}
     out["steps"] = {}
     out["repeat"] = len(rounds)
-    for step in STEPS:
-        for tool in TOOLS:
+    # Every step and tool any round has, in first-seen order (the S3 mode adds copy steps, has no borg).
+    steps = list(dict.fromkeys(s for r in rounds for s in r.get("steps", {})))
+    tools = list(dict.fromkeys(t for r in rounds for s in r.get("steps", {}).values() for t in s))
+    for step in steps:
+        for tool in tools:
             runs = [r["steps"][step][tool] for r in rounds if tool in r.get("steps", {}).get(step, {})]
             if not runs:
                 continue
@@ -1122,8 +1125,15 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 
 def main() -> int:
+    if "--s3" in sys.argv[1:]:  # the S3 mode lives in bench/s3.py (it imports this file as a module)
+        argv = [a for a in sys.argv[1:] if a != "--s3"]
+        s3 = Path(__file__).resolve().parent / "s3.py"
+        os.execv(sys.executable, [sys.executable, str(s3), *argv])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--s3", action="store_true",
+                        help="S3 mode: zfsbackd and restic against Ceph RGW on 127.0.0.1, plus zfsbackd copies "
+                             "between two S3 regions (runs bench/s3.py with the other options; see its --help)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink (or grow) every dataset; 0.1 = quick run")
     parser.add_argument("--datasets", default="small,large,mix", help="comma list of: small, large, mix")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of: zfsbackd, restic, borg")

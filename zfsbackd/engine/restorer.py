@@ -25,6 +25,7 @@ import structlog
 
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import IntegrityError, RestoreError, ZfsbackdError
+from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
 from zfsbackd.store.tree import (
@@ -156,6 +157,8 @@ class Restorer:
         self.progress = progress or Progress(total_bytes=record.size_in_bytes)
         self.workers = workers
         self._hardlink_first: dict[int, bytes] = {}
+        self._trees: dict[str, list[Node]] = {}  # tree id → nodes, read ahead for full restores
+        self._packs: PackCache | None = None
         self._plan = _Plan()
 
     def run(self) -> RestoreResult:
@@ -191,8 +194,10 @@ class Restorer:
 
     # ----------------------------------------------------------------- walk
     def _tree(self, tree_id: str, where: bytes) -> list[Node]:
-        what = f"backup {self.record.backup_id}: directory /{os.fsdecode(where)}"
-        nodes = parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
+        nodes = self._trees.get(tree_id)
+        if nodes is None:
+            what = f"backup {self.record.backup_id}: directory /{os.fsdecode(where)}"
+            nodes = parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
         for node in nodes:
             name = node_name(node)
             if not is_safe_name(name):
@@ -217,6 +222,7 @@ class Restorer:
         ):
             jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT)
             if not self.paths:
+                self._plan_full_restore(root)
                 self._restore_dir_contents(jobs, root, dest, b"", result)
                 self._plan.directories.append((dest, root))
             else:
@@ -224,6 +230,40 @@ class Restorer:
                     self._restore_selected(jobs, root, dest, raw, result)
             result.bytes += jobs.wait()
         self._finish(result)
+
+    def _plan_full_restore(self, root: Node) -> None:
+        """Read every tree first, level by level and in parallel, then plan pack reads for all file data.
+
+        One request per directory in a row would make a restore from S3 crawl; so would one per blob.
+        """
+        level = [root["subtree"]]
+        wanted: list[bytes] = []
+        linked: set[int] = set()
+        what = f"backup {self.record.backup_id}: a directory tree"
+        while level:
+            todo = [t for t in dict.fromkeys(level) if t not in self._trees]
+            for tree_id, nodes in zip(
+                todo,
+                self._fetch_pool.map(
+                    lambda t: parse_tree(self.store.read_blob(bytes.fromhex(t), what=what), what=what), todo
+                ),
+                strict=True,
+            ):
+                self._trees[tree_id] = nodes
+            next_level = []
+            for tree_id in level:
+                for node in self._trees[tree_id]:
+                    if node.get("type") == "dir":
+                        next_level.append(node["subtree"])
+                    elif node.get("type") == "file":
+                        link = node.get("hardlink")
+                        if link is not None:
+                            if link in linked:
+                                continue  # restored as a hard link: its data is not read again
+                            linked.add(link)
+                        wanted.extend(bytes.fromhex(c[2]) for c in node.get("chunks", ()))
+            level = next_level
+        self._packs = PackCache(self.store, wanted)
 
     def _restore_selected(self, jobs: _BoundedJobs, root: Node, dest: bytes, raw: str, result: RestoreResult) -> None:
         parts = split_request_path(raw, self.record.backup_id)
@@ -314,17 +354,21 @@ class Restorer:
         """The chunks' plaintexts in order; for big files a few are fetched ahead on the fetch pool."""
         if len(chunks) <= 1:
             for _offset, _length, blob_hex in chunks:
-                yield self.store.read_blob(bytes.fromhex(blob_hex), what=what)
+                yield self.store.read_blob(bytes.fromhex(blob_hex), what=what, packs=self._packs)
             return
         ahead: deque[Future[bytes]] = deque()
         pending = iter(chunks)
         for _offset, _length, blob_hex in itertools.islice(pending, FETCH_AHEAD):
-            ahead.append(self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(blob_hex), what=what))
+            ahead.append(
+                self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(blob_hex), what=what, packs=self._packs)
+            )
         while ahead:
             data = ahead.popleft().result()
             nxt = next(pending, None)
             if nxt is not None:
-                ahead.append(self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(nxt[2]), what=what))
+                ahead.append(
+                    self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(nxt[2]), what=what, packs=self._packs)
+                )
             yield data
 
     # --------------------------------------------------------------- finish

@@ -13,16 +13,24 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from zfsbackd.errors import BackupNotFound, IntegrityError, StoreError
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.store.blobs import BlobCodec, BlobType
 from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys, derive_wrapping_key
-from zfsbackd.store.index import INDEX_PREFIX, BlobIndex, decode_index, encode_index, new_index_key
+from zfsbackd.store.index import INDEX_PREFIX, BlobIndex, Location, decode_index, encode_index, new_index_key
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
 from zfsbackd.store.records import RECORD_PREFIX, BackupRecord, iso, record_key, utc_now
 
 STORE_FORMAT = 1
+
+
+class PackSource(Protocol):
+    """Where planned reads get a blob's sealed bytes (see zfsbackd.store.packcache)."""
+
+    def sealed(self, loc: Location) -> bytes: ...
+
 CONFIG_KEY = "config"
 
 
@@ -173,15 +181,22 @@ class Store:
         return entries
 
     # ------------------------------------------------------------------- blobs
-    def read_blob(self, blob_id: bytes, *, what: str) -> bytes:
-        """Fetch, authenticate, decompress and re-hash one blob; ``what`` names it for errors."""
+    def read_blob(self, blob_id: bytes, *, what: str, packs: PackSource | None = None) -> bytes:
+        """Fetch, authenticate, decompress and re-hash one blob; ``what`` names it for errors.
+
+        ``packs`` (a :class:`~zfsbackd.store.packcache.PackCache`) serves the sealed bytes
+        when the caller planned its reads; otherwise one ranged read is made.
+        """
         loc = self.index.get(blob_id)
         if loc is None:
             self._refresh_index()  # another process (daemon or CLI) may have added it since we loaded
             loc = self.index.get(blob_id)
         if loc is None:
             raise IntegrityError(f"{what}: blob {blob_id.hex()} is not in the store (region {self.region})")
-        sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
+        if packs is not None:
+            sealed = packs.sealed(loc)
+        else:
+            sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
         if len(sealed) != loc.length:
             raise IntegrityError(f"{what}: pack {pack_key(loc.pack_id)} is truncated")
         return self.codec.decode(blob_id, sealed, what=f"{what} (blob {blob_id.hex()[:16]})")
