@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 READ_BLOCK = 8 * 1024 * 1024
 READ_ATTEMPTS = 3
+PREFETCH_TREES = 20_000  # parent trees read ahead of the walk, at most
 CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memory: ~6 MiB average)
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
@@ -182,6 +183,8 @@ class Archiver:
         self._chunk_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-chunk")
         self._jobs = threading.BoundedSemaphore(max_jobs)
         self._root_dev = 0
+        self._prefetched: dict[str, Future[dict[bytes, Node] | None]] = {}
+        self._prefetch_lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
@@ -192,6 +195,13 @@ class Archiver:
             parent_root = self._parent_root_node()
             if parent_root is None:
                 self.changes = None  # nothing to reuse: every entry is examined
+            elif self.changes is None:  # the walk will visit every directory: read the parent's trees ahead
+                threading.Thread(
+                    target=self._prefetch_parent_trees,
+                    args=(parent_root["subtree"],),
+                    daemon=True,
+                    name="zfsbackd-tree-prefetch",
+                ).start()
             subtree, totals = self._archive_dir(b"", parent_root.get("subtree") if parent_root else None)
             root_node = _meta_node(ROOT_NAME.encode(), root_st)
             root_node.update(type="dir", subtree=subtree, xattrs=encode_xattrs(read_xattrs(self.root)))
@@ -211,10 +221,39 @@ class Archiver:
         nodes = self._load_tree(self.parent_root_tree)
         return nodes.get(ROOT_NAME.encode()) if nodes else None
 
+    def _prefetch_parent_trees(self, root_subtree: str) -> None:
+        """Runs on its own thread: read the parent backup's trees level by level, several at a time.
+
+        The walk needs them one directory after another; on S3 a serial request per
+        directory would dominate an incremental backup. At most PREFETCH_TREES are
+        held ahead of the walk (beyond that the walk reads them itself).
+        """
+        level = [root_subtree]
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="zfsbackd-tree") as pool:
+            while level and not self.cancel.is_set():
+                with self._prefetch_lock:
+                    if len(self._prefetched) + len(level) > PREFETCH_TREES:
+                        return
+                    futures = {t: pool.submit(self._read_parent_tree, t) for t in dict.fromkeys(level)}
+                    self._prefetched.update(futures)
+                level = [
+                    node["subtree"]
+                    for future in futures.values()
+                    for node in (future.result() or {}).values()
+                    if node.get("type") == "dir" and "subtree" in node
+                ]
+
     def _load_tree(self, tree_id: str | None) -> dict[bytes, Node] | None:
         """The parent's entries of one directory, or None (then every entry is read again)."""
         if not tree_id:
             return None
+        with self._prefetch_lock:
+            future = self._prefetched.pop(tree_id, None)
+        if future is not None:
+            return future.result()
+        return self._read_parent_tree(tree_id)
+
+    def _read_parent_tree(self, tree_id: str) -> dict[bytes, Node] | None:
         try:
             raw = self.store.read_blob(bytes.fromhex(tree_id), what=f"parent tree {tree_id[:16]}")
         except Exception as exc:  # a damaged parent only costs a full read, never a wrong backup
