@@ -92,7 +92,7 @@ def test_sigkill_mid_backup_then_rerun_resumes_and_reuses_uploads(
     kill_after_packs: int, xfs_dir: Path, tmp_path: Path
 ) -> None:
     rng = random.Random(kill_after_packs)
-    for i in range(12):
+    for i in range(20):
         (xfs_dir / f"big-{i:02d}.bin").write_bytes(rng.randbytes(16 * MiB))
     config = write_config(tmp_path, {"src": xfs_dir})
     store_dir = tmp_path / "store"
@@ -127,7 +127,7 @@ def test_sigkill_mid_backup_then_rerun_resumes_and_reuses_uploads(
     assert backup["Lifecycle"] == "AVAILABLE"
     record = engine.get_backup(interrupted.backup_id)
     assert record.stats.blobs_deduplicated >= blobs_before
-    total = 12 * 16 * MiB
+    total = 20 * 16 * MiB
     assert record.stats.bytes_deduplicated >= blobs_before * 256 * 1024
     assert record.stats.bytes_uploaded <= total - record.stats.bytes_deduplicated + MiB
     check = run_cli(config, "check", "--read-data")
