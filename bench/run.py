@@ -850,6 +850,24 @@ def expected_sizes(name: str, scale: float) -> tuple[int, int]:
     return data, apparent
 
 
+
+def ratio_cell(steps: dict, step: str) -> str:
+    """zfsbackd's wall time over restic's for one step, or "—"."""
+    z, rs = steps.get(step, {}).get("zfsbackd"), steps.get(step, {}).get("restic")
+    ok = z and rs and z.get("ok") and rs.get("ok") and rs["wall_s"] > 0
+    return f"{z['wall_s'] / rs['wall_s']:.2f}" if ok else "—"
+
+
+def identical_cell(steps: dict, tool: str) -> str:
+    """Whether the tool's restore matched the source: "yes", "NO: …" or "—"."""
+    r = steps.get("restore", {}).get(tool)
+    v = r.get("verify") if r else None
+    if v is None:
+        return "—"
+    if v.get("identical"):
+        return "yes"
+    return "NO: " + ", ".join(f"{k} {n}" for k, n in v.get("differences", {}).items())
+
 def fmt(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -883,20 +901,11 @@ def render_table(name: str, ds: dict[str, Any], tools: list[str]) -> str:
             else:
                 row += [fmt(r["wall_s"], 2), fmt(r["cpu_s"], 2), fmt(r["peak_rss_mib"], 0), fmt(r["store_mib"])]
         if ratio:
-            z, rs = steps.get(step, {}).get("zfsbackd"), steps.get(step, {}).get("restic")
-            ok = z and rs and z.get("ok") and rs.get("ok") and rs["wall_s"] > 0
-            row.append(f"{z['wall_s'] / rs['wall_s']:.2f}" if ok else "—")
+            row.append(ratio_cell(steps, step))
         lines.append("| " + " | ".join(row) + " |")
     row = ["restore identical"]
     for t in tools:
-        r = steps.get("restore", {}).get(t)
-        v = r.get("verify") if r else None
-        if v is None:
-            cell = "—"
-        elif v.get("identical"):
-            cell = "yes"
-        else:
-            cell = "NO: " + ", ".join(f"{k} {n}" for k, n in v.get("differences", {}).items())
+        cell = identical_cell(steps, t)
         row += [cell, "", "", ""]
     if ratio:
         row.append("")

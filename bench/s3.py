@@ -307,20 +307,11 @@ def render_s3_table(name: str, ds: dict[str, Any], tools: list[str]) -> str:
                 row += [base.fmt(r["wall_s"], 2), base.fmt(r["cpu_s"], 2), base.fmt(r["peak_rss_mib"], 0),
                         base.fmt(r["store_mib"]), rate]
         if ratio:
-            z, rs = steps.get(step, {}).get("zfsbackd"), steps.get(step, {}).get("restic")
-            ok = z and rs and z.get("ok") and rs.get("ok") and rs["wall_s"] > 0
-            row.append(f"{z['wall_s'] / rs['wall_s']:.2f}" if ok else "—")
+            row.append(base.ratio_cell(steps, step))
         lines.append("| " + " | ".join(row) + " |")
     row = ["restore identical"]
     for t in tools:
-        r = steps.get("restore", {}).get(t)
-        v = r.get("verify") if r else None
-        if v is None:
-            cell = "—"
-        elif v.get("identical"):
-            cell = "yes"
-        else:
-            cell = "NO: " + ", ".join(f"{k} {n}" for k, n in v.get("differences", {}).items())
+        cell = base.identical_cell(steps, t)
         row += [cell, "", "", "", ""]
     if ratio:
         row.append("")
