@@ -371,6 +371,11 @@ class Timers:
             self._wrap(lzc, fn, lambda _a, fn=fn: fn)
         for fn in ("save_record", "load_records", "load_index"):
             self._wrap(Store, fn, lambda _a, fn=fn: f"Store.{fn}")
+        # summed over the read-pool threads (so it can exceed the wall time); parent trees: main thread
+        from zfsbackd.engine.archiver import Archiver
+
+        self._wrap(Archiver, "_read_file", lambda _a: "Archiver._read_file (thread-s)")
+        self._wrap(Archiver, "_load_tree", lambda _a: "Archiver._load_tree")
         orig_changes = ZfsSnapshot.changes_since
 
         def changes_since(snap: Any, parent_snapshot: dict[str, object]) -> Any:
@@ -426,6 +431,7 @@ class Bench:
         self.doc: dict[str, Any] = {"args": vars(args), "steps": {}}
         self.timers = Timers()
         self.bind_mounted = False
+        self.profile_seq = 0
 
     # ---------------------------------------------------------------- setup
     def save(self) -> None:
@@ -508,8 +514,30 @@ class Bench:
         from zfsbackd.engine.engine import BackupRequest
 
         self.timers.reset()
+        profiler = None
+        if self.args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
         with InProcess() as m:
-            record = self.engine.create_backup(BackupRequest(FS_ID))
+            if profiler:
+                profiler.enable()
+            try:
+                record = self.engine.create_backup(BackupRequest(FS_ID))
+            finally:
+                if profiler:
+                    profiler.disable()
+        if profiler:
+            import io
+            import pstats
+
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text)
+            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(25)
+            name = f"profile-{self.profile_seq:02d}-{label.replace(' ', '_')}.txt"
+            self.profile_seq += 1
+            (self.logdir / name).write_text(text.getvalue())
         s = record.stats
         t = self.timers
         res = Result(
@@ -822,6 +850,11 @@ def main() -> int:
     p.add_argument("--workdir", default="/var/tmp", help="where the sparse pool file goes (default /var/tmp)")
     p.add_argument("--pool-gib", type=int, default=8, help="largest pool size in GiB (default 8; capped by free space)")
     p.add_argument("--keep", action="store_true", help="keep the pool at the end (debugging)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile (main thread) each zfsbackd backup into the logs dir; slows zfsbackd, timings not comparable",
+    )
     args = p.parse_args()
     if os.geteuid() != 0 or not Path("/dev/zfs").exists() or shutil.which("restic") is None:
         print(

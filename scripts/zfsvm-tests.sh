@@ -23,26 +23,7 @@ timeout=${ZFSVM_TESTS_TIMEOUT:-2400}
 stamp() { date +%s; }
 took() { echo "zfsvm-tests: $1 took $(( $(stamp) - $2 )) s" >&2; }
 
-if [ ! -x "$zfsvm/run-in-vm.sh" ]; then
-  echo "zfsvm-tests: $zfsvm/run-in-vm.sh not found; the shared/ directory must sit beside the checkout" >&2
-  exit 2
-fi
-
-t=$(stamp)
-"$zfsvm/build-image.sh"
-took "image check/build" "$t"
-
-t=$(stamp)
-if [ ! -x "$venv/bin/python" ] || [ "$(readlink -f "$venv/bin/python")" != "$(readlink -f /usr/bin/python3)" ]; then
-  rm -rf "$venv"
-  /usr/bin/python3 -m venv --system-site-packages "$venv"
-fi
-# Re-install only when the dependencies changed (an editable install sees code changes anyway).
-if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
-  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[test]'
-  touch "$venv/.installed"
-fi
-took "venv" "$t"
+bash scripts/zfsvm-env.sh
 
 t=$(stamp)
 status=0

@@ -209,7 +209,16 @@ class ZfsSnapshot(Snapshot):
 class ZfsProvider(SnapshotProvider):
     name = "zfs"
 
+    def __init__(self) -> None:
+        # find() then take() for one backup would run the same zfs/zpool commands twice.
+        self._checked: dict[str, tuple[str, Path, list[str]]] = {}
+
     def _datasets(self, fs: FileSystemSource) -> tuple[str, Path, list[str]]:
+        if fs.id not in self._checked:
+            self._checked[fs.id] = self._check_datasets(fs)
+        return self._checked[fs.id]
+
+    def _check_datasets(self, fs: FileSystemSource) -> tuple[str, Path, list[str]]:
         dataset = fs.source_zfs
         assert dataset is not None
         pool = dataset.split("/", 1)[0]
@@ -227,8 +236,9 @@ class ZfsProvider(SnapshotProvider):
                 f"file_systems[{fs.id}].source.zfs: dataset {dataset} is not mounted, so its snapshots cannot be "
                 f"read; mount it (`zfs mount {dataset}`)"
             )
-        children = [d.name for d in command.list_datasets(dataset, recursive=True) if d.type == "filesystem"]
-        return dataset, mnt, children if getattr(fs, "recursive", False) else [dataset]
+        if not getattr(fs, "recursive", False):
+            return dataset, mnt, [dataset]
+        return dataset, mnt, [d.name for d in command.list_datasets(dataset, recursive=True) if d.type == "filesystem"]
 
     def _snapshot(self, fs: FileSystemSource, dataset: str, mnt: Path, datasets: list[str], name: str) -> ZfsSnapshot:
         root = mnt / ".zfs" / "snapshot" / name
