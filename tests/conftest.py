@@ -20,12 +20,14 @@ from fsfixtures import FsKind, LoopFs, btrfs_subvolume, make_loop_fs, remove_tre
 LOOP_FS_MIB = 1024
 
 
-def _loop_fs(kind: FsKind, tool: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
+def _loop_fs(
+    kind: FsKind, tool: str, tmp_path_factory: pytest.TempPathFactory, size_mib: int = LOOP_FS_MIB
+) -> Iterator[LoopFs]:
     if os.geteuid() != 0:
         pytest.skip("loop-mounted file systems need root")
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed")
-    fs = make_loop_fs(kind, LOOP_FS_MIB, tmp_path_factory.mktemp(kind) / "mnt")
+    fs = make_loop_fs(kind, size_mib, tmp_path_factory.mktemp(kind) / "mnt")
     try:
         yield fs
     finally:
@@ -42,6 +44,12 @@ def xfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
 def btrfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
     """A 1 GiB btrfs mounted for the whole session."""
     yield from _loop_fs("btrfs", "mkfs.btrfs", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def ext4_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
+    """A 64 MiB ext4 (no reflinks, no snapshots) mounted for the whole session."""
+    yield from _loop_fs("ext4", "mkfs.ext4", tmp_path_factory, size_mib=64)
 
 
 def _unique_name(request: pytest.FixtureRequest) -> str:

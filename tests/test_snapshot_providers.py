@@ -71,13 +71,6 @@ def _mount(tmp: Path, *args: str) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ext4_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
-    fs = make_loop_fs("ext4", 64, tmp_path_factory.mktemp("ext4") / "mnt")
-    yield fs
-    fs.cleanup()
-
-
-@pytest.fixture(scope="module")
 def xfs_noreflink_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFs]:
     fs = make_loop_fs("xfs", 300, tmp_path_factory.mktemp("xfs0") / "mnt", reflink=False)
     yield fs

@@ -11,6 +11,8 @@ import errno
 import os
 import stat
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -627,16 +629,27 @@ def test_list_snapshots_is_strict(fake_zfs: Path, out: bytes, what: str) -> None
     assert "zfs get -Hp" in str(info.value)
 
 
-def test_list_datasets_and_properties(fake_zfs: Path) -> None:
-    _say(fake_zfs, "zfs", b"p/fs\tfilesystem\np/fs/child one\tfilesystem\np/fs/vol\tvolume\n")
-    assert command.list_datasets("p/fs", recursive=True) == [
-        command.DatasetInfo("p/fs", "filesystem"),
-        command.DatasetInfo("p/fs/child one", "filesystem"),
-        command.DatasetInfo("p/fs/vol", "volume"),
+def test_list_mounts_and_properties(fake_zfs: Path) -> None:
+    _say(
+        fake_zfs,
+        "zfs",
+        b"p/fs\tyes\t/srv/fs\np/fs/child one\tyes\t/srv/fs/child\tone\np/fs/off\tno\t/srv/fs/off\n",
+    )
+    assert command.list_mounts("p/fs") == [
+        command.MountInfo("p/fs", Path("/srv/fs")),
+        command.MountInfo("p/fs/child one", Path("/srv/fs/child\tone")),
+        command.MountInfo("p/fs/off", None),
     ]
-    _say(fake_zfs, "zfs", b"p/fsx\tfilesystem\n")
+    assert _args(fake_zfs, "zfs")[-1] == "list -Hp -r -t filesystem -o name,mounted,mountpoint p/fs"
+    _say(fake_zfs, "zfs", b"p/fsx\tyes\t/x\n")
     with pytest.raises(command.ZfsCommandError, match="is not 'p/fs' or below it"):
-        command.list_datasets("p/fs")
+        command.list_mounts("p/fs")
+    _say(fake_zfs, "zfs", b"p/fs\tyes\trelative\n")
+    with pytest.raises(command.ZfsCommandError, match="not an absolute path"):
+        command.list_mounts("p/fs")
+    _say(fake_zfs, "zfs", b"p/fs\tmaybe\t/x\n")
+    with pytest.raises(command.ZfsCommandError, match="mounted is not yes/no"):
+        command.list_mounts("p/fs")
     _say(fake_zfs, "zfs", b"compression\tlz4\tlocal\nuser:note\ta\tb\treceived\n")
     assert command.get_properties("p/fs") == {"compression": "lz4", "user:note": "a\tb"}
     assert _args(fake_zfs, "zfs")[-1] == "get -Hp -o property,value,source -s local,received all p/fs"
@@ -708,7 +721,7 @@ def test_other_failures_keep_the_message(fake_zfs: Path) -> None:
 def test_zfs_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(command.ZfsNotInstalled, match="install zfsutils-linux"):
-        command.list_datasets("p/fs")
+        command.list_mounts("p/fs")
     with pytest.raises(command.ZfsNotInstalled):
         list(command.diff("p/fs@a", "p/fs@b"))
 
@@ -733,3 +746,49 @@ def test_diff_streams_and_reports_failure(fake_zfs: Path) -> None:
     _say(fake_zfs, "zfs", b"garbage\n")
     with pytest.raises(command.ZfsCommandError, match="unexpected output"):
         list(command.diff("p/fs@a", "p/fs@b"))
+
+
+def test_diff_stops_when_told_and_kills_zfs(fake_zfs: Path) -> None:
+    """`zfs diff` can think for minutes without a line: a stop request must not wait for it."""
+    pidfile = fake_zfs / "zfs.pid"
+    first_line = DIFF_SAMPLE.split(b"\n")[0].decode()
+    (fake_zfs / "zfs").write_text(f"#!/bin/sh\necho $$ > {pidfile}\nprintf '%s\\n' '{first_line}'\nexec sleep 60\n")
+    stop = threading.Event()
+    gen = command.diff("p/fs@a", "p/fs@b", stop)
+    assert next(gen).path == b"/p/fs/dir"
+    started = time.monotonic()
+    stop.set()
+    with pytest.raises(command.DiffStopped):
+        next(gen)
+    assert time.monotonic() - started < 5
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
+
+
+def test_pending_changes_is_a_race_the_walk_can_end() -> None:
+    from zfsbackd.snapshot.base import ChangeSet, PendingChanges
+
+    class SlowSnapshot:
+        name = "slow"
+
+        def __init__(self, answer: ChangeSet | None, delay: float) -> None:
+            self.answer, self.delay, self.stopped = answer, delay, False
+
+        def changes_since(self, parent: dict[str, object], stop: threading.Event | None = None) -> ChangeSet | None:
+            assert stop is not None
+            if stop.wait(self.delay):
+                self.stopped = True
+                raise command.DiffStopped()
+            return self.answer
+
+    quick = SlowSnapshot(ChangeSet.from_paths([b"a/b"]), 0)
+    pending = PendingChanges(quick, {})  # type: ignore[arg-type]
+    assert pending.wait(5) == ChangeSet.from_paths([b"a/b"])
+    pending.stop()
+    slow = SlowSnapshot(ChangeSet.from_paths([b"x"]), 60)
+    pending = PendingChanges(slow, {})  # type: ignore[arg-type]
+    assert pending.ready() is None
+    started = time.monotonic()
+    pending.stop()
+    assert slow.stopped and time.monotonic() - started < 5 and pending.ready() is None

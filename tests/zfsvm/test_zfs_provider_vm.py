@@ -15,15 +15,20 @@ from zfsvm_util import sh
 from zfsbackd.config import load_config
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.zfs import ZfsProvider
 from zfsbackd.store.writer import PackWriter
 from zfsbackd.zfs import command
+from zfsbackd.zfs.libzfs_core import lzc_exists as _lzc_exists
 
 
-def _engine(tmp_path: Path, dataset: str) -> Engine:
+def _engine(tmp_path: Path, dataset: str, *, recursive: bool = False) -> Engine:
     config = write_config(tmp_path, {})
     data = yaml.safe_load(config.read_text())
-    data["file_systems"] = [{"id": "fs-zfs", "source": {"zfs": dataset}}]
+    source: dict[str, object] = {"zfs": dataset}
+    if recursive:
+        source["recursive"] = True
+    data["file_systems"] = [{"id": "fs-zfs", "source": source}]
     config.write_text(yaml.safe_dump(data))
     return Engine(load_config(config))
 
@@ -79,6 +84,7 @@ def test_zfs_diff_incremental_reads_only_changed_files(dataset: str, tmp_path: P
 
     assert second.stats.files == 50_000
     assert second.stats.files_read == 20
+    assert second.stats.entries_not_examined > 0, "the zfs diff change list was used"
     assert second.stats.bytes_read == 24 * 20
     assert _ours(dataset) == [f"zfsbackd-{second.backup_id}"], "older snapshots of ours are pruned"
     bookmarks = sh("zfs", "list", "-H", "-t", "bookmark", "-o", "name", "-r", dataset).split()
@@ -166,8 +172,6 @@ def test_held_snapshot_survives_cleanup_and_missing_base_falls_back(dataset: str
 
 
 def test_missing_dataset_and_pool_are_clear_errors(pool: str, tmp_path: Path) -> None:
-    from zfsbackd.errors import SnapshotError
-
     engine = _engine(tmp_path, f"{pool}/does-not-exist")
     with pytest.raises(SnapshotError, match="does-not-exist"):
         engine.create_backup(BackupRequest("fs-zfs"))
@@ -175,3 +179,48 @@ def test_missing_dataset_and_pool_are_clear_errors(pool: str, tmp_path: Path) ->
     engine = _engine(tmp_path / "other", "nopool/data")
     with pytest.raises(SnapshotError, match="zpool import nopool"):
         engine.create_backup(BackupRequest("fs-zfs"))
+
+
+def test_recursive_source_backs_up_children_in_place(dataset: str, tmp_path: Path) -> None:
+    root = _mnt(dataset)
+    (root / "top.txt").write_text("parent\n")
+    sh("zfs", "create", f"{dataset}/child")
+    sh("zfs", "create", "-o", "recordsize=16K", f"{dataset}/child/grand")
+    sh("zfs", "create", "-o", "canmount=off", f"{dataset}/container")  # nothing of its own to read
+    (root / "child" / "c.txt").write_text("child\n")
+    (root / "child" / "dir").mkdir()
+    (root / "child" / "dir" / "d.bin").write_bytes(os.urandom(200_000))
+    (root / "child" / "grand" / "g.txt").write_text("grandchild\n")
+    os.chmod(root / "child" / "grand", 0o751)
+    (root / "container").mkdir(exist_ok=True)
+    (root / "container" / "in-parent.txt").write_text("stored in the parent dataset\n")
+    engine = _engine(tmp_path, dataset, recursive=True)
+
+    first = engine.create_backup(BackupRequest("fs-zfs"))
+    assert first.stats.files == 5 and first.stats.files_read == 5
+    for child in ("", "/child", "/child/grand", "/container"):  # one atomic snapshot of every file system
+        assert _ours(dataset + child) == [f"zfsbackd-{first.backup_id}"]
+    restored = engine.restore_backup(first.backup_id, _mnt(_target(dataset))).path
+    assert _manifest(restored) == _manifest(root)
+
+    (root / "child" / "grand" / "g.txt").write_text("grandchild, changed\n")
+    (root / "child" / "new.txt").write_text("new in child\n")
+    second = engine.create_backup(BackupRequest("fs-zfs"))
+    assert second.stats.files == 6 and second.stats.files_read == 2, "zfs diff of each child: only changes read"
+    assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
+    for child in ("", "/child", "/child/grand"):
+        assert _ours(dataset + child) == [f"zfsbackd-{second.backup_id}"], "older snapshots pruned in children too"
+    restored = engine.restore_backup(second.backup_id, _mnt(_target(dataset))).path
+    assert _manifest(restored) == _manifest(root)
+
+    sh("zfs", "set", f"mountpoint=/{dataset}-elsewhere", f"{dataset}/child")
+    with pytest.raises(SnapshotError, match="outside"):
+        engine.create_backup(BackupRequest("fs-zfs"))
+
+
+def _target(dataset: str) -> str:
+    """A scratch dataset to restore into (created once per test)."""
+    name = f"{dataset}-target"
+    if not _lzc_exists(name.encode()):
+        sh("zfs", "create", name)
+    return name

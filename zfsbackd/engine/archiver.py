@@ -18,12 +18,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfastcdc
 import structlog
 
 from zfsbackd.engine.progress import Progress
-from zfsbackd.snapshot.base import ChangeSet, FileChangedError
+from zfsbackd.snapshot.base import ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.repository import Store
@@ -157,22 +158,24 @@ class Archiver:
         self,
         store: Store,
         writer: PackWriter,
-        snapshot: object,
+        snapshot: Snapshot,
         parent_root_tree: str | None,
         *,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         read_workers: int = 3,
         max_jobs: int = 256,
-        changes: ChangeSet | None = None,
+        changes: ChangeSet | PendingChanges | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
         self.snapshot = snapshot
-        self.root = os.fsencode(str(snapshot.root))  # type: ignore[attr-defined]
-        self.excluded: frozenset[tuple[int, int]] = getattr(snapshot, "excluded", frozenset())
+        self.root = os.fsencode(snapshot.root)
+        self.excluded = snapshot.excluded
+        self.grafts: dict[bytes, Path] = snapshot.grafts
         self.parent_root_tree = parent_root_tree
-        self.changes = changes
+        self.changes = changes if isinstance(changes, ChangeSet) else None
+        self._pending = changes if isinstance(changes, PendingChanges) else None
         self.progress = progress or Progress()
         self.cancel = cancel or threading.Event()
         self.counters = _Counters()
@@ -182,7 +185,6 @@ class Archiver:
         self._pool = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="zfsbackd-read")
         self._chunk_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-chunk")
         self._jobs = threading.BoundedSemaphore(max_jobs)
-        self._root_dev = 0
         self._prefetched: dict[str, Future[dict[bytes, Node] | None]] = {}
         self._prefetch_lock = threading.Lock()
 
@@ -191,10 +193,9 @@ class Archiver:
         """Archive the whole snapshot; returns (root tree id hex, statistics)."""
         try:
             root_st = os.lstat(self.root)
-            self._root_dev = root_st.st_dev
             parent_root = self._parent_root_node()
             if parent_root is None:
-                self.changes = None  # nothing to reuse: every entry is examined
+                self.changes = self._pending = None  # nothing to reuse: every entry is examined
             elif self.changes is None:  # the walk will visit every directory: read the parent's trees ahead
                 threading.Thread(
                     target=self._prefetch_parent_trees,
@@ -202,7 +203,8 @@ class Archiver:
                     daemon=True,
                     name="zfsbackd-tree-prefetch",
                 ).start()
-            subtree, totals = self._archive_dir(b"", parent_root.get("subtree") if parent_root else None)
+            parent_subtree = parent_root.get("subtree") if parent_root else None
+            subtree, totals = self._archive_dir(b"", parent_subtree, root_st.st_dev)
             root_node = _meta_node(ROOT_NAME.encode(), root_st)
             root_node.update(type="dir", subtree=subtree, xattrs=encode_xattrs(read_xattrs(self.root)))
             root_node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
@@ -263,12 +265,14 @@ class Archiver:
 
     # ------------------------------------------------------------------- walk
     def _path(self, rel: bytes) -> bytes:
-        return self.root + b"/" + rel if rel else self.root
+        return self.snapshot.path(rel)
 
-    def _archive_dir(self, rel: bytes, parent_tree: str | None) -> tuple[str, _Totals]:
+    def _archive_dir(self, rel: bytes, parent_tree: str | None, dev: int) -> tuple[str, _Totals]:
+        """Archive the directory *rel*, which lives on device *dev* (entries elsewhere are mount points)."""
         if self.cancel.is_set():
             raise BackupCancelled()
         previous = self._load_tree(parent_tree) or {}
+        changes = self._change_set()
         nodes: list[Node] = []
         pending: list[tuple[Future[_FileOutcome], Node | None]] = []
         stats = self.counters.stats
@@ -278,7 +282,7 @@ class Archiver:
             name = entry.name
             child = rel + b"/" + name if rel else name
             before = previous.get(name)
-            if before is not None and self.changes is not None and self.changes.is_clean(child):
+            if before is not None and changes is not None and changes.is_clean(child):
                 nodes.append(before)  # unchanged since the parent's snapshot: not even stat'ed
                 self._count_reused(before)
                 continue
@@ -300,7 +304,7 @@ class Archiver:
                     future.add_done_callback(lambda _f: self._jobs.release())
                     pending.append((future, before))
             elif stat.S_ISDIR(mode):
-                nodes.append(self._dir_node(child, name, st, before))
+                nodes.append(self._dir_node(child, name, st, before, dev))
             elif stat.S_ISLNK(mode):
                 stats.symlinks += 1
                 node = _meta_node(name, st)
@@ -328,7 +332,17 @@ class Archiver:
         tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))
         return tree_id.hex(), totals
 
+    def _change_set(self) -> ChangeSet | None:
+        """The change list, once it is known (a pending one is picked up between directories)."""
+        if self.changes is None and self._pending is not None:
+            self.changes = self._pending.ready()
+            if self.changes is not None:
+                self._pending = None
+                log.info("backup_using_change_list", changed_paths=len(self.changes.touched))
+        return self.changes
+
     def _count_reused(self, node: Node) -> None:
+        self.counters.stats.entries_not_examined += 1
         if node.get("type") == "file":
             self.counters.stats.files_unchanged += 1
             self.progress.advance(files=1, nbytes=int(node.get("size", 0)))
@@ -336,17 +350,20 @@ class Archiver:
             self.counters.stats.files_unchanged += int(node.get("tree_files", 0))
             self.progress.advance(files=int(node.get("tree_files", 0)), nbytes=int(node.get("tree_bytes", 0)))
 
-    def _dir_node(self, child: bytes, name: bytes, st: os.stat_result, before: Node | None) -> Node:
+    def _dir_node(self, child: bytes, name: bytes, st: os.stat_result, before: Node | None, dev: int) -> Node:
+        graft = self.grafts.get(child)
+        if graft is not None:  # a child dataset's snapshot takes the place of its (empty) mount point
+            st = os.lstat(graft)
         node = _meta_node(name, st)
         if _unchanged(before, "dir", st):
             xattrs = before.get("xattrs", [])  # type: ignore[union-attr]
         else:
             xattrs = encode_xattrs(read_xattrs(self._path(child)))
-        if st.st_dev != self._root_dev:
+        if graft is None and st.st_dev != dev:
             # Another file system mounted here: keep the mount point, not its contents.
             subtree, totals = self.writer.add(BlobType.TREE, serialize_tree([]))[0].hex(), _Totals()
         else:
-            subtree, totals = self._archive_dir(child, before.get("subtree") if before else None)
+            subtree, totals = self._archive_dir(child, before.get("subtree") if before else None, st.st_dev)
         node.update(type="dir", xattrs=xattrs, subtree=subtree)
         node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
         return node
@@ -359,7 +376,7 @@ class Archiver:
         nread = 0
         for attempt in range(READ_ATTEMPTS):
             try:
-                frozen = self.snapshot.open_file(rel)  # type: ignore[attr-defined]
+                frozen = self.snapshot.open_file(rel)
             except FileNotFoundError:
                 return _FileOutcome(node=None)
             except FileChangedError as exc:  # kept changing (or changed type) on a non-atomic provider

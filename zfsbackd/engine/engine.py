@@ -37,6 +37,7 @@ from zfsbackd.errors import (
 )
 from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.snapshot import take_snapshot
+from zfsbackd.snapshot.base import PendingChanges
 from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.check import CheckResult, check_store
 from zfsbackd.store.crypto import load_key_file
@@ -236,14 +237,8 @@ class Engine:
                 },
             )
             store.save_record(record)
-            changes = snapshot.changes_since(parent.snapshot) if parent else None
-            if changes is not None:
-                log.info(
-                    "backup_using_change_list",
-                    fs_id=fs.id,
-                    backup_id=record.backup_id,  # type: ignore[attr-defined]
-                    changed_paths=len(changes.touched),
-                )
+            # Worked out while the walk runs; the walk uses it from the moment it is ready.
+            changes = PendingChanges(snapshot, parent.snapshot) if parent else None
             with PackWriter(store) as writer:
                 archiver = Archiver(
                     store,
@@ -257,6 +252,8 @@ class Engine:
                 try:
                     root_tree, stats = archiver.run()
                 finally:
+                    if changes is not None:
+                        changes.stop()
                     # Packs, then the index: durable before the record names them. On an
                     # interruption this checkpoints what was read, so the resumed run reuses it.
                     writer.flush()

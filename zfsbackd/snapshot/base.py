@@ -17,13 +17,18 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import structlog
+
 from zfsbackd.errors import SnapshotError
+
+log = structlog.get_logger(__name__)
 
 # statfs(2) f_type values (linux/magic.h) of the file systems people actually point us at.
 BTRFS_MAGIC = 0x9123683E
@@ -265,6 +270,50 @@ class ChangeSet:
         return rel not in self.touched and rel not in self.dirty_dirs
 
 
+class PendingChanges:
+    """:meth:`Snapshot.changes_since` running on its own thread while the archiver already walks.
+
+    A race, because neither side always wins: ``zfs diff`` answers in seconds
+    when little changed, but when changes are scattered it inspects every
+    object that shares a metadata block with a changed one (and resolves its
+    path twice), and can then take longer than the metadata walk it is meant
+    to save. The archiver compares metadata until the change set is ready and
+    skips clean subtrees from then on; when the walk ends first, the diff is
+    stopped. Both ways give the same tree.
+    """
+
+    def __init__(self, snapshot: Snapshot, parent_snapshot: dict[str, object]) -> None:
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._result: ChangeSet | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(snapshot, parent_snapshot), daemon=True, name="zfsbackd-changes"
+        )
+        self._thread.start()
+
+    def _run(self, snapshot: Snapshot, parent_snapshot: dict[str, object]) -> None:
+        try:
+            self._result = snapshot.changes_since(parent_snapshot, self._stop)
+        except Exception as exc:  # without a change list the walk compares metadata: slower, never wrong
+            if not self._stop.is_set():
+                log.warning("change_list_failed", snapshot=snapshot.name, error=str(exc))
+        finally:
+            self._done.set()
+
+    def ready(self) -> ChangeSet | None:
+        """The change set if it is known by now; None while it is being worked out or when there is none."""
+        return self._result if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> ChangeSet | None:
+        self._done.wait(timeout)
+        return self.ready()
+
+    def stop(self) -> None:
+        """Give up on the change set (the walk is done) and wait for the thread to end."""
+        self._stop.set()
+        self._thread.join()
+
+
 class Snapshot(ABC):
     """One point-in-time view of a file system, valid until :meth:`release`.
 
@@ -275,11 +324,43 @@ class Snapshot(ABC):
     provider: str
     atomic: bool
 
-    def __init__(self, name: str, root: Path, excluded: frozenset[tuple[int, int]] = frozenset()) -> None:
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        excluded: frozenset[tuple[int, int]] = frozenset(),
+        grafts: Mapping[bytes, Path] | None = None,
+    ) -> None:
         self.name = name
         self.root = root
         self.excluded = excluded
+        #: Other snapshot roots that appear at a path below ``root`` (a recursive ZFS
+        #: backup's child datasets): one walk then yields one tree, children included.
+        self.grafts: dict[bytes, Path] = dict(grafts or {})
+        self._graft_order = sorted(self.grafts, key=len, reverse=True)  # longest prefix wins
         self._root_fd = os.open(root, _DIR_FLAGS)
+        self._graft_fds: dict[bytes, int] = {}
+        try:
+            for rel, path in self.grafts.items():
+                self._graft_fds[rel] = os.open(path, _DIR_FLAGS)
+        except BaseException:
+            self.close()
+            raise
+
+    def split(self, rel: bytes) -> tuple[bytes, bytes]:
+        """(graft prefix, path below it) for *rel*; the prefix is ``b""`` for the snapshot's own root."""
+        for prefix in self._graft_order:
+            if rel == prefix:
+                return prefix, b""
+            if rel.startswith(prefix) and rel[len(prefix) : len(prefix) + 1] == b"/":
+                return prefix, rel[len(prefix) + 1 :]
+        return b"", rel
+
+    def path(self, rel: bytes) -> bytes:
+        """The real path of *rel* (relative to the snapshot root, grafts resolved)."""
+        prefix, rest = self.split(rel) if self._graft_order else (b"", rel)
+        base = os.fsencode(self.grafts[prefix] if prefix else self.root)
+        return base + b"/" + rest if rest else base
 
     @abstractmethod
     def open_file(self, relpath: bytes) -> FrozenFile:
@@ -290,6 +371,9 @@ class Snapshot(ABC):
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+        for fd in self._graft_fds.values():
+            os.close(fd)
+        self._graft_fds.clear()
 
     def release(self) -> None:
         """Give the snapshot up; idempotent. Providers that own storage destroy it here."""
@@ -303,8 +387,13 @@ class Snapshot(ABC):
         """Properties of the source a restore should recreate (ZFS dataset properties); none elsewhere."""
         return {}
 
-    def changes_since(self, parent_snapshot: dict[str, object]) -> ChangeSet | None:
-        """What changed since the parent backup's snapshot, if this provider can tell without a walk."""
+    def changes_since(
+        self, parent_snapshot: dict[str, object], stop: threading.Event | None = None
+    ) -> ChangeSet | None:
+        """What changed since the parent backup's snapshot, if this provider can tell without a walk.
+
+        May take long (``zfs diff``); providers give up soon after ``stop`` is set.
+        """
         return None
 
     def describe(self) -> dict[str, str | bool]:
@@ -314,8 +403,9 @@ class Snapshot(ABC):
         """Open *relpath* and make sure it is (still) a regular file."""
         if self._root_fd < 0:
             raise ValueError(f"snapshot {self.name} has been released")
+        prefix, rest = self.split(relpath) if self._graft_order else (b"", relpath)
         try:
-            fd = open_beneath(self._root_fd, relpath)
+            fd = open_beneath(self._graft_fds[prefix] if prefix else self._root_fd, rest)
         except OSError as exc:
             exc.filename = self._display_path(relpath)  # the full path, for the archiver's error report
             raise
@@ -330,7 +420,7 @@ class Snapshot(ABC):
         return fd, st
 
     def _display_path(self, relpath: bytes) -> str:
-        return os.fsdecode(os.path.join(os.fsencode(self.root), relpath))
+        return os.fsdecode(self.path(relpath))
 
 
 class SnapshotProvider(ABC):

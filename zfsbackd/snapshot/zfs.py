@@ -17,6 +17,9 @@ full walk (metadata comparison against the parent backup), never a wrong backup.
 from __future__ import annotations
 
 import os
+import stat
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -81,16 +84,42 @@ def _b(name: str) -> bytes:
     return name.encode()
 
 
+@dataclass(frozen=True)
+class Member:
+    """One file system a backup reads, and where its files sit in the backup's tree."""
+
+    dataset: str
+    mountpoint: Path
+    rel: bytes
+    """Path below the backed-up dataset's root; ``b""`` for that dataset itself."""
+
+    def snapshot_root(self, name: str) -> Path:
+        return self.mountpoint / ".zfs" / "snapshot" / name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one configured ZFS source covers, checked once per backup."""
+
+    dataset: str
+    datasets: list[str]
+    """Every file system snapshotted (children too when recursive; one atomic ``lzc_snapshot``)."""
+    members: list[Member]
+    """The mounted ones, read into one tree; the first is ``dataset`` itself."""
+
+
 class ZfsSnapshot(Snapshot):
     provider = "zfs"
     atomic = True
 
-    def __init__(self, fs_id: str, dataset: str, name: str, root: Path, datasets: list[str]) -> None:
-        super().__init__(name, root)
+    def __init__(self, fs_id: str, name: str, layout: Layout) -> None:
+        top, children = layout.members[0], layout.members[1:]
+        super().__init__(name, top.snapshot_root(name), grafts={m.rel: m.snapshot_root(name) for m in children})
         self.fs_id = fs_id
-        self.dataset = dataset
-        self.datasets = datasets  # the snapshotted datasets (children too when recursive)
-        self.mountpoint = root.parent.parent.parent
+        self.dataset = layout.dataset
+        self.datasets = layout.datasets
+        self.members = layout.members
+        self.mountpoint = top.mountpoint
 
     def snapshots(self) -> list[bytes]:
         return [_b(f"{d}@{self.name}") for d in self.datasets]
@@ -111,19 +140,44 @@ class ZfsSnapshot(Snapshot):
         return {**props, **user}
 
     # --------------------------------------------------------- change lists
-    def changes_since(self, parent_snapshot: dict[str, object]) -> ChangeSet | None:
+    def changes_since(
+        self, parent_snapshot: dict[str, object], stop: threading.Event | None = None
+    ) -> ChangeSet | None:
+        """``zfs diff`` of every member against the parent backup's snapshot, as one change set.
+
+        None (the archiver then compares metadata with the parent backup, still
+        reading only changed files) when a base snapshot is gone, or hard links
+        changed (``zfs diff`` names one link of an inode, not all of them).
+        """
         base = parent_snapshot.get("Name")
         if parent_snapshot.get("Provider") != "zfs" or not isinstance(base, str):
             return None
-        base_full = f"{self.dataset}@{base}"
-        if not lzc.lzc_exists(_b(base_full)):
-            log.warning("zfs_base_snapshot_missing", fs_id=self.fs_id, snapshot=base_full)
-            return None  # the metadata comparison with the parent backup still avoids reading unchanged files
-        if len(self.datasets) > 1:
-            return None  # children are other file systems: their changes are not in this diff
-        prefix = os.fsencode(self.mountpoint).rstrip(b"/") + b"/"
+        for member in self.members:
+            if not lzc.lzc_exists(_b(f"{member.dataset}@{base}")):
+                log.warning("zfs_base_snapshot_missing", fs_id=self.fs_id, snapshot=f"{member.dataset}@{base}")
+                return None
         paths: set[bytes] = set()
-        for entry in command.diff(base_full, f"{self.dataset}@{self.name}"):
+        for member in self.members:
+            changed = self._member_changes(member, base, stop)
+            if changed is None:
+                return None
+            paths.update(changed)
+        for rel in list(paths):  # a changed file with other hard links: its other names are unknown
+            try:
+                st = os.lstat(self.path(rel))
+            except FileNotFoundError:
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                log.info("zfs_diff_hardlinks_full_walk", fs_id=self.fs_id)
+                return None
+        return ChangeSet.from_paths(paths)
+
+    def _member_changes(self, member: Member, base: str, stop: threading.Event | None) -> set[bytes] | None:
+        """The paths (relative to the backup's root) ``zfs diff`` reports for one member."""
+        mount = os.fsencode(member.mountpoint).rstrip(b"/")
+        graft = member.rel + b"/" if member.rel else b""
+        paths: set[bytes] = set()
+        for entry in command.diff(f"{member.dataset}@{base}", f"{member.dataset}@{self.name}", stop):
             if entry.link_delta is not None and entry.file_type != "/":
                 # A hard link came or went: the other names of that inode are not listed, so walk everything.
                 log.info("zfs_diff_hardlinks_full_walk", fs_id=self.fs_id)
@@ -133,21 +187,15 @@ class ZfsSnapshot(Snapshot):
                     continue
                 if entry.in_xattr_dir:
                     path = path.split(b"/<xattrdir>", 1)[0]
-                if path == prefix.rstrip(b"/"):
-                    continue  # the root itself is always examined
-                if not path.startswith(prefix):
+                if path == mount:
+                    if member.rel:
+                        paths.add(member.rel)  # a child's root changed: its mount point node changes
+                    continue  # the backup's root itself is always examined
+                if not path.startswith(mount + b"/"):
                     log.warning("zfs_diff_outside_dataset", fs_id=self.fs_id, path=os.fsdecode(path))
                     return None
-                paths.add(path[len(prefix) :])
-        for rel in list(paths):  # a changed file with other hard links: its other names are unknown
-            try:
-                st = os.lstat(os.path.join(os.fsencode(self.root), rel))
-            except FileNotFoundError:
-                continue
-            if st.st_nlink > 1 and not os.path.isdir(os.path.join(os.fsencode(self.root), rel)):
-                log.info("zfs_diff_hardlinks_full_walk", fs_id=self.fs_id)
-                return None
-        return ChangeSet.from_paths(paths)
+                paths.add(graft + path[len(mount) + 1 :])
+        return paths
 
     # ------------------------------------------------------------ lifecycle
     def hold(self) -> None:
@@ -178,7 +226,7 @@ class ZfsSnapshot(Snapshot):
         super().close()
         self._release_hold()
         try:
-            lzc.lzc_bookmark({_b(f"{self.dataset}#{self.name}"): _b(f"{self.dataset}@{self.name}")})
+            lzc.lzc_bookmark({_b(f"{d}#{self.name}"): _b(f"{d}@{self.name}") for d in self.datasets})
         except ZFSError as exc:  # bookmarks are a convenience; the snapshot is what incrementals use
             log.warning("zfs_bookmark_failed", fs_id=self.fs_id, snapshot=self.name, error=str(exc))
         self._prune()
@@ -196,10 +244,10 @@ class ZfsSnapshot(Snapshot):
                     lzc.lzc_destroy_snaps([name], defer=False)
                 except SnapshotDestructionFailure as exc:
                     log.warning("zfs_snapshot_not_destroyed", fs_id=self.fs_id, snapshot=snap.name, error=str(exc))
-        bookmarks = lzc.lzc_get_bookmarks(_b(self.dataset))
         stale = [
-            _b(f"{self.dataset}#") + name
-            for name in bookmarks
+            _b(f"{dataset}#") + name
+            for dataset in self.datasets
+            for name in lzc.lzc_get_bookmarks(_b(dataset))
             if name.startswith(b"zfsbackd-") and name != _b(self.name)
         ]
         if stale:
@@ -211,55 +259,68 @@ class ZfsProvider(SnapshotProvider):
 
     def __init__(self) -> None:
         # find() then take() for one backup would run the same zfs/zpool commands twice.
-        self._checked: dict[str, tuple[str, Path, list[str]]] = {}
+        self._checked: dict[str, Layout] = {}
 
-    def _datasets(self, fs: FileSystemSource) -> tuple[str, Path, list[str]]:
+    def _layout(self, fs: FileSystemSource) -> Layout:
         if fs.id not in self._checked:
-            self._checked[fs.id] = self._check_datasets(fs)
+            self._checked[fs.id] = self._check_layout(fs)
         return self._checked[fs.id]
 
-    def _check_datasets(self, fs: FileSystemSource) -> tuple[str, Path, list[str]]:
+    def _check_layout(self, fs: FileSystemSource) -> Layout:
         dataset = fs.source_zfs
         assert dataset is not None
+        where = f"file_systems[{fs.id}].source.zfs"
         pool = dataset.split("/", 1)[0]
         if not command.pool_imported(pool):
-            raise SnapshotError(
-                f"file_systems[{fs.id}].source.zfs: pool {pool} is not imported; run `zpool import {pool}`"
-            )
+            raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
         if not lzc.lzc_exists(_b(dataset)):
-            raise SnapshotError(
-                f"file_systems[{fs.id}].source.zfs: dataset {dataset} does not exist; create it or fix the name"
-            )
-        mnt = command.mountpoint(dataset)
-        if mnt is None or not command.is_mounted(dataset):
-            raise SnapshotError(
-                f"file_systems[{fs.id}].source.zfs: dataset {dataset} is not mounted, so its snapshots cannot be "
-                f"read; mount it (`zfs mount {dataset}`)"
-            )
+            raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
+        not_mounted = SnapshotError(
+            f"{where}: dataset {dataset} is not mounted, so its snapshots cannot be read; "
+            f"mount it (`zfs mount {dataset}`)"
+        )
         if not getattr(fs, "recursive", False):
-            return dataset, mnt, [dataset]
-        return dataset, mnt, [d.name for d in command.list_datasets(dataset, recursive=True) if d.type == "filesystem"]
-
-    def _snapshot(self, fs: FileSystemSource, dataset: str, mnt: Path, datasets: list[str], name: str) -> ZfsSnapshot:
-        root = mnt / ".zfs" / "snapshot" / name
-        return ZfsSnapshot(fs.id, dataset, name, root, datasets)
+            mnt = command.mountpoint(dataset)
+            if mnt is None or not command.is_mounted(dataset):
+                raise not_mounted
+            return Layout(dataset, [dataset], [Member(dataset, mnt, b"")])
+        mounts = command.list_mounts(dataset)
+        top = mounts[0].mountpoint
+        if top is None:
+            raise not_mounted
+        members = [Member(dataset, top, b"")]
+        for child in mounts[1:]:
+            if child.mountpoint is None:
+                # Its files cannot be read; whatever sits at its mount point belongs to the parent's walk.
+                log.warning("zfs_child_not_mounted_skipped", fs_id=fs.id, dataset=child.name)
+                continue
+            if not child.mountpoint.is_relative_to(top) or child.mountpoint == top:
+                raise SnapshotError(
+                    f"{where}: child dataset {child.name} is mounted at {child.mountpoint}, outside "
+                    f"{dataset}'s mount point {top}, so it has no place in this backup's tree; mount it "
+                    f"below {top}, or back it up as a file system of its own (and set recursive: false)"
+                )
+            members.append(Member(child.name, child.mountpoint, os.fsencode(child.mountpoint.relative_to(top))))
+        return Layout(dataset, [m.name for m in mounts], members)
 
     def take(self, fs: FileSystemSource, backup_id: str) -> Snapshot:
-        dataset, mnt, datasets = self._datasets(fs)
+        layout = self._layout(fs)
         name = snapshot_name(backup_id)
         try:
-            lzc.lzc_snapshot([_b(f"{d}@{name}") for d in datasets], {_b(command.BACKUP_ID_PROPERTY): _b(backup_id)})
+            lzc.lzc_snapshot(
+                [_b(f"{d}@{name}") for d in layout.datasets], {_b(command.BACKUP_ID_PROPERTY): _b(backup_id)}
+            )
         except ZFSError as exc:
-            raise SnapshotError(f"file_systems[{fs.id}]: cannot snapshot {dataset}: {exc}") from exc
-        snap = self._snapshot(fs, dataset, mnt, datasets, name)
+            raise SnapshotError(f"file_systems[{fs.id}]: cannot snapshot {layout.dataset}: {exc}") from exc
+        snap = ZfsSnapshot(fs.id, name, layout)
         snap.hold()
         return snap
 
     def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:
-        dataset, mnt, datasets = self._datasets(fs)
+        layout = self._layout(fs)
         name = snapshot_name(backup_id)
-        if not lzc.lzc_exists(_b(f"{dataset}@{name}")):
+        if not all(lzc.lzc_exists(_b(f"{d}@{name}")) for d in layout.datasets):
             return None
-        snap = self._snapshot(fs, dataset, mnt, datasets, name)
+        snap = ZfsSnapshot(fs.id, name, layout)
         snap.hold()
         return snap

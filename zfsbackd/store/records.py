@@ -67,6 +67,9 @@ class BackupStats:
     files_unchanged: int = 0
     specials_skipped: int = 0
     files_changed_while_read: int = 0
+    entries_not_examined: int = 0
+    """Entries (files or whole directories) taken from the parent backup without even a stat,
+    because the change list (``zfs diff``) said they did not change."""
     bytes_total: int = 0
     bytes_read: int = 0
     bytes_new: int = 0

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +73,6 @@ class PoolNotImported(DatasetMissing):
     ) -> None:
         super().__init__(message, command, returncode, stderr, dataset)
         self.pool = pool
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """One file system or volume from :func:`list_datasets`."""
-
-    name: str
-    type: str
-    """``"filesystem"`` or ``"volume"``."""
 
 
 @dataclass(frozen=True)
@@ -252,21 +245,35 @@ def pool_imported(pool: str) -> bool:
     return True
 
 
-def list_datasets(root: str, recursive: bool = False) -> list[DatasetInfo]:
-    """``root`` and, when ``recursive``, every file system and volume below it (parents first)."""
-    args = ["list", "-Hp", "-t", "filesystem,volume", "-o", "name,type"]
-    if recursive:
-        args.append("-r")
-    args.append(root)
+@dataclass(frozen=True)
+class MountInfo:
+    """Where one file system from :func:`list_mounts` is mounted."""
+
+    name: str
+    mountpoint: Path | None
+    """None when it is not mounted (or has no mount point)."""
+
+
+def list_mounts(root: str) -> list[MountInfo]:
+    """``root`` and every file system below it (parents first), with where each is mounted now."""
+    args = ["list", "-Hp", "-r", "-t", "filesystem", "-o", "name,mounted,mountpoint", root]
     command = ["zfs", *args]
     result = []
     for line in _lines(_run("zfs", args, dataset=root)):
-        name, kind = _fields(command, line, 2)
-        if kind not in ("filesystem", "volume"):
-            raise _unexpected(command, f"dataset type {kind!r}", line)
+        name, mounted, where = _fields(command, line, 3, rest_in=2)
+        if mounted not in ("yes", "no"):
+            raise _unexpected(command, "mounted is not yes/no", line)
         if name != root and not name.startswith(root + "/"):
             raise _unexpected(command, f"{name!r} is not {root!r} or below it", line)
-        result.append(DatasetInfo(name, kind))
+        path: Path | None = None
+        if mounted == "yes":
+            if where == "legacy":
+                path = _legacy_mountpoint(name)
+            elif where.startswith("/"):
+                path = Path(where)
+            else:
+                raise _unexpected(command, "a mounted file system's mountpoint is not an absolute path", line)
+        result.append(MountInfo(name, path))
     if not result or result[0].name != root:
         raise _unexpected(command, f"{root!r} itself is missing", b"")
     return result
@@ -486,14 +493,24 @@ def parse_diff_line(line: bytes) -> DiffEntry:
     return DiffEntry(ctime_ns, change, file_type, path, link_delta=int(delta.group(1)))
 
 
-def diff(snap_a: str, snap_b: str) -> Iterator[DiffEntry]:
+class DiffStopped(Exception):
+    """:func:`diff` was told to stop before ``zfs diff`` finished; what it yielded is incomplete."""
+
+
+#: how often a diff that prints nothing checks whether it should stop
+_DIFF_POLL_SECONDS = 0.2
+
+
+def diff(snap_a: str, snap_b: str, stop: threading.Event | None = None) -> Iterator[DiffEntry]:
     """What changed from snapshot ``snap_a`` to ``snap_b`` (or to the live file system), as ``zfs diff -FHt``.
 
     A generator: entries are parsed while ``zfs diff`` still runs, so a diff of
     millions of files needs no memory for all of them. It raises
     :class:`ZfsCommandError` when the command fails or prints a line it cannot
-    parse (after the entries before it); closing the generator early stops
-    the command.
+    parse (after the entries before it), and :class:`DiffStopped` soon after
+    ``stop`` is set (``zfs diff`` can think for minutes without printing a
+    line, so the pipe is polled). Either way, and when the generator is closed
+    early, the command is killed.
     """
     args = ["diff", "-FHt", snap_a, snap_b]
     command = ["zfs", *args]
@@ -508,8 +525,7 @@ def diff(snap_a: str, snap_b: str) -> Iterator[DiffEntry]:
         )
         assert proc.stdout is not None
         try:
-            for raw in proc.stdout:
-                line = raw[:-1] if raw.endswith(b"\n") else raw
+            for line in _output_lines(proc.stdout.fileno(), stop):
                 try:
                     yield parse_diff_line(line)
                 except ValueError as err:
@@ -523,3 +539,22 @@ def diff(snap_a: str, snap_b: str) -> Iterator[DiffEntry]:
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+
+
+def _output_lines(fd: int, stop: threading.Event | None) -> Iterator[bytes]:
+    """The lines read from ``fd`` until end of file (without their newline); DiffStopped once ``stop`` is set."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    pending = b""
+    while True:
+        if stop is not None and stop.is_set():
+            raise DiffStopped()
+        if not poller.poll(_DIFF_POLL_SECONDS * 1000):
+            continue
+        block = os.read(fd, 1 << 16)
+        if not block:
+            break
+        *lines, pending = (pending + block).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
