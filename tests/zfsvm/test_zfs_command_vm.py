@@ -121,16 +121,26 @@ def test_diff_against_the_live_file_system_and_errors(dataset: str) -> None:
     assert info.value.dataset == f"{dataset}/nofs"
 
 
-def test_list_datasets(dataset: str) -> None:
+def test_list_mounts(dataset: str) -> None:
     sh("zfs", "create", "-p", f"{dataset}/c1/c 2")
-    sh("zfs", "create", "-V", "8M", f"{dataset}/vol")
-    assert command.list_datasets(dataset) == [command.DatasetInfo(dataset, "filesystem")]
-    assert command.list_datasets(dataset, recursive=True) == [
-        command.DatasetInfo(dataset, "filesystem"),
-        command.DatasetInfo(f"{dataset}/c1", "filesystem"),
-        command.DatasetInfo(f"{dataset}/c1/c 2", "filesystem"),
-        command.DatasetInfo(f"{dataset}/vol", "volume"),
+    sh("zfs", "create", "-o", "canmount=off", f"{dataset}/off")
+    sh("zfs", "create", "-o", "mountpoint=legacy", f"{dataset}/leg")
+    sh("zfs", "create", "-V", "8M", f"{dataset}/vol")  # volumes have no files: not listed
+    top = Path(f"/{dataset}")
+    assert command.list_mounts(dataset) == [
+        command.MountInfo(dataset, top),
+        command.MountInfo(f"{dataset}/c1", top / "c1"),
+        command.MountInfo(f"{dataset}/c1/c 2", top / "c1" / "c 2"),
+        command.MountInfo(f"{dataset}/leg", None),
+        command.MountInfo(f"{dataset}/off", None),
     ]
+    legacy = Path(f"/mnt/{dataset.replace('/', '_')}-leg")
+    legacy.mkdir(parents=True)
+    sh("mount", "-t", "zfs", f"{dataset}/leg", str(legacy))
+    try:
+        assert command.MountInfo(f"{dataset}/leg", legacy) in command.list_mounts(dataset)
+    finally:
+        sh("umount", str(legacy))
 
 
 def test_list_snapshots_only_counts_our_own_property(dataset: str) -> None:

@@ -49,9 +49,6 @@ CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memor
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
-_CHANGE_KEY = ("inode", "size", "mtime_ns", "ctime_ns")
-
-
 @dataclass
 class _Totals:
     """Regular files, their bytes and directories below a directory; kept in its node as tree_*."""
@@ -146,11 +143,15 @@ def _meta_node(name: bytes, st: os.stat_result) -> Node:
 
 
 def _unchanged(previous: Node | None, node_type: str, st: os.stat_result) -> bool:
-    if previous is None or previous.get("type") != node_type:
-        return False
-    now = {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
-    keys = _CHANGE_KEY if node_type == "file" else ("inode", "mtime_ns", "ctime_ns")
-    return all(previous.get(k) == now[k] for k in keys)
+    """Whether the parent backup's node still describes the entry (runs once per entry: kept lean)."""
+    return (
+        previous is not None
+        and previous.get("type") == node_type
+        and previous.get("ctime_ns") == st.st_ctime_ns
+        and previous.get("mtime_ns") == st.st_mtime_ns
+        and previous.get("inode") == st.st_ino
+        and (node_type != "file" or previous.get("size") == st.st_size)
+    )
 
 
 class Archiver:
@@ -278,6 +279,7 @@ class Archiver:
         stats = self.counters.stats
         with os.scandir(self._path(rel)) as it:
             entries = sorted(it, key=lambda e: e.name)
+        unchanged_files = unchanged_bytes = 0  # reported to the progress once per directory
         for entry in entries:
             name = entry.name
             child = rel + b"/" + name if rel else name
@@ -297,7 +299,8 @@ class Archiver:
                 if _unchanged(before, "file", st):
                     stats.files_unchanged += 1
                     nodes.append(before)  # type: ignore[arg-type]
-                    self.progress.advance(files=1, nbytes=st.st_size)
+                    unchanged_files += 1
+                    unchanged_bytes += st.st_size
                 else:
                     self._jobs.acquire()
                     future = self._pool.submit(self._read_file, child, name)
@@ -321,6 +324,7 @@ class Archiver:
                 nodes.append(node)
             else:  # sockets and FIFOs cannot be backed up meaningfully
                 stats.specials_skipped += 1
+        self.progress.advance(files=unchanged_files, nbytes=unchanged_bytes)
         for future, _before in pending:
             outcome = future.result()
             self.counters.add_outcome(outcome)
