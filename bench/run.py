@@ -973,6 +973,43 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def restore_and_verify(bench: Any, ds: dict[str, Any], name: str, tools: list[Any], data: Path, mnt: Path,
+                       cold: bool) -> None:
+    """Restore each tool's newest backup into ``mnt/restore/<tool>``, compare it with ``data`` and record it.
+
+    ``bench`` is this module's or bench/s3.py's Bench (``_record`` and ``save``).
+    """
+    settle(False)
+    t0 = time.perf_counter()
+    source = manifest(data)
+    ds["source_manifest_seconds"] = round(time.perf_counter() - t0, 2)
+    for tool in tools:
+        target = mnt / "restore" / tool.name
+        target.mkdir(parents=True)
+        settle(cold)
+        try:
+            m, restored = tool.restore(target)
+        except RuntimeError as exc:
+            log(f"{tool.name} restore skipped: {exc}")
+            continue
+        r = bench._record(ds, "restore", tool, m, {})
+        if restored is not None and restored.is_dir():
+            t0 = time.perf_counter()
+            r["verify"] = compare(source, manifest(restored))
+            r["verify_seconds"] = round(time.perf_counter() - t0, 2)
+            r["restored_path"] = str(restored)
+        else:
+            r["verify"] = {"identical": False, "differences": {"no restored tree": 1}, "examples": []}
+            r["ok"] = False
+        v = r["verify"]
+        log(f"{name} restore   {tool.name:8s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU "
+            f"{r['peak_rss_mib']:7.0f} MiB RSS  identical: {v['identical']} {v.get('differences') or ''}")
+        for ex in v.get("examples", [])[:10]:
+            log(f"    {ex}")
+        bench.save()
+        shutil.rmtree(target)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -1091,35 +1128,7 @@ class Bench:
                     r = self._record(ds, step, tool, m, stats)
                     log(f"{name} {step:9s} {tool.name:8s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU "
                         f"{r['peak_rss_mib']:7.0f} MiB RSS  store {r['store_mib']:9.1f} MiB")
-            settle(False)
-            t0 = time.perf_counter()
-            source = manifest(data)
-            ds["source_manifest_seconds"] = round(time.perf_counter() - t0, 2)
-            for tool in tools:
-                target = mnt / "restore" / tool.name
-                target.mkdir(parents=True)
-                settle(args.cold)
-                try:
-                    m, restored = tool.restore(target)
-                except RuntimeError as exc:
-                    log(f"{tool.name} restore skipped: {exc}")
-                    continue
-                r = self._record(ds, "restore", tool, m, {})
-                if restored is not None and restored.is_dir():
-                    t0 = time.perf_counter()
-                    r["verify"] = compare(source, manifest(restored))
-                    r["verify_seconds"] = round(time.perf_counter() - t0, 2)
-                    r["restored_path"] = str(restored)
-                else:
-                    r["verify"] = {"identical": False, "differences": {"no restored tree": 1}, "examples": []}
-                    r["ok"] = False
-                v = r["verify"]
-                log(f"{name} restore   {tool.name:8s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU "
-                    f"{r['peak_rss_mib']:7.0f} MiB RSS  identical: {v['identical']} {v.get('differences') or ''}")
-                for ex in v.get("examples", [])[:10]:
-                    log(f"    {ex}")
-                self.save()
-                shutil.rmtree(target)
+            restore_and_verify(self, ds, name, tools, data, mnt, args.cold)
             print("\n" + render_table(name, ds, self.tools) + "\n", flush=True)
         finally:
             self.save()

@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -510,35 +509,7 @@ class S3Bench(base.Bench):
                     r = self._record(ds, step, tool, m, stats)
                     log(f"{name} {step:10s} {tool.name:8s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU "
                         f"{r['peak_rss_mib']:7.0f} MiB RSS  store {r['store_mib']:9.1f} MiB")
-            base.settle(False)
-            t0 = time.perf_counter()
-            source = base.manifest(data)
-            ds["source_manifest_seconds"] = round(time.perf_counter() - t0, 2)
-            for tool in tools:
-                target = mnt / "restore" / tool.name
-                target.mkdir(parents=True)
-                base.settle(args.cold)
-                try:
-                    m, restored = tool.restore(target)
-                except RuntimeError as exc:
-                    log(f"{tool.name} restore skipped: {exc}")
-                    continue
-                r = self._record(ds, "restore", tool, m, {})
-                if restored is not None and restored.is_dir():
-                    t0 = time.perf_counter()
-                    r["verify"] = base.compare(source, base.manifest(restored))
-                    r["verify_seconds"] = round(time.perf_counter() - t0, 2)
-                    r["restored_path"] = str(restored)
-                else:
-                    r["verify"] = {"identical": False, "differences": {"no restored tree": 1}, "examples": []}
-                    r["ok"] = False
-                v = r["verify"]
-                log(f"{name} restore    {tool.name:8s} {r['wall_s']:8.2f} s wall {r['cpu_s']:8.2f} s CPU "
-                    f"{r['peak_rss_mib']:7.0f} MiB RSS  identical: {v['identical']} {v.get('differences') or ''}")
-                for ex in v.get("examples", [])[:10]:
-                    log(f"    {ex}")
-                self.save()
-                shutil.rmtree(target)
+            base.restore_and_verify(self, ds, name, tools, data, mnt, args.cold)
             z = next((t for t in tools if isinstance(t, S3Zfsbackd)), None)
             if z is not None:
                 for step, source_step in zip(COPY_STEPS, ("full", "churn"), strict=True):

@@ -68,7 +68,6 @@ import random
 import resource
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -82,14 +81,12 @@ PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 FS_ID = "fs-zfs"
 RESTIC_SRC = Path("/mnt/zfsbackd-bench-src")  # fixed path: restic finds its parent snapshot by path
-BASE_MTIME_NS = 1_600_000_000 * 10**9
 TARGET_RATIO = 5.0
 
 sys.path.insert(0, str(PROJECT))
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The deterministic data and its helpers are bench/run.py's (the same generator as its `small` set).
+from run import Data, GenInfo, _all_dirs, _finish_dirs, _regular_files, _set_times, log  # noqa: E402
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -97,58 +94,6 @@ def sh(*args: str, check: bool = True) -> str:
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
-
-
-# ============================================================ data
-class Data:
-    """Deterministic content: random bytes, and text-like bytes (compresses ~3x, does not deduplicate)."""
-
-    def __init__(self, seed: int, pool_size: int = 4 * MiB) -> None:
-        rng = random.Random(f"text-{seed}")
-        letters = "etaoinshrdlcumwfgypbvkjxqz"
-        vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(4000)]
-        weights = [1.0 / (i + 1) for i in range(len(vocab))]
-        words = rng.choices(vocab, weights, k=pool_size // 6)
-        lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
-        self.pool = ("\n".join(lines) + "\n").encode()
-
-    @staticmethod
-    def random(rng: random.Random, n: int) -> bytes:
-        return rng.randbytes(n)
-
-    def text(self, rng: random.Random, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            seg = min(64 * KiB, n - len(out))
-            off = rng.randrange(0, len(self.pool) - seg)
-            out += self.pool[off : off + seg]
-        return bytes(out)
-
-    def content(self, rng: random.Random, n: int) -> bytes:
-        return self.text(rng, n) if rng.random() < 0.5 else self.random(rng, n)
-
-
-@dataclass
-class GenInfo:
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    hardlinks: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-
-def _set_times(path: Path, rng: random.Random, *, follow: bool = True) -> None:
-    ns = BASE_MTIME_NS + rng.randrange(0, 3 * 365 * 86400 * 10**9)
-    os.utime(path, ns=(ns, ns), follow_symlinks=follow)
-
-
-def _all_dirs(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        out.append(Path(dirpath))
-    return sorted(out)
 
 
 def generate(root: Path, args: argparse.Namespace, data: Data) -> GenInfo:
@@ -215,24 +160,9 @@ def generate(root: Path, args: argparse.Namespace, data: Data) -> GenInfo:
         os.symlink(target, link)
         _set_times(link, rng, follow=False)
         info.symlinks += 1
-    dir_modes = [0o755] * 8 + [0o750, 0o700, 0o775]
-    for d in sorted(_all_dirs(root), key=lambda p: len(p.parts), reverse=True):
-        if d != root:
-            os.chmod(d, rng.choice(dir_modes))
-            _set_times(d, rng)
+    _finish_dirs(root, rng)
     info.seconds = time.perf_counter() - t0
     return info
-
-
-def _regular_files(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for n in sorted(filenames):
-            p = Path(dirpath) / n
-            if stat.S_ISREG(os.lstat(p).st_mode):
-                out.append(p)
-    return out
 
 
 def churn(root: Path, data: Data, seed: int, round_no: int) -> dict[str, int]:

@@ -15,12 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from enginekit import make_config
 from fsfixtures import LoopFs, populate_sample_tree, tree_manifest
 
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import Engine
 from zfsbackd.engine.restorer import Restorer
+from zfsbackd.errors import RestoreError
 from zfsbackd.snapshot.base import ChangeSet, FrozenFile, Snapshot
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle
 from zfsbackd.store.repository import Store
@@ -47,8 +49,8 @@ def _archive(
     return root, stats
 
 
-def _restore(store: Store, root_tree: str, target: Path) -> Path:
-    record = BackupRecord(
+def _record(store: Store, root_tree: str) -> BackupRecord:
+    return BackupRecord(
         backup_id="backup-0000000000000graft",
         file_system_id="fs-src",
         region=store.region,
@@ -57,7 +59,10 @@ def _restore(store: Store, root_tree: str, target: Path) -> Path:
         creation_time=datetime.now(UTC),
         root_tree=root_tree,
     )
-    return Restorer(store, record, target).run().path
+
+
+def _restore(store: Store, root_tree: str, target: Path) -> Path:
+    return Restorer(store, _record(store, root_tree), target).run().path
 
 
 def _grafted_manifest(root: Path, grafts: dict[bytes, Path]) -> dict[bytes, dict[str, Any]]:
@@ -131,3 +136,36 @@ def test_change_set_inside_a_graft_equals_full_walk(xfs_dir: Path, btrfs_fs: Loo
     hinted, hinted_stats = archive(ChangeSet.from_paths([b"child/" + changed]), parent)
     assert hinted == full
     assert hinted_stats.files_read == full_stats.files_read == 1
+
+
+def test_restore_into_a_target_that_holds_only_the_childrens_mount_points(
+    xfs_dir: Path, btrfs_fs: LoopFs, tmp_path: Path
+) -> None:
+    """What a restore to a new ZFS dataset finds: the recreated children already mounted, empty."""
+    (xfs_dir / "top.txt").write_text("top\n")
+    (xfs_dir / "x" / "child").mkdir(parents=True)
+    child = btrfs_fs.mountpoint / f"graft-target-{os.getpid()}"
+    child.mkdir()
+    (child / "in-child.txt").write_text("child\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    store = engine.store()
+    view = GraftedView("test", xfs_dir, grafts={b"x/child": child})
+    try:
+        root, _ = _archive(store, view, None)
+    finally:
+        view.release()
+    record = _record(store, root)
+    target = tmp_path / "new-dataset"
+    (target / "x" / "child" / "nested").mkdir(parents=True)  # a child of the child, recreated too
+    (target / "x" / "child" / "leftover").write_text("not empty\n")
+    mounts = [target / "x" / "child", target / "x" / "child" / "nested"]
+    with pytest.raises(RestoreError, match="leftover exists"):
+        Restorer(store, record, target).run_into(target, mounts)
+    (target / "x" / "child" / "leftover").unlink()
+    (target / "stray").mkdir()
+    with pytest.raises(RestoreError, match="stray exists"):
+        Restorer(store, record, target).run_into(target, mounts)
+    (target / "stray").rmdir()
+    Restorer(store, record, target).run_into(target, mounts)
+    assert (target / "x" / "child" / "in-child.txt").read_text() == "child\n"
+    assert (target / "top.txt").read_text() == "top\n"

@@ -792,3 +792,52 @@ def test_pending_changes_is_a_race_the_walk_can_end() -> None:
     started = time.monotonic()
     pending.stop()
     assert slow.stopped and time.monotonic() - started < 5 and pending.ready() is None
+
+
+def test_restore_target_recreates_children_and_refuses_paths_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit level (the VM test restores a real recursive backup): what gets created, in which order."""
+    from zfsbackd.errors import RestoreError
+    from zfsbackd.snapshot import zfs as zfs_snapshots
+
+    calls: list[tuple[str, ...]] = []
+    mounted: dict[str, Path] = {}
+
+    def create(dataset: str, props: dict[str, str] | None = None) -> None:
+        calls.append(("create", dataset, *sorted(f"{k}={v}" for k, v in (props or {}).items())))
+        if (props or {}).get("canmount") != "off":
+            mounted[dataset] = Path("/") / dataset
+
+    monkeypatch.setattr(command, "create", create)
+    monkeypatch.setattr(command, "mountpoint", lambda d: mounted.get(d))
+    monkeypatch.setattr(command, "is_mounted", lambda d: d in mounted)
+
+    def set_property(dataset: str, name: str, value: str) -> None:
+        calls.append(("set", dataset, f"{name}={value}"))
+        mounted[dataset] = Path(value)
+
+    monkeypatch.setattr(command, "set_property", set_property)
+    children = [
+        {"Dataset": "a", "Path": "a", "Properties": {"recordsize": "16384", "readonly": "on"}},
+        {"Dataset": "a/b", "Path": "x/y", "Properties": {}},
+        {"Dataset": "off", "Path": None, "Properties": {}},
+    ]
+    mnt, mounts = zfs_snapshots.create_restore_target("p/new", {"compression": "lz4"}, children)
+    assert mnt == Path("/p/new") and mounts == [Path("/p/new/a"), Path("/p/new/x/y")]
+    assert calls == [
+        ("create", "p/new", "compression=lz4"),
+        ("create", "p/new/a", "recordsize=16384"),  # readonly comes after the data
+        ("create", "p/new/a/b"),
+        ("set", "p/new/a/b", "mountpoint=/p/new/x/y"),  # mounted where its files are in the tree
+        ("create", "p/new/off", "canmount=off"),
+    ]
+    calls.clear()
+    zfs_snapshots.finish_restore_target("p/new", {"readonly": "off"}, children)
+    assert calls == [("set", "p/new/a", "readonly=on")]
+    outside = (
+        {"Dataset": "../evil", "Path": "e"},
+        {"Dataset": "e", "Path": "../../etc"},
+        {"Dataset": "e", "Path": "/x"},
+    )
+    for bad in outside:
+        with pytest.raises(RestoreError, match="outside p/new2"):
+            zfs_snapshots.create_restore_target("p/new2", {}, [bad])

@@ -207,11 +207,26 @@ def test_recursive_source_backs_up_children_in_place(dataset: str, tmp_path: Pat
     (root / "child" / "new.txt").write_text("new in child\n")
     second = engine.create_backup(BackupRequest("fs-zfs"))
     assert second.stats.files == 6 and second.stats.files_read == 2, "zfs diff of each child: only changes read"
+    sh("zfs", "create", f"{dataset}/late")  # created after the snapshot: a resumed backup leaves it out
     assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
+    sh("zfs", "destroy", f"{dataset}/late")
     for child in ("", "/child", "/child/grand"):
         assert _ours(dataset + child) == [f"zfsbackd-{second.backup_id}"], "older snapshots pruned in children too"
     restored = engine.restore_backup(second.backup_id, _mnt(_target(dataset))).path
     assert _manifest(restored) == _manifest(root)
+
+    new = f"{dataset}-new"  # the FSx way: a new dataset, children recreated as datasets with their properties
+    engine.restore_backup(second.backup_id, None, target_dataset=new)
+    new_mnt = _mnt(new)
+    assert command.list_mounts(new) == [
+        command.MountInfo(new, new_mnt),
+        command.MountInfo(f"{new}/child", new_mnt / "child"),
+        command.MountInfo(f"{new}/child/grand", new_mnt / "child" / "grand"),
+        command.MountInfo(f"{new}/container", None),
+    ]
+    assert command.get_properties(f"{new}/child/grand", ["recordsize"]) == {"recordsize": "16384"}
+    assert _manifest(new_mnt) == _manifest(root)
+    assert os.stat(new_mnt / "child" / "grand").st_dev != os.stat(new_mnt / "child").st_dev
 
     sh("zfs", "set", f"mountpoint=/{dataset}-elsewhere", f"{dataset}/child")
     with pytest.raises(SnapshotError, match="outside"):

@@ -284,6 +284,8 @@ class Archiver:
             name = entry.name
             child = rel + b"/" + name if rel else name
             before = previous.get(name)
+            if changes is None and self._pending is not None:
+                changes = self._change_set()  # ready now? then the rest of this directory is skipped too
             if before is not None and changes is not None and changes.is_clean(child):
                 nodes.append(before)  # unchanged since the parent's snapshot: not even stat'ed
                 self._count_reused(before)

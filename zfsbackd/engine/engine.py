@@ -37,6 +37,7 @@ from zfsbackd.errors import (
 )
 from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.snapshot import take_snapshot
+from zfsbackd.snapshot import zfs as zfs_snapshots
 from zfsbackd.snapshot.base import PendingChanges
 from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.check import CheckResult, check_store
@@ -54,6 +55,7 @@ from zfsbackd.store.repository import Store
 from zfsbackd.store.writer import PackWriter
 from zfsbackd.validation import validate_backup_id, validate_backup_name, validate_tags
 from zfsbackd.zfs import command as zfs_command
+from zfsbackd.zfs import libzfs_core as zfs_lzc
 
 log = structlog.get_logger(__name__)
 
@@ -530,27 +532,28 @@ class Engine:
 
     @staticmethod
     def _restore_to_dataset(restorer: Restorer, record: BackupRecord, dataset: str) -> RestoreResult:
-        """Create ``dataset`` with the source's recorded properties and restore into it (the FSx way)."""
+        """Create ``dataset`` (children too, for a recursive backup) with the recorded properties and
+        restore into it (the FSx way: a backup restores to a new file system)."""
         props = {
             k[len(ZFS_PROPERTY_PREFIX) :]: v for k, v in record.properties.items() if k.startswith(ZFS_PROPERTY_PREFIX)
         }
-        for name in READ_ONLY_AFTER_RESTORE:
-            props.pop(name, None)  # set once the data is in
-        zfs_command.create(dataset, props)
-        mnt = zfs_command.mountpoint(dataset)
-        if mnt is None or not zfs_command.is_mounted(dataset):
-            raise RestoreError(f"--target-dataset {dataset} was created but is not mounted; mount it and retry")
+        children = list(record.snapshot.get("Children") or [])
+        if zfs_lzc.lzc_exists(dataset.encode()):
+            raise RestoreError(
+                f"--target-dataset {dataset} already exists; a backup restores to a new dataset: give a new name"
+            )
+        create_props = {k: v for k, v in props.items() if k not in READ_ONLY_AFTER_RESTORE}  # set once data is in
         try:
-            result = restorer.run_into(mnt)
+            mnt, child_mounts = zfs_snapshots.create_restore_target(dataset, create_props, children)
+            result = restorer.run_into(mnt, child_mounts)
         except BaseException:
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            failed = f"{dataset.rsplit('/', 1)[0]}/zfsbackd-failed-restore_{stamp}"
-            zfs_command.rename(dataset, failed)
-            log.error("restore_failed", backup_id=record.backup_id, dataset=failed)
+            if zfs_lzc.lzc_exists(dataset.encode()):
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+                failed = f"{dataset.rsplit('/', 1)[0]}/zfsbackd-failed-restore_{stamp}"
+                zfs_command.rename(dataset, failed)
+                log.error("restore_failed", backup_id=record.backup_id, dataset=failed)
             raise
-        read_only = record.properties.get(ZFS_PROPERTY_PREFIX + "readonly")
-        if read_only == "on":
-            zfs_command.set_property(dataset, "readonly", "on")
+        zfs_snapshots.finish_restore_target(dataset, props, children)
         return result
 
     # ------------------------------------------------------------------- check

@@ -139,6 +139,18 @@ def _apply_metadata(path: bytes, node: Node, *, fd: int | None = None) -> None:
     os.utime(target, ns=(node["mtime_ns"], node["mtime_ns"]))
 
 
+def _stray_entry(dest: Path, mount_points: set[Path]) -> Path | None:
+    """Something in ``dest`` other than ``mount_points`` and the directories leading to them (all empty)."""
+    for entry in dest.iterdir():
+        if entry.name == ".zfs":
+            continue  # ZFS's control directory (listed with snapdir=visible)
+        on_the_way = not entry.is_symlink() and entry.is_dir() and any(m.is_relative_to(entry) for m in mount_points)
+        stray = _stray_entry(entry, mount_points) if on_the_way else entry
+        if stray is not None:
+            return stray
+    return None
+
+
 class Restorer:
     def __init__(
         self,
@@ -180,14 +192,17 @@ class Restorer:
             raise
         return result
 
-    def run_into(self, dest: Path) -> RestoreResult:
+    def run_into(self, dest: Path, mount_points: Sequence[Path] = ()) -> RestoreResult:
         """Restore into ``dest``, an existing empty directory (the root of a new ZFS dataset).
 
-        The root's own metadata is applied to ``dest``; the caller deals with a failure
-        (for a dataset: renaming it out of the way).
+        ``mount_points`` are empty file systems mounted below ``dest`` (a recursive
+        backup's children, recreated): the only things ``dest`` may already hold.
+        The root's own metadata is applied to ``dest``; the caller deals with a
+        failure (for a dataset: renaming it out of the way).
         """
-        if any(dest.iterdir()):
-            raise RestoreError(f"{dest} is not empty; a restore goes into a new, empty dataset")
+        stray = _stray_entry(dest, set(mount_points))
+        if stray is not None:
+            raise RestoreError(f"{dest} is not empty ({stray} exists); a restore goes into a new, empty dataset")
         result = RestoreResult(path=dest)
         self._restore_into(os.fsencode(str(dest)), result)
         return result

@@ -396,7 +396,7 @@ class Snapshot(ABC):
         """
         return None
 
-    def describe(self) -> dict[str, str | bool]:
+    def describe(self) -> dict[str, object]:
         return {"Provider": self.provider, "Name": self.name, "Atomic": self.atomic}
 
     def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:

@@ -21,10 +21,11 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from zfsbackd.errors import SnapshotError
+from zfsbackd.errors import RestoreError, SnapshotError
 from zfsbackd.snapshot.base import (
     ChangeSet,
     FileSystemSource,
@@ -84,6 +85,63 @@ def _b(name: str) -> bytes:
     return name.encode()
 
 
+def dataset_properties(dataset: str) -> dict[str, str]:
+    """The properties set on ``dataset`` itself that a restore to a new dataset should set again."""
+    return {
+        k: v
+        for k, v in command.get_properties(dataset).items()  # set locally or received, as `zfs get -s` reports
+        if k in RESTORE_PROPERTIES or (":" in k and not k.startswith("zfsbackd:"))
+    }
+
+
+def create_restore_target(
+    dataset: str, props: dict[str, str], children: list[dict[str, Any]]
+) -> tuple[Path, list[Path]]:
+    """Create ``dataset`` (and a recursive backup's children below it) to restore into.
+
+    Returns the new dataset's mount point and the children's mount points inside
+    it. Children are created with their recorded properties, mounted where their
+    files sit in the backup's tree; children that were not mounted when the
+    backup was taken get ``canmount=off`` so they never cover restored files.
+    """
+    command.create(dataset, props)
+    mnt = _mounted_at(dataset)
+    mounts: list[Path] = []
+    for child in children:
+        name, path = f"{dataset}/{child['Dataset']}", child.get("Path")
+        for what, value in (("dataset", child["Dataset"]), ("path", path or ".")):
+            parts = value.split("/")
+            if value.startswith("/") or ".." in parts or "" in parts:
+                raise RestoreError(f"--target-dataset: the backup names a child {what} {value!r} outside {dataset}")
+        child_props = {k: v for k, v in child.get("Properties", {}).items() if k != "readonly"}
+        if path is None:
+            child_props["canmount"] = "off"
+        command.create(name, child_props)
+        if path is None:
+            continue
+        want = mnt / path
+        if command.mountpoint(name) != want:  # mounted elsewhere in the tree than its name suggests
+            command.set_property(name, "mountpoint", str(want))
+        mounts.append(_mounted_at(name))
+    return mnt, mounts
+
+
+def _mounted_at(dataset: str) -> Path:
+    mnt = command.mountpoint(dataset)
+    if mnt is None or not command.is_mounted(dataset):
+        raise RestoreError(f"--target-dataset: {dataset} was created but is not mounted; mount it and retry")
+    return mnt
+
+
+def finish_restore_target(dataset: str, props: dict[str, str], children: list[dict[str, Any]]) -> None:
+    """Properties that would have got in the restore's way (``readonly``), set once the data is in."""
+    if props.get("readonly") == "on":
+        command.set_property(dataset, "readonly", "on")
+    for child in children:
+        if child.get("Properties", {}).get("readonly") == "on":
+            command.set_property(f"{dataset}/{child['Dataset']}", "readonly", "on")
+
+
 @dataclass(frozen=True)
 class Member:
     """One file system a backup reads, and where its files sit in the backup's tree."""
@@ -107,6 +165,18 @@ class Layout:
     members: list[Member]
     """The mounted ones, read into one tree; the first is ``dataset`` itself."""
 
+    def having(self, snapshot: str) -> Layout | None:
+        """The part of this layout whose file systems have ``@snapshot`` (None without the top one).
+
+        An interrupted backup resumes from its snapshot; children created since
+        then are not in it (the next backup has them), and children destroyed
+        since then took their snapshots with them.
+        """
+        present = [d for d in self.datasets if lzc.lzc_exists(_b(f"{d}@{snapshot}"))]
+        if self.dataset not in present:
+            return None
+        return Layout(self.dataset, present, [m for m in self.members if m.dataset in present])
+
 
 class ZfsSnapshot(Snapshot):
     provider = "zfs"
@@ -128,16 +198,28 @@ class ZfsSnapshot(Snapshot):
         fd, st = self._open_regular(relpath)
         return FrozenFile(fd, st, live=False)
 
-    def describe(self) -> dict[str, str | bool]:
-        return {**super().describe(), "Dataset": self.dataset}
+    def describe(self) -> dict[str, object]:
+        description: dict[str, object] = {**super().describe(), "Dataset": self.dataset}
+        if len(self.datasets) > 1:
+            description["Children"] = self._children()
+        return description
+
+    def _children(self) -> list[dict[str, object]]:
+        """Each child file system (parents first): its name below the dataset, where its files sit in the
+        tree (None: not mounted, nothing read) and its own properties — what a restore recreates."""
+        paths = {m.dataset: os.fsdecode(m.rel) for m in self.members}
+        return [
+            {
+                "Dataset": child[len(self.dataset) + 1 :],
+                "Path": paths.get(child),
+                "Properties": dataset_properties(child),
+            }
+            for child in self.datasets[1:]
+        ]
 
     def source_properties(self) -> dict[str, str]:
         """The dataset's own properties a restore to a new dataset should set again."""
-        props = command.get_properties(self.dataset, RESTORE_PROPERTIES)
-        user = {
-            k: v for k, v in command.get_properties(self.dataset).items() if ":" in k and not k.startswith("zfsbackd:")
-        }
-        return {**props, **user}
+        return dataset_properties(self.dataset)
 
     # --------------------------------------------------------- change lists
     def changes_since(
@@ -279,12 +361,8 @@ class ZfsProvider(SnapshotProvider):
             f"{where}: dataset {dataset} is not mounted, so its snapshots cannot be read; "
             f"mount it (`zfs mount {dataset}`)"
         )
-        if not getattr(fs, "recursive", False):
-            mnt = command.mountpoint(dataset)
-            if mnt is None or not command.is_mounted(dataset):
-                raise not_mounted
-            return Layout(dataset, [dataset], [Member(dataset, mnt, b"")])
-        mounts = command.list_mounts(dataset)
+        recursive = bool(getattr(fs, "recursive", False))
+        mounts = command.list_mounts(dataset, recursive=recursive)
         top = mounts[0].mountpoint
         if top is None:
             raise not_mounted
@@ -317,9 +395,9 @@ class ZfsProvider(SnapshotProvider):
         return snap
 
     def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:
-        layout = self._layout(fs)
         name = snapshot_name(backup_id)
-        if not all(lzc.lzc_exists(_b(f"{d}@{name}")) for d in layout.datasets):
+        layout = self._layout(fs).having(name)
+        if layout is None:
             return None
         snap = ZfsSnapshot(fs.id, name, layout)
         snap.hold()

@@ -254,9 +254,9 @@ class MountInfo:
     """None when it is not mounted (or has no mount point)."""
 
 
-def list_mounts(root: str) -> list[MountInfo]:
-    """``root`` and every file system below it (parents first), with where each is mounted now."""
-    args = ["list", "-Hp", "-r", "-t", "filesystem", "-o", "name,mounted,mountpoint", root]
+def list_mounts(root: str, recursive: bool = True) -> list[MountInfo]:
+    """``root`` and, when ``recursive``, every file system below it (parents first), with where each is mounted."""
+    args = ["list", "-Hp", *(["-r"] if recursive else []), "-t", "filesystem", "-o", "name,mounted,mountpoint", root]
     command = ["zfs", *args]
     result = []
     for line in _lines(_run("zfs", args, dataset=root)):
