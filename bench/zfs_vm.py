@@ -96,6 +96,11 @@ def sh(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
+def _half_text(data: Data, rng: random.Random, n: int) -> bytes:
+    """Half the files text-like (compressible), half random."""
+    return data.content(rng, "text" if rng.random() < 0.5 else "random", n)
+
+
 def generate(root: Path, args: argparse.Namespace, data: Data) -> GenInfo:
     """``args.files`` files in ~300 directories per 50,000 files (2-3 levels), like bench/run.py's small set."""
     t0 = time.perf_counter()
@@ -128,7 +133,7 @@ def generate(root: Path, args: argparse.Namespace, data: Data) -> GenInfo:
         p = d / (f"report {i} é ünïcode.txt" if i % 997 == 0 else f"f{i:06d}.dat")
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, data.content(rng, size))
+            os.write(fd, _half_text(data, rng, size))
             uid, gid = rng.choice(owners)
             if uid:
                 os.fchown(fd, uid, gid)
@@ -201,7 +206,7 @@ def churn(root: Path, data: Data, seed: int, round_no: int) -> dict[str, int]:
     dirs = [d for d in _all_dirs(root) if d != root]
     for i in range(max(1, round(n * 0.002))):
         d = dirs[rng.randrange(len(dirs))]
-        (d / f"new{round_no}-{i:05d}.dat").write_bytes(data.content(rng, int(math.exp(rng.uniform(7, 11)))))
+        (d / f"new{round_no}-{i:05d}.dat").write_bytes(_half_text(data, rng, int(math.exp(rng.uniform(7, 11)))))
         count("new")
     newdir = root / f"added-dir-{round_no}"
     newdir.mkdir()
