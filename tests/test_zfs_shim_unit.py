@@ -792,6 +792,9 @@ def test_pending_changes_is_a_race_the_walk_can_end() -> None:
     started = time.monotonic()
     pending.stop()
     assert slow.stopped and time.monotonic() - started < 5 and pending.ready() is None
+    abandoned = PendingChanges(SlowSnapshot(ChangeSet.from_paths([b"y"]), 0.2), {})  # type: ignore[arg-type]
+    abandoned.abandon()  # the walk went on without it: a late answer is not used
+    assert abandoned.wait(5) is None
 
 
 def test_restore_target_recreates_children_and_refuses_paths_outside(monkeypatch: pytest.MonkeyPatch) -> None:

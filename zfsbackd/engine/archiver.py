@@ -154,6 +154,10 @@ def _unchanged(previous: Node | None, node_type: str, st: os.stat_result) -> boo
     )
 
 
+#: seconds the walk waits for a pending change list before it starts without it
+CHANGE_LIST_HEAD_START = 1.0
+
+
 class Archiver:
     def __init__(
         self,
@@ -177,6 +181,7 @@ class Archiver:
         self.parent_root_tree = parent_root_tree
         self.changes = changes if isinstance(changes, ChangeSet) else None
         self._pending = changes if isinstance(changes, PendingChanges) else None
+        self._give_up_after = 0  # files walked after which a pending change list is not waited for
         self.progress = progress or Progress()
         self.cancel = cancel or threading.Event()
         self.counters = _Counters()
@@ -197,7 +202,14 @@ class Archiver:
             parent_root = self._parent_root_node()
             if parent_root is None:
                 self.changes = self._pending = None  # nothing to reuse: every entry is examined
-            elif self.changes is None:  # the walk will visit every directory: read the parent's trees ahead
+            else:
+                self._give_up_after = int(parent_root.get("tree_files", 0)) // 2
+                if self._pending is not None:
+                    # A quick answer (few changes) spares the walk, and the tree prefetch, almost entirely.
+                    self._pending.wait(CHANGE_LIST_HEAD_START)
+                    self._change_set()
+            if parent_root is not None and self.changes is None:
+                # The walk will visit every directory: read the parent's trees ahead.
                 threading.Thread(
                     target=self._prefetch_parent_trees,
                     args=(parent_root["subtree"],),
@@ -339,12 +351,21 @@ class Archiver:
         return tree_id.hex(), totals
 
     def _change_set(self) -> ChangeSet | None:
-        """The change list, once it is known (a pending one is picked up between directories)."""
+        """The change list, once it is known (a pending one is picked up between entries).
+
+        When the walk has passed half of the parent backup's files and the change
+        list is still not ready, it would save less than it costs: both compete
+        for the CPU. It is given up, and the walk finishes alone.
+        """
         if self.changes is None and self._pending is not None:
             self.changes = self._pending.ready()
             if self.changes is not None:
                 self._pending = None
                 log.info("backup_using_change_list", changed_paths=len(self.changes.touched))
+            elif self.progress.files > self._give_up_after:
+                self._pending.abandon()
+                self._pending = None
+                log.info("change_list_abandoned", files_walked=self.progress.files)
         return self.changes
 
     def _count_reused(self, node: Node) -> None:

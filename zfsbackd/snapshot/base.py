@@ -301,12 +301,16 @@ class PendingChanges:
             self._done.set()
 
     def ready(self) -> ChangeSet | None:
-        """The change set if it is known by now; None while it is being worked out or when there is none."""
-        return self._result if self._done.is_set() else None
+        """The change set if it is known by now; None while it is being worked out, abandoned, or there is none."""
+        return self._result if self._done.is_set() and not self._stop.is_set() else None
 
     def wait(self, timeout: float | None = None) -> ChangeSet | None:
         self._done.wait(timeout)
         return self.ready()
+
+    def abandon(self) -> None:
+        """Give up on the change set without waiting (the thread ends soon after)."""
+        self._stop.set()
 
     def stop(self) -> None:
         """Give up on the change set (the walk is done) and wait for the thread to end."""
