@@ -23,21 +23,11 @@ from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import Engine
 from zfsbackd.engine.restorer import Restorer
 from zfsbackd.errors import RestoreError
-from zfsbackd.snapshot.base import ChangeSet, FrozenFile, Snapshot
+from zfsbackd.snapshot.base import ChangeSet, Snapshot
+from zfsbackd.snapshot.copy import CopySnapshot
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle
 from zfsbackd.store.repository import Store
 from zfsbackd.store.writer import PackWriter
-
-
-class GraftedView(Snapshot):
-    """A live directory with grafts; enough of a provider for the archiver (nothing changes meanwhile)."""
-
-    provider = "test"
-    atomic = True
-
-    def open_file(self, relpath: bytes) -> FrozenFile:
-        fd, st = self._open_regular(relpath)
-        return FrozenFile(fd, st, live=False)
 
 
 def _archive(
@@ -97,7 +87,7 @@ def test_grafts_are_backed_up_in_place_and_restore_identical(
 
     engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
     store = engine.store()
-    view = GraftedView("test", xfs_dir, grafts=grafts)
+    view = CopySnapshot("test", xfs_dir, grafts=grafts)
     try:
         root, stats = _archive(store, view, None)
         restored = _restore(store, root, tmp_path)
@@ -123,7 +113,7 @@ def test_change_set_inside_a_graft_equals_full_walk(xfs_dir: Path, btrfs_fs: Loo
     store = engine.store()
 
     def archive(changes: ChangeSet | None, parent: str | None) -> tuple[str, Any]:
-        view = GraftedView("test", xfs_dir, grafts={b"child": child})
+        view = CopySnapshot("test", xfs_dir, grafts={b"child": child})
         try:
             return _archive(store, view, parent, changes)
         finally:
@@ -149,7 +139,7 @@ def test_restore_into_a_target_that_holds_only_the_childrens_mount_points(
     (child / "in-child.txt").write_text("child\n")
     engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
     store = engine.store()
-    view = GraftedView("test", xfs_dir, grafts={b"x/child": child})
+    view = CopySnapshot("test", xfs_dir, grafts={b"x/child": child})
     try:
         root, _ = _archive(store, view, None)
     finally:
