@@ -290,9 +290,13 @@ def _regular_files(root: Path) -> list[Path]:
     return out
 
 
-def churn_small(root: Path, data: Data, scale: float, seed: int, report: dict[str, int]) -> None:
-    """~1 % of files touched: in-place edits, appends, deletes, new files, chmods, one renamed directory."""
-    rng = random.Random(f"churn-small-{seed}")
+def churn_small(root: Path, data: Data, scale: float, seed: int, report: dict[str, int], round_no: int = 0) -> None:
+    """~1 % of files touched: in-place edits, appends, deletes, new files, chmods, one renamed directory.
+
+    ``round_no`` > 0 makes repeated rounds on the same tree (bench/zfs_vm.py --rounds) differ.
+    """
+    tag = f"-{round_no}" if round_no else ""
+    rng = random.Random(f"churn-small-{seed}{tag}")
     files = _regular_files(root)
     n = len(files)
     picks = rng.sample(range(n), k=min(n, max(5, round(n * 0.0105))))
@@ -325,9 +329,9 @@ def churn_small(root: Path, data: Data, scale: float, seed: int, report: dict[st
     for i in range(max(1, round(n * 0.002))):
         d = dirs[rng.randrange(len(dirs))]
         kind = "text" if rng.random() < 0.5 else "random"
-        (d / f"new{i:05d}.dat").write_bytes(data.content(rng, kind, int(math.exp(rng.uniform(7, 11)))))
+        (d / f"new{tag}{i:05d}.dat").write_bytes(data.content(rng, kind, int(math.exp(rng.uniform(7, 11)))))
         report["new"] = report.get("new", 0) + 1
-    newdir = root / "added-dir"
+    newdir = root / f"added-dir{tag}"
     newdir.mkdir()
     for i in range(max(2, round(n * 0.001))):
         (newdir / f"a{i:04d}.txt").write_bytes(data.text(rng, rng.randint(1 * KiB, 32 * KiB)))
@@ -336,7 +340,7 @@ def churn_small(root: Path, data: Data, scale: float, seed: int, report: dict[st
     leaves = [d for d in dirs if d.exists() and not any(c.is_dir() for c in d.iterdir()) and any(d.iterdir())]
     victim = leaves[len(leaves) // 2]
     report["renamed_dir_files"] = sum(1 for _ in victim.iterdir())
-    victim.rename(victim.with_name(victim.name + "-renamed"))
+    victim.rename(victim.with_name(victim.name + "-renamed" + tag))
     report["renamed_dirs"] = 1
 
 

@@ -86,7 +86,7 @@ TARGET_RATIO = 5.0
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The deterministic data and its helpers are bench/run.py's (the same generator as its `small` set).
-from run import Data, GenInfo, _all_dirs, _finish_dirs, _regular_files, _set_times, log  # noqa: E402
+from run import Data, GenInfo, _finish_dirs, _set_times, churn_small, log  # noqa: E402
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -168,57 +168,6 @@ def generate(root: Path, args: argparse.Namespace, data: Data) -> GenInfo:
     _finish_dirs(root, rng)
     info.seconds = time.perf_counter() - t0
     return info
-
-
-def churn(root: Path, data: Data, seed: int, round_no: int) -> dict[str, int]:
-    """~1 % of files: the same mix as bench/run.py's ``small`` churn."""
-    rng = random.Random(f"zfs-churn-{seed}-{round_no}")
-    report: dict[str, int] = {}
-
-    def count(what: str, n: int = 1) -> None:
-        report[what] = report.get(what, 0) + n
-
-    files = _regular_files(root)
-    n = len(files)
-    k_edit, k_append, k_delete, k_chmod = (max(1, round(n * f)) for f in (0.003, 0.002, 0.002, 0.0005))
-    picks = iter(rng.sample(range(n), k=min(n, k_edit + k_append + k_delete + k_chmod)))
-    for _ in range(k_edit):
-        p = files[next(picks)]
-        size = p.stat().st_size
-        if size == 0:
-            continue
-        blen = min(size, rng.randint(64, 4096))
-        with open(p, "r+b") as f:
-            f.seek(rng.randrange(0, size - blen + 1))
-            f.write(data.random(rng, blen))
-        count("edited")
-    for _ in range(k_append):
-        with open(files[next(picks)], "ab") as f:
-            f.write(data.text(rng, rng.randint(1 * KiB, 8 * KiB)))
-        count("appended")
-    for _ in range(k_chmod):
-        p = files[next(picks)]
-        os.chmod(p, 0o600 if (p.stat().st_mode & 0o777) != 0o600 else 0o644)
-        count("chmodded")
-    for _ in range(k_delete):
-        files[next(picks)].unlink()
-        count("deleted")
-    dirs = [d for d in _all_dirs(root) if d != root]
-    for i in range(max(1, round(n * 0.002))):
-        d = dirs[rng.randrange(len(dirs))]
-        (d / f"new{round_no}-{i:05d}.dat").write_bytes(_half_text(data, rng, int(math.exp(rng.uniform(7, 11)))))
-        count("new")
-    newdir = root / f"added-dir-{round_no}"
-    newdir.mkdir()
-    for i in range(max(2, round(n * 0.001))):
-        (newdir / f"a{i:04d}.txt").write_bytes(data.text(rng, rng.randint(1 * KiB, 32 * KiB)))
-        count("new")
-    leaves = [d for d in dirs if d.exists() and not any(c.is_dir() for c in d.iterdir()) and any(d.iterdir())]
-    victim = leaves[len(leaves) // 2]
-    count("renamed_dir_files", sum(1 for c in victim.iterdir() if c.is_file() and not c.is_symlink()))
-    victim.rename(victim.with_name(victim.name + f"-renamed{round_no}"))
-    count("renamed_dirs")
-    return report
 
 
 # ============================================================ measuring
@@ -681,7 +630,8 @@ class Bench:
                 record = self.step(f"nochange{suffix}", record)
                 log(f"churn{suffix}: applying ~1 % churn")
                 t0 = time.perf_counter()
-                report = churn(root, data, a.seed, r)
+                report: dict[str, int] = {}
+                churn_small(root, data, 1.0, a.seed, report, round_no=r)  # bench/run.py's `small` churn mix
                 os.sync()
                 report_s = time.perf_counter() - t0
                 self.doc.setdefault("churn", {})[f"churn{suffix}"] = {**report, "seconds": round(report_s, 1)}

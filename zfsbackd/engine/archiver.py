@@ -49,6 +49,8 @@ CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memor
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
+
+
 @dataclass
 class _Totals:
     """Regular files, their bytes and directories below a directory; kept in its node as tree_*."""
