@@ -64,9 +64,10 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "zfsbackd.cli", "key", "generate", "--key-file", str(key)],
                        check=True, capture_output=True, cwd=REPO)
         config = work / "zfsbackd.yaml"
+        (work / "store").mkdir()  # zfsbackd never creates a store's directory itself
         config.write_text(yaml.safe_dump({
             "state_dir": str(work / "state"),
-            "regions": {"local": {"type": "local", "path": str(work / "store")}},
+            "regions": {"local": {"type": "local", "path": str(work / "store"), "create_if_missing": True}},
             "encryption": {"key_file": str(key)},
             "daemon": {"control_socket": str(work / "control.sock"), "metrics_listen": "127.0.0.1:0"},
             "file_systems": [{"id": f"fs-bench{i}", "source": {"path": str(s)}} for i, s in enumerate(sources)],

@@ -34,6 +34,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -401,8 +402,12 @@ def _hash_file(path: bytes) -> str:
     return h.hexdigest()
 
 
-def manifest(root: Path) -> dict[str, Any]:
-    """Everything that must survive a restore, keyed by relative path (bytes, b'' is the root)."""
+def manifest(root: Path, hash_if: Callable[[bytes], bool] | None = None) -> dict[str, Any]:
+    """Everything that must survive a restore, keyed by relative path (bytes, b'' is the root).
+
+    ``hash_if`` hashes only the files whose relative path it accepts (bench/scale.py's sampled check at
+    millions of files, where reading every file of three trees would outlast the backups).
+    """
     entries: dict[bytes, dict[str, Any]] = {}
     links: dict[tuple[int, int], list[bytes]] = {}
     allocated = 0
@@ -415,7 +420,7 @@ def manifest(root: Path) -> dict[str, Any]:
         e: dict[str, Any] = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
         if stat.S_ISREG(st.st_mode):
             e["size"] = st.st_size
-            e["hash"] = _hash_file(path)
+            e["hash"] = _hash_file(path) if hash_if is None or hash_if(rel) else None
             allocated += st.st_blocks * 512
             if st.st_nlink > 1:
                 links.setdefault((st.st_dev, st.st_ino), []).append(rel)
@@ -646,9 +651,10 @@ class Zfsbackd(Tool):
     def setup(self) -> dict[str, Any]:
         self.runner.run_checked("zfsbackd-key", self.cli("key", "generate", "--key-file", str(self.key)),
                                 env=self.env, cwd=PROJECT)
+        self.repo.mkdir(parents=True, exist_ok=True)  # zfsbackd never creates a store's directory itself
         self.config.write_text(
             f"state_dir: {self.work / 'state' / 'zfsbackd'}\n"
-            f"regions: {{local: {{type: local, path: {self.repo}}}}}\n"
+            f"regions: {{local: {{type: local, path: {self.repo}, create_if_missing: true}}}}\n"
             f"encryption: {{key_file: {self.key}}}\n"
             "file_systems:\n"
             f"  - id: {FS_ID}\n"
@@ -978,14 +984,14 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def restore_and_verify(bench: Any, ds: dict[str, Any], name: str, tools: list[Any], data: Path, mnt: Path,
-                       cold: bool) -> None:
+                       cold: bool, hash_if: Callable[[bytes], bool] | None = None) -> None:
     """Restore each tool's newest backup into ``mnt/restore/<tool>``, compare it with ``data`` and record it.
 
-    ``bench`` is this module's or bench/s3.py's Bench (``_record`` and ``save``).
+    ``bench`` is this module's or bench/s3.py's Bench (``_record`` and ``save``); ``hash_if``: see manifest().
     """
     settle(False)
     t0 = time.perf_counter()
-    source = manifest(data)
+    source = manifest(data, hash_if)
     ds["source_manifest_seconds"] = round(time.perf_counter() - t0, 2)
     for tool in tools:
         target = mnt / "restore" / tool.name
@@ -999,7 +1005,7 @@ def restore_and_verify(bench: Any, ds: dict[str, Any], name: str, tools: list[An
         r = bench._record(ds, "restore", tool, m, {})
         if restored is not None and restored.is_dir():
             t0 = time.perf_counter()
-            r["verify"] = compare(source, manifest(restored))
+            r["verify"] = compare(source, manifest(restored, hash_if))
             r["verify_seconds"] = round(time.perf_counter() - t0, 2)
             r["restored_path"] = str(restored)
         else:
@@ -1015,14 +1021,15 @@ def restore_and_verify(bench: Any, ds: dict[str, Any], name: str, tools: list[An
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, suffix: str = "") -> None:
+        """``suffix`` names another mode's files: ``<stamp><suffix>.json`` and ``<stamp><suffix>-logs``."""
         self.args = args
         self.stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         self.base = Path(args.workdir) / f"zfsbackd-bench-{self.stamp}"
         self.fs = LoopFs(self.base, args.fs)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.result_path = RESULTS / f"{self.stamp}.json"
-        self.logdir = RESULTS / f"{self.stamp}-logs"
+        self.result_path = RESULTS / f"{self.stamp}{suffix}.json"
+        self.logdir = RESULTS / f"{self.stamp}{suffix}-logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.runner = Runner(self.logdir)
         self.tools = [t for t in args.tools.split(",") if t]
@@ -1146,6 +1153,27 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_bench(bench: Bench) -> int:
+    """Run *bench*; on Ctrl-C, SIGTERM or SIGHUP save what was measured. Always clean up (the loop mount).
+
+    Returns the exit code: 0, or 130 when interrupted. bench/scale.py runs its Bench subclass with it too.
+    """
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        bench.results["interrupted"] = True
+        bench.save()
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        bench.cleanup()
+    return 0
+
+
 def main() -> int:
     if "--s3" in sys.argv[1:]:  # the S3 mode lives in bench/s3.py (it imports this file as a module)
         argv = [a for a in sys.argv[1:] if a != "--s3"]
@@ -1185,21 +1213,7 @@ def main() -> int:
     if args.profile and shutil.which("py-spy") is None:
         parser.error("--profile needs py-spy: pip install py-spy")
     ensure_tools(args.fs)
-    bench = Bench(args)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
-    try:
-        bench.run()
-    except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        bench.results["interrupted"] = True
-        bench.save()
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.cleanup()
-    return 0
+    return run_bench(Bench(args))
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ class S3Zfsbackd(base.Zfsbackd):
         regions = {
             name: {"type": "s3", "endpoint_url": self.server.endpoint, "bucket": bucket, "prefix": "zfsbackd/",
                    "region_name": self.server.region, "credentials_file": str(credentials),
-                   "addressing_style": "path"}
+                   "addressing_style": "path", "create_if_missing": True}
             for name, bucket in self.buckets.items()
         }
         config = {

@@ -388,12 +388,13 @@ class Bench:
         configure_logging(stream=self.engine_log, level=logging.INFO, json=True)
         work = self.mountpoint(self.work_ds) / "zfsbackd"
         work.mkdir()
+        (work / "store").mkdir()  # zfsbackd never creates a store's directory itself
         key = work / "store.key"
         generate_key_file(key)
         config = {
             "state_dir": str(work / "state"),
             "home_region": "local",
-            "regions": {"local": {"type": "local", "path": str(work / "store")}},
+            "regions": {"local": {"type": "local", "path": str(work / "store"), "create_if_missing": True}},
             "encryption": {"key_file": str(key)},
             "daemon": {"control_socket": str(work / "control.sock"), "metrics_listen": "127.0.0.1:0"},
             "file_systems": [{"id": FS_ID, "source": {"zfs": self.data_ds}}],

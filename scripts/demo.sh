@@ -33,6 +33,9 @@ if [ ! -e "$demo/README.txt" ]; then
 fi
 [ -f /etc/zfsbackd/store.key ] || "${zfsbackd[@]}" key generate --key-file /etc/zfsbackd/store.key
 "${zfsbackd[@]}" config validate --output table
+# Stores are only ever created deliberately: this creates /var/lib/zfsbackd/store on the first run
+# and reports the existing store (Created: false) on later ones.
+"${zfsbackd[@]}" store init --output table
 
 if [ "${1:-}" != "--tour" ]; then
   cat <<HELP

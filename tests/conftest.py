@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemonkit import DaemonProcess
 from fsfixtures import FsKind, LoopFs, btrfs_subvolume, make_loop_fs, remove_tree
 
 LOOP_FS_MIB = 1024
@@ -71,3 +72,12 @@ def btrfs_subvol(btrfs_fs: LoopFs, request: pytest.FixtureRequest) -> Iterator[P
     path = btrfs_subvolume(btrfs_fs.mountpoint / _unique_name(request))
     yield path
     remove_tree(path)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemon processes a test starts; each is stopped (and its logs kept) afterwards."""
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.close()

@@ -28,16 +28,23 @@ def write_config(
     extra_regions: dict[str, Path] | None = None,
     max_copies: int = 5,
 ) -> Path:
-    """A config with a local store in ``tmp_path`` and one file system per source (``fs-<name>``)."""
+    """A config with a local store in ``tmp_path`` and one file system per source (``fs-<name>``).
+
+    Every region says ``create_if_missing: true`` and its directory is made
+    here, because zfsbackd never creates a store or its directory implicitly
+    (tests/test_store_security.py proves the refusal without it).
+    """
     key = tmp_path / "store.key"
     if encrypted and not key.exists():
         generate_key_file(key)
+    paths = {"local": tmp_path / "store", **(extra_regions or {})}
+    for path in paths.values():
+        path.mkdir(parents=True, exist_ok=True)
     data = {
         "state_dir": str(tmp_path / "state"),
         "home_region": "local",
         "regions": {
-            "local": {"type": "local", "path": str(tmp_path / "store")},
-            **{name: {"type": "local", "path": str(path)} for name, path in (extra_regions or {}).items()},
+            name: {"type": "local", "path": str(path), "create_if_missing": True} for name, path in paths.items()
         },
         "copies": {"max_in_flight_per_region": max_copies},
         "encryption": {"key_file": str(key)} if encrypted else {"mode": "none"},

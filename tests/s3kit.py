@@ -208,6 +208,7 @@ def write_s3_config(
                 "prefix": prefix,
                 "credentials_file": str(credentials_file),
                 "addressing_style": "path",
+                "create_if_missing": True,
             }
         },
         "encryption": {"key_file": str(key)},

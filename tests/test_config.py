@@ -300,11 +300,12 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "encryption: {mode: none}\n")
 
-    def denied(self: Path, encoding: str | None = None) -> str:
+    def denied(self: Path, *args: object, **kwargs: object) -> object:
         raise PermissionError(13, "Permission denied")
 
-    # Root reads any file regardless of its mode, so simulate the refusal.
-    monkeypatch.setattr(Path, "read_text", denied)
+    # Root reads any file regardless of its mode, so simulate the refusal
+    # (tests/test_hostile_input.py also checks it for real, as another user).
+    monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(ConfigError, match="permission denied"):
         load_config(path)
 

@@ -13,10 +13,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 from daemonkit import DaemonProcess
 from enginekit import REPO, make_config, pack_files, run_cli, write_config
@@ -27,14 +25,6 @@ from zfsbackd.engine.engine import Engine
 from zfsbackd.store.records import Lifecycle
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 def _start(daemons: list[DaemonProcess], config: Path, tmp_path: Path, **kwargs: object) -> DaemonProcess:
@@ -286,4 +276,4 @@ def test_alert_rules_pass_promtool() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout

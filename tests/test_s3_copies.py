@@ -36,6 +36,7 @@ def _config(tmp_path: Path, source: Path, server: S3Server, endpoint: str, bucke
             "prefix": "zfsbackd/",
             "credentials_file": str(credentials),
             "addressing_style": "path",
+            "create_if_missing": True,
         }
     config.write_text(yaml.safe_dump(data))
     return config

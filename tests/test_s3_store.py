@@ -68,7 +68,7 @@ def s3_store(server: S3Server, bucket: str, tmp_path: Path, **overrides: object)
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
     if request.param == "local":
-        yield LocalObjectStore(tmp_path / "store")
+        yield LocalObjectStore(tmp_path / "store", create=True)
         return
     server: S3Server = request.getfixturevalue("moto_server")
     yield s3_store(server, request.getfixturevalue("moto_bucket"), tmp_path)

@@ -11,14 +11,15 @@ import argparse
 import faulthandler
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from zfsbackd import __version__
 from zfsbackd.config import load_config, resolve_config_path
@@ -31,9 +32,11 @@ from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    BackupFailed,
     BadRequest,
     ConfigError,
     DaemonNotRunning,
+    KeyFileError,
     ZfsbackdError,
 )
 from zfsbackd.logs import configure_logging
@@ -168,20 +171,33 @@ def _wait_remote(client: DaemonClient, backup: dict[str, Any]) -> dict[str, Any]
                 "Backups"
             ]
             if bar.enabled:
-                sys.stderr.write(f"\rbackup {backup['BackupId']}: {backup['ProgressPercent']}%\033[K")
+                sys.stderr.write(f"\rbackup {backup['BackupId']}: {backup.get('ProgressPercent', 0)}%\033[K")
     finally:
         bar.done()
     return backup
 
 
 def _remote_backup(args: argparse.Namespace, client: DaemonClient, action: str, **params: Any) -> int:
-    """Ask the daemon to create or copy a backup; with --wait, follow it to the end."""
+    """Ask the daemon to create or copy a backup; with --wait, follow it to the end.
+
+    The final record goes to stdout either way (scripts read it); a backup that
+    ended FAILED is also an error (BackupFailed, exit 7) naming the backup and
+    quoting the reason the daemon recorded, since the record is all we get.
+    """
     with client:
         backup = client.call(action, **params)["Backup"]
         if args.wait:
             backup = _wait_remote(client, backup)
     _emit(args, {"Backup": backup})
-    return 0 if backup["Lifecycle"] != "FAILED" else EXIT_INTERNAL
+    if backup["Lifecycle"] == "FAILED":
+        reason = backup.get("FailureDetails", {}).get("Message") or "no reason was recorded"
+        what = "copy" if action == "CopyBackup" else "backup"
+        raise BackupFailed(
+            f"{what} {backup['BackupId']} of {backup['FileSystemId']} ended FAILED: {reason}",
+            backup["BackupId"],
+            backup.get("Region"),
+        )
+    return 0
 
 
 def cmd_create_backup(args: argparse.Namespace) -> int:
@@ -206,8 +222,18 @@ def cmd_create_backup(args: argparse.Namespace) -> int:
     engine = _engine(args)
     bar = TerminalProgress("backup")
     progress = Progress(on_update=bar)
+    created: list[str] = []
     try:
-        record = _with_interrupt(lambda cancel: engine.create_backup(request, progress=progress, cancel=cancel))
+        record = _with_interrupt(
+            lambda cancel: engine.create_backup(
+                request, progress=progress, cancel=cancel, on_record=lambda r: created.append(r.backup_id)
+            )
+        )
+    except ZfsbackdError as error:
+        # The failure keeps its own code and exit code; once the record exists (now FAILED) the
+        # error names it, as the daemon path's BackupFailed does.
+        error.backup_id = created[-1] if created else None  # type: ignore[attr-defined]
+        raise
     finally:
         bar.done()
     _emit(args, {"Backup": record.to_api()})
@@ -229,17 +255,14 @@ def cmd_describe_backups(args: argparse.Namespace) -> int:
             )
         _emit(args, payload)
         return 0
-    records, token = _engine(args).describe_backups(
+    page = _engine(args).describe_backups(
         region=args.region,
         backup_ids=args.backup_id or [],
         filters=filters,
         max_results=args.max_results,
         next_token=args.next_token,
     )
-    payload = {"Backups": [r.to_api() for r in records]}
-    if token:
-        payload["NextToken"] = token
-    _emit(args, payload)
+    _emit(args, page.to_api())
     return 0
 
 
@@ -353,14 +376,64 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_init(args: argparse.Namespace) -> int:
+    """Create the region's store deliberately (idempotent: an existing store the key opens is reported)."""
+    store = _engine(args).init_store(args.region)
+    _emit(
+        args,
+        {
+            "Store": {
+                "Region": store.region,
+                "Location": store.objects.location,
+                "StoreId": store.store_id,
+                "Created": store.created,
+            }
+        },
+    )
+    return 0
+
+
 def cmd_key_generate(args: argparse.Namespace) -> int:
+    if not args.key_file:
+        raise BadRequest("--key-file: the path is empty; give the file to create, e.g. /etc/zfsbackd/store.key")
     path = Path(args.key_file)
-    generate_key_file(path)
+    try:
+        generate_key_file(path)
+    except OSError as exc:  # a directory that cannot be created, a read-only or special file system
+        raise KeyFileError(
+            f"--key-file {path}: cannot create it ({exc.strerror or exc}); choose a path in a writable "
+            "directory on a real file system, e.g. /etc/zfsbackd/store.key"
+        ) from None
     _emit(args, {"KeyFile": {"Path": str(path), "Mode": "0600"}})
     return 0
 
 
 # --------------------------------------------------------------------- parser
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises BadRequest instead of printing usage and exiting.
+
+    A wrong argument is a bad request like any other: it gets the same
+    ``{"Error": …}`` document on stderr and exit code 2, so scripts need one
+    way to read failures. Subcommand parsers are made of this class too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise BadRequest(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def _number_at_least(kind: type[int] | type[float], low: float) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` of at least ``low`` (``nan``, ``inf`` and negatives are refused)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)  # ValueError: argparse reports "invalid <name> value"
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a number of at least {low:g}, got {text!r}")
+        return value
+
+    parse.__name__ = "whole number" if kind is int else "number"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (default: $ZFSBACKD_CONFIG, then /etc/zfsbackd/zfsbackd.yaml)")
@@ -370,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-daemon", action="store_true", help="work in this process even if a daemon runs (reads only are safe)"
     )
 
-    parser = argparse.ArgumentParser(prog="zfsbackd", description="Snapshot backups to object storage.")
+    parser = _ArgumentParser(prog="zfsbackd", description="Snapshot backups to object storage.")
     parser.add_argument("--version", action="version", version=f"zfsbackd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -386,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region")
     p.add_argument("--backup-id", action="append")
     p.add_argument("--filter", action="append", metavar="NAME=VALUE[,VALUE]", help=f"NAME: {', '.join(FILTER_NAMES)}")
-    p.add_argument("--max-results", type=int)
+    p.add_argument("--max-results", type=_number_at_least(int, 1))
     p.add_argument("--next-token")
     p.set_defaults(func=cmd_describe_backups)
 
@@ -421,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", parents=[common], help="remove data no backup needs (runs after delete-backup too)")
     p.add_argument("--region")
     p.add_argument(
-        "--grace-period", type=int, metavar="SECONDS", help="override garbage_collection.grace_period_seconds"
+        "--grace-period",
+        type=_number_at_least(int, 0),
+        metavar="SECONDS",
+        help="override garbage_collection.grace_period_seconds",
     )
     p.set_defaults(func=cmd_gc)
 
@@ -429,13 +505,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("daemon", parents=[common], help="run the service (systemd starts it)")
-    p.add_argument("--tick-seconds", type=float, default=DEFAULT_TICK_SECONDS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--tick-seconds", type=_number_at_least(float, 0.01), default=DEFAULT_TICK_SECONDS, help=argparse.SUPPRESS
+    )
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     v = config_sub.add_parser("validate", parents=[common], help="check a config file; exit 0 if valid, 2 if not")
     v.set_defaults(func=cmd_config_validate)
+
+    p = sub.add_parser("store", help="store tools")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    i = store_sub.add_parser(
+        "init",
+        parents=[common],
+        help="create the region's store (a local region's directory too); zfsbackd never creates one implicitly",
+    )
+    i.add_argument("--region", help="the region (default: the home region)")
+    i.set_defaults(func=cmd_store_init)
 
     p = sub.add_parser("key", help="encryption key tools")
     key_sub = p.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
@@ -449,14 +537,24 @@ def _print_error(error: ZfsbackdError) -> None:
     payload = error.to_dict()
     if isinstance(error, ConfigError) and len(error.errors) > 1:
         payload["Error"]["Errors"] = error.errors  # type: ignore[assignment]
+    backup_id = getattr(error, "backup_id", None)
+    if backup_id:
+        payload["Error"].setdefault("BackupId", backup_id)
+    _print_error_payload(payload)
+
+
+def _print_error_payload(payload: dict[str, Any]) -> None:
+    """Every error goes out in one shape, so scripts (and tests) find it the same way."""
     print(json.dumps(payload, indent=2, ensure_ascii=False), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed usage; 2 is our bad-request code too
+        args = build_parser().parse_args(argv)
+    except ZfsbackdError as error:  # a wrong argument (_ArgumentParser.error)
+        _print_error(error)
+        return error.exit_code
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
     configure_logging(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
@@ -465,25 +563,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(error)
         return error.exit_code
     except (KeyboardInterrupt, BackupCancelled, SlotWaitCancelled):
-        print(
-            json.dumps({"Error": {"Code": "Interrupted", "Message": "interrupted; run the command again to resume"}}),
-            file=sys.stderr,
+        _print_error_payload(
+            {"Error": {"Code": "Interrupted", "Message": "interrupted; run the command again to resume"}}
         )
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         os._exit(0)
     except Exception as error:  # a bug: say so plainly, with what to report
-        print(
-            json.dumps(
-                {
-                    "Error": {
-                        "Code": "InternalError",
-                        "Message": f"{type(error).__name__}: {error}; "
-                        "this is a bug in zfsbackd, please report it with the command you ran",
-                    }
+        _print_error_payload(
+            {
+                "Error": {
+                    "Code": "InternalError",
+                    "Message": f"{type(error).__name__}: {error}; "
+                    "this is a bug in zfsbackd, please report it with the command you ran",
                 }
-            ),
-            file=sys.stderr,
+            }
         )
         logging.getLogger(__name__).debug("internal error", exc_info=True)
         return EXIT_INTERNAL

@@ -34,7 +34,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NoReturn, cast
 from urllib.parse import urlsplit
@@ -52,6 +52,7 @@ REGION_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 
 AddressingStyle = Literal["auto", "path", "virtual"]
 ChecksumMode = Literal["when_supported", "when_required"]
+EntryErrorPolicy = Literal["skip", "fail"]
 
 # --------------------------------------------------------------------------- dataclasses
 
@@ -62,6 +63,8 @@ class LocalRegion:
 
     name: str
     path: Path
+    #: create a store on first use where none exists (the directory must exist; see README, "Stores")
+    create_if_missing: bool = False
     type: Literal["local"] = "local"
 
 
@@ -84,6 +87,8 @@ class S3Region:
     addressing_style: AddressingStyle = "auto"
     storage_class: str | None = None
     checksum_mode: ChecksumMode | None = None
+    #: create a store on first use where none exists (the bucket must exist; see README, "Stores")
+    create_if_missing: bool = False
     type: Literal["s3"] = "s3"
 
 
@@ -131,6 +136,9 @@ class FileSystemConfig:
     pre_snapshot: tuple[str, ...] | None = None
     post_snapshot: tuple[str, ...] | None = None
     hook_timeout_seconds: int = 300
+    #: an entry of the source that cannot be read: "skip" it (counted, listed in the backup's
+    #: Stats, logged) and back up the rest, or "fail" the backup
+    on_entry_error: EntryErrorPolicy = "skip"
 
     @property
     def source_description(self) -> str:
@@ -206,14 +214,14 @@ class Config:
 
 _TOP_KEYS = ("state_dir", "home_region", "regions", "encryption", "file_systems", "daemon", "copies",
              "garbage_collection")
-_LOCAL_KEYS = ("type", "path")
+_LOCAL_KEYS = ("type", "path", "create_if_missing")
 _S3_KEYS = ("type", "endpoint_url", "bucket", "prefix", "region_name", "credentials_file", "ca_bundle",
-            "addressing_style", "storage_class", "checksum_mode")
+            "addressing_style", "storage_class", "checksum_mode", "create_if_missing")
 _ENCRYPTION_KEYS = ("key_file", "mode")
 _FILE_SYSTEM_KEYS = ("id", "source", "daily_backup_start_time", "daily_backup_window_minutes",
                      "automatic_backup_retention_days", "completion_window_minutes", "tags",
                      "copy_tags_to_backups", "copy_to", "allow_copy_snapshots", "pre_snapshot",
-                     "post_snapshot", "hook_timeout_seconds")
+                     "post_snapshot", "hook_timeout_seconds", "on_entry_error")
 _SOURCE_KEYS = ("path", "zfs", "recursive")
 _COPY_RULE_KEYS = ("region", "copy_tags", "retention_days")
 _DAEMON_KEYS = ("control_socket", "control_group", "metrics_listen", "max_parallel_backups",
@@ -252,16 +260,130 @@ _NO_SEXAGESIMAL = {
 }
 
 
+#: Largest config file read. Real ones are a few KiB even with hundreds of file
+#: systems; a bigger file is a wrong path (a log, an image) and would only cost memory.
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Deepest nesting accepted (counting what aliases expand to). A real config
+#: nests 5 levels; PyYAML's composer recurses per level, so ``[[[…]]]`` 10,000
+#: deep would otherwise end in RecursionError — on SIGHUP, inside the daemon.
+MAX_NESTING = 64
+#: Most nodes a document may expand to through aliases: ``&a [*a, *a, …]``
+#: chains ("billion laughs") stay small as text but blow up for every consumer
+#: that walks the values.
+MAX_EXPANDED_NODES = 100_000
+#: sun_path holds 108 bytes with the terminating NUL; a longer socket path cannot be bound
+MAX_SOCKET_PATH_BYTES = 107
+
+
 class _DuplicateKeyError(yaml.constructor.ConstructorError):
     """A key given twice in one mapping; its message already says how to fix it."""
 
 
+class _LimitError(yaml.composer.ComposerError):
+    """The document is nested too deeply or its aliases expand too far; the message says how to fix it."""
+
+
+class _ScalarError(yaml.constructor.ConstructorError):
+    """A scalar that matched a type (int, timestamp, ``!!bool``…) but has no value of that type."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand beyond MAX_NESTING levels or MAX_EXPANDED_NODES nodes.
+
+    Aliases share nodes, so the graph is walked once (memoised per node, no
+    recursion) while the expanded depth and size are summed; an alias used
+    inside its own anchor (``&a [*a]``) is a cycle and has no finite expansion.
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_EXPANDED_NODES or depth[key] > MAX_NESTING:
+                raise _LimitError(
+                    None, None,
+                    f"the aliases (*name) in the value starting here expand to more than "
+                    f"{MAX_EXPANDED_NODES:,} values or {MAX_NESTING} levels of nesting; write the "
+                    "values out instead of nesting aliases in aliases",
+                    node.start_mark,
+                )
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise _LimitError(
+                None, None,
+                "this anchor (&name) is used inside its own value through an alias (*name), which never "
+                "ends; remove that alias",
+                node.start_mark,
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in size)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that keeps ``14:30`` as text and refuses duplicate keys.
+    """SafeLoader that keeps ``14:30`` as text, refuses duplicate keys and bounds hostile input.
 
     A duplicate key is nearly always a copy-paste mistake whose first value the
     admin believes is in force; YAML would keep the last one without a word.
+    Nesting and alias expansion are bounded (MAX_NESTING, MAX_EXPANDED_NODES)
+    and a scalar that cannot be converted to its type is a YAML error with its
+    line, so that no file can make loading fail with anything but ConfigError.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        # Checked before descending: the composer recurses once per level.
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise _LimitError(
+                    None, None,
+                    f"values are nested more than {MAX_NESTING} levels deep here; a zfsbackd config "
+                    "nests about 5 — check for unclosed or repeated [ and {",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise _ScalarError(
+                None, None,
+                f"{show(node.value)} is not a valid {kind}; put it in quotes if it is meant as text",
+                node.start_mark,
+            ) from None
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[object, object]:
         if isinstance(node, yaml.MappingNode):
@@ -300,9 +422,9 @@ def _yaml_problem(text: str, exc: yaml.YAMLError) -> str:
         context = ""
         if exc.context and exc.context_mark is not None:
             context = f" ({exc.context} on line {exc.context_mark.line + 1})"
-        if isinstance(exc, _DuplicateKeyError):
+        if isinstance(exc, _DuplicateKeyError | _LimitError | _ScalarError):
             return f"{where}: {exc.problem}"
-        if isinstance(exc, yaml.constructor.ConstructorError):
+        if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(exc.problem):
             return f"{where}: {exc.problem}{context}; zfsbackd reads plain YAML only, remove the tag"
         if "'\\t'" in str(exc.problem):
             return f"{where}: {exc.problem}{context}; indent with spaces, YAML does not allow tabs"
@@ -330,7 +452,12 @@ def load_config(path: str | Path) -> Config:
     """Read, parse and validate the config file at ``path``; raise ConfigError listing every problem."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)  # bounded: --config may name a huge file or a device
+        if len(raw) > MAX_CONFIG_BYTES:
+            _fail(source, [f"larger than {MAX_CONFIG_BYTES // 1024} KiB, which no zfsbackd config is; check "
+                           f"that --config or ${CONFIG_ENV_VAR} names the YAML file"])
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         _fail(source, ["file not found; create it (config/zfsbackd.example.yaml shows every key) or point "
                        f"--config or ${CONFIG_ENV_VAR} at the right file"])
@@ -654,6 +781,8 @@ def _parse_regions(top: _Section, state_dir: Path) -> tuple[dict[str, Region], l
         section = _Section(body, path, known, top.problems)
         if section.require("type", "set type: local (a directory) or type: s3 (an S3-compatible bucket)"):
             section.opt_choice("type", ("local", "s3"), "local is a directory, s3 an S3-compatible bucket")
+        # Validated for every type (also an unknown one), so that all problems show at once.
+        create_if_missing = section.bool_("create_if_missing", False)
         if kind == "local":
             local_hint = f"give the store directory as an absolute path, e.g. {state_dir / 'store'}"
             section.require("path", local_hint)
@@ -663,11 +792,11 @@ def _parse_regions(top: _Section, state_dir: Path) -> tuple[dict[str, Region], l
                 if other != name:
                     section.add("path", f"{store_path} is also the path of region {other}; each region "
                                         "needs its own directory")
-                regions[str(name)] = LocalRegion(str(name), store_path)
+                regions[str(name)] = LocalRegion(str(name), store_path, create_if_missing=create_if_missing)
         elif kind == "s3":
             region = _parse_s3(section, str(name))
             if region is not None:
-                regions[str(name)] = region
+                regions[str(name)] = replace(region, create_if_missing=create_if_missing)
     return regions, names, False
 
 
@@ -881,6 +1010,10 @@ def _parse_file_system(item: object, path: str, names: list[str], home: str,
         post_snapshot=_parse_hook(fs, "post_snapshot"),
         hook_timeout_seconds=fs.int_("hook_timeout_seconds", 300, 1, 86400,
                                      "use a number of seconds from 1 to 86400 (a day)"),
+        on_entry_error=cast(EntryErrorPolicy, fs.opt_choice(
+            "on_entry_error", ("skip", "fail"),
+            "skip backs up everything readable and lists what was not; fail fails the backup instead",
+        ) or "skip"),
     )
 
 
@@ -916,6 +1049,9 @@ def _parse_daemon(top: _Section) -> DaemonConfig:
         daemon.add("control_group", f"{show(group)} is not a valid group name; {group_hint}")
         group = None
     socket = daemon.opt_path("control_socket", f"give an absolute path, e.g. {default.control_socket}")
+    if socket is not None and len(os.fsencode(socket)) > MAX_SOCKET_PATH_BYTES:
+        daemon.add("control_socket", f"{show(str(socket))} is {len(os.fsencode(socket))} bytes long, but a Unix "
+                                     f"socket path can have at most {MAX_SOCKET_PATH_BYTES}; choose a shorter path")
     return DaemonConfig(
         control_socket=socket or default.control_socket,
         control_group=group,

@@ -16,6 +16,7 @@ EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_STORE = 5
 EXIT_INTEGRITY = 6
+EXIT_BACKUP_FAILED = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -128,3 +129,70 @@ class RestoreError(ZfsbackdError):
 
     code = "RestoreFailed"
     exit_code = EXIT_BAD_REQUEST
+
+
+class StoreNotInitialized(ZfsbackdError):
+    """A region holds no store, and none may be created implicitly.
+
+    Stores are created deliberately (``zfsbackd store init`` or the region's
+    ``create_if_missing: true``), so that an unmounted file system or a
+    mistyped path never quietly receives backups.
+    """
+
+    code = "StoreNotInitialized"
+    exit_code = EXIT_NOT_FOUND
+
+
+class BackupFailed(ZfsbackdError):
+    """A backup or copy the daemon ran ended FAILED; ``create-backup``/``copy-backup --wait`` report it.
+
+    The record keeps only the failure's message (its FailureDetails), so the
+    code is this one whatever stopped the backup; the error names the backup
+    so that a script can look at it (describe-backups) or delete it.
+    """
+
+    code = "BackupFailed"
+    exit_code = EXIT_BACKUP_FAILED
+
+    def __init__(self, message: str, backup_id: str | None = None, region: str | None = None) -> None:
+        super().__init__(message)
+        self.backup_id = backup_id
+        self.region = region
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        payload = super().to_dict()
+        if self.backup_id:
+            payload["Error"]["BackupId"] = self.backup_id
+        if self.region:
+            payload["Error"]["Region"] = self.region
+        return payload
+
+
+class DaemonBusy(ZfsbackdError):
+    """The daemon cannot take the request now (every control connection or backup worker is busy)."""
+
+    code = "DaemonBusy"
+    exit_code = EXIT_CONFLICT
+
+
+class DaemonUnresponsive(ZfsbackdError):
+    """A daemon listens on the control socket but did not answer, or answered garbage."""
+
+    code = "DaemonUnresponsive"
+    exit_code = EXIT_STORE
+
+
+#: documented in README.md ("Exit codes"); not a bad request: the same restore works once there is room
+EXIT_TARGET_FULL = 8
+
+
+class RestoreTargetFull(RestoreError):
+    """The restore target ran out of space or quota (ENOSPC, EDQUOT): free space and run the restore again.
+
+    A subclass of :class:`RestoreError` (whoever catches restore failures catches it) with
+    its own code and exit code, so that a script can tell "make room and retry" apart
+    from a request that will never work.
+    """
+
+    code = "InsufficientStorage"
+    exit_code = EXIT_TARGET_FULL

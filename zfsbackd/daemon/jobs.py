@@ -19,7 +19,7 @@ import structlog
 
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.engine.progress import Progress
-from zfsbackd.errors import BackupInProgress
+from zfsbackd.errors import BackupInProgress, DaemonBusy
 from zfsbackd.store.records import BackupRecord
 
 log = structlog.get_logger(__name__)
@@ -45,7 +45,13 @@ class BackupJob:
         if self.record is None:
             if self.error is not None:
                 raise self.error
-            raise TimeoutError(f"backup of {self.request.file_system_id} did not start within {timeout:.0f} s")
+            # Every worker is busy (daemon.max_parallel_backups): an ordinary state, not a bug.
+            fs_id = self.request.file_system_id
+            raise DaemonBusy(
+                f"the backup of {fs_id} did not start within {timeout:.0f} s because every backup worker is busy "
+                f"(daemon.max_parallel_backups); it stays queued and starts when one finishes — follow it with "
+                f"`zfsbackd describe-backups --filter file-system-id={fs_id}`"
+            )
         return self.record
 
 

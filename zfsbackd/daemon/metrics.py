@@ -47,6 +47,7 @@ class _StateCollector(Collector):
         )
         counts: dict[tuple[str, str, str], int] = {}
         last_ok: dict[str, float] = {}
+        last_skipped: dict[str, int] = {}  # entries the newest successful backup skipped, per file system
         for r in s.records:
             if r.lifecycle == Lifecycle.DELETED:
                 continue
@@ -54,6 +55,8 @@ class _StateCollector(Collector):
             counts[key] = counts.get(key, 0) + 1
             if r.lifecycle == Lifecycle.AVAILABLE and r.source_backup_id is None:
                 done = (r.completion_time or r.creation_time).timestamp()
+                if done >= last_ok.get(r.file_system_id, 0.0):
+                    last_skipped[r.file_system_id] = r.stats.entries_skipped_with_errors
                 last_ok[r.file_system_id] = max(last_ok.get(r.file_system_id, 0.0), done)
         for key, n in sorted(counts.items()):
             backups.add_metric(list(key), n)
@@ -66,6 +69,16 @@ class _StateCollector(Collector):
         for fs_id, ts in sorted(last_ok.items()):
             last.add_metric([fs_id], ts)
         yield last
+        # From the records, not a counter: it survives a daemon restart, and clears with the
+        # next clean backup (what the ZfsbackdBackupSkippedEntries alert needs).
+        skipped = GaugeMetricFamily(
+            "zfsbackd_last_backup_entries_skipped",
+            "Entries the newest AVAILABLE backup of the file system skipped because they could not be read",
+            labels=["file_system_id"],
+        )
+        for fs_id, n in sorted(last_skipped.items()):
+            skipped.add_metric([fs_id], n)
+        yield skipped
         running = GaugeMetricFamily(
             "zfsbackd_backup_in_progress", "1 while a backup of the file system runs", labels=["file_system_id"]
         )
@@ -136,6 +149,12 @@ class DaemonMetrics:
         self.files = Counter(
             "zfsbackd_files_processed_total", "Files in finished backups", ["file_system_id"], registry=r
         )
+        self.entries_skipped = Counter(
+            "zfsbackd_entries_skipped_total",
+            "Entries left out of finished backups because they could not be read (on_entry_error: skip)",
+            ["file_system_id"],
+            registry=r,
+        )
         self.retention_deletions = Counter(
             "zfsbackd_retention_deletions_total",
             "Automatic backups deleted by retention",
@@ -158,6 +177,8 @@ class DaemonMetrics:
     def observe_backup(self, record: BackupRecord, outcome: str) -> None:
         labels = (record.file_system_id, record.backup_type.value)
         self.finished.labels(*labels, outcome).inc()
+        # Created at 0 by any finished backup, so that a first skip shows as an increase.
+        skipped = self.entries_skipped.labels(record.file_system_id)
         if outcome == "available":
             st = record.stats
             self.duration.labels(*labels).observe(st.duration_seconds)
@@ -165,6 +186,7 @@ class DaemonMetrics:
             self.bytes_uploaded.labels(record.file_system_id).inc(st.bytes_uploaded)
             self.bytes_deduplicated.labels(record.file_system_id).inc(st.bytes_deduplicated)
             self.files.labels(record.file_system_id).inc(st.files)
+            skipped.inc(st.entries_skipped_with_errors)
 
     def serve(self, listen: str) -> tuple[str, int]:
         """Start the HTTP listener; returns the bound (host, port) (port 0 picks a free one)."""

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from zfsbackd import __version__
 from zfsbackd.config import Config, load_config
-from zfsbackd.daemon.control import ControlServer
+from zfsbackd.daemon.control import Action, ControlServer, Kind, Param
 from zfsbackd.daemon.copies import CopyScheduler
 from zfsbackd.daemon.jobs import BackupJob, JobRunner
 from zfsbackd.daemon.metrics import DaemonMetrics, StateSnapshot
@@ -29,17 +29,30 @@ from zfsbackd.daemon.schedule import automatic_backup_due, expired_backups, next
 from zfsbackd.daemon.sdnotify import Notifier
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import BackupRequest, Engine
-from zfsbackd.engine.locks import SlotWaitCancelled
-from zfsbackd.errors import BadRequest, ConfigError, ZfsbackdError
+from zfsbackd.engine.locks import SlotWaitCancelled, StoreBusy
+from zfsbackd.errors import ConfigError, ZfsbackdError
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle, utc_now
 from zfsbackd.validation import validate_tags
 
 log = structlog.get_logger(__name__)
+_Listener = TypeVar("_Listener")
 
 DEFAULT_TICK_SECONDS = 30.0
 #: record property set on copies made by a `copy_to` rule that has `retention_days`
 COPY_RETENTION_PROPERTY = "CopyRetentionDays"
 STORE_SIZE_EVERY_SECONDS = 300.0
+
+
+def _listen(key: str, address: object, bind: Callable[[], _Listener]) -> _Listener:
+    """Open a listener the config names. Failing to (address in use, no such directory) is a config
+    problem the admin fixes at that key, not a bug: ConfigError (exit 2) instead of a traceback."""
+    try:
+        return bind()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: cannot listen on {address}: {exc.strerror or exc}; stop what uses it, or choose another "
+            "address in the config"
+        ) from None
 
 
 class Daemon:
@@ -78,24 +91,51 @@ class Daemon:
         self._ready = False
 
     # ------------------------------------------------------------------ control
-    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    def handlers(self) -> dict[str, Action]:
+        """The control socket's actions and the parameters each accepts.
+
+        The socket type-checks every request against these declarations before
+        a handler runs (a wrong type is BadRequest, not a TypeError deep in the
+        engine); handlers get every declared key, None when not given. What a
+        value means (a backup id's format, a known region) the engine checks,
+        with the same words as for the CLI's in-process path.
+        """
+        text, required, tags = Param(Kind.TEXT), Param(Kind.TEXT, required=True), Param(Kind.TEXT_MAP)
         return {
-            "CreateBackup": self._create_backup,
-            "DescribeBackups": self._describe_backups,
-            "DeleteBackup": self._delete_backup,
-            "CopyBackup": self._copy_backup,
-            "Status": lambda _params: {"Daemon": self.status()},
+            "CreateBackup": Action(
+                self._create_backup,
+                {"FileSystemId": required, "Name": text, "Tags": tags, "ClientRequestToken": text},
+            ),
+            "DescribeBackups": Action(
+                self._describe_backups,
+                {
+                    "Region": text,
+                    "BackupIds": Param(Kind.TEXT_LIST),
+                    "Filters": Param(Kind.TEXT_LIST_MAP),
+                    "MaxResults": Param(Kind.INTEGER),
+                    "NextToken": text,
+                },
+            ),
+            "DeleteBackup": Action(self._delete_backup, {"BackupId": required, "Region": text}),
+            "CopyBackup": Action(
+                self._copy_backup,
+                {
+                    "SourceBackupId": required,
+                    "SourceRegion": text,
+                    "DestinationRegion": required,
+                    "CopyTags": Param(Kind.BOOLEAN),
+                    "Tags": tags,
+                },
+            ),
+            "Status": Action(lambda _params: {"Daemon": self.status()}),
         }
 
     def _create_backup(self, params: dict[str, Any]) -> dict[str, Any]:
-        tags = params.get("Tags") or {}
-        if not isinstance(tags, dict):
-            raise BadRequest('"Tags" must be an object of key → value')
         request = BackupRequest(
-            file_system_id=str(params.get("FileSystemId", "")),
-            name=params.get("Name"),
-            tags=validate_tags(tags, "--tag"),
-            client_request_token=params.get("ClientRequestToken"),
+            file_system_id=params["FileSystemId"],
+            name=params["Name"],
+            tags=validate_tags(params["Tags"] or {}, "--tag"),
+            client_request_token=params["ClientRequestToken"],
         )
         engine = self.engine
         engine.config.file_system(request.file_system_id)
@@ -106,7 +146,7 @@ class Daemon:
         return {"Backup": job.wait_started().to_api()}
 
     def _describe_backups(self, params: dict[str, Any]) -> dict[str, Any]:
-        records, token = self.engine.describe_backups(
+        page = self.engine.describe_backups(
             region=params.get("Region"),
             backup_ids=params.get("BackupIds") or [],
             filters=params.get("Filters") or {},
@@ -114,37 +154,26 @@ class Daemon:
             next_token=params.get("NextToken"),
         )
         running = {j.record.backup_id: j for j in self.runner.running().values() if j.record}
-        out = []
-        for r in records:
-            api = r.to_api()
-            job = running.get(r.backup_id)
+        result = page.to_api()
+        for api in result["Backups"]:
+            job = running.get(api["BackupId"])
             if job is not None:
                 api["ProgressPercent"] = job.progress.percent
-            out.append(api)
-        result: dict[str, Any] = {"Backups": out}
-        if token:
-            result["NextToken"] = token
         return result
 
     def _delete_backup(self, params: dict[str, Any]) -> dict[str, Any]:
-        record = self.engine.delete_backup(str(params.get("BackupId", "")), region=params.get("Region"), collect=False)
+        record = self.engine.delete_backup(params["BackupId"], region=params["Region"], collect=False)
         self._gc_pending.add(record.region)  # collected when no backup runs
         self._wake.set()
         return {"BackupId": record.backup_id, "Lifecycle": record.lifecycle.value}
 
     def _copy_backup(self, params: dict[str, Any]) -> dict[str, Any]:
-        tags = params.get("Tags") or {}
-        if not isinstance(tags, dict):
-            raise BadRequest('"Tags" must be an object of key → value')
-        destination = params.get("DestinationRegion")
-        if not isinstance(destination, str):
-            raise BadRequest('"DestinationRegion" is required')
         record = self.engine.request_copy(
-            str(params.get("SourceBackupId", "")),
-            destination_region=destination,
-            source_region=params.get("SourceRegion"),
-            copy_tags=bool(params.get("CopyTags")),
-            tags=tags,
+            params["SourceBackupId"],
+            destination_region=params["DestinationRegion"],
+            source_region=params["SourceRegion"],
+            copy_tags=bool(params["CopyTags"]),
+            tags=params["Tags"] or {},
         )
         self.copies.enqueue(record)
         return {"Backup": record.to_api()}
@@ -169,8 +198,11 @@ class Daemon:
         Metrics come first so that an unreachable store shows (zfsbackd_ready 0,
         zfsbackd_store_reachable 0) while the daemon waits for it.
         """
+        daemon = self.config.daemon
         if self.serve:
-            self.metrics_address = self.metrics.serve(self.config.daemon.metrics_listen)
+            self.metrics_address = _listen(
+                "daemon.metrics_listen", daemon.metrics_listen, lambda: self.metrics.serve(daemon.metrics_listen)
+            )
         delay = 1.0
         while not self._stop.is_set():
             try:
@@ -187,8 +219,10 @@ class Daemon:
         if self._stop.is_set():
             return
         if self.serve:
-            self.control = ControlServer(
-                self.config.daemon.control_socket, self.handlers(), group=self.config.daemon.control_group
+            self.control = _listen(
+                "daemon.control_socket",
+                daemon.control_socket,
+                lambda: ControlServer(daemon.control_socket, self.handlers(), group=daemon.control_group),
             )
             self.control.start()
         self._resume_interrupted()
@@ -269,12 +303,25 @@ class Daemon:
         self._wake.set()
 
     def reload(self) -> None:
+        """Re-read the config (SIGHUP). A reload that fails, for any reason, never stops the daemon.
+
+        A bad file is the expected failure (ConfigError, logged with every
+        problem). Anything else is a bug in reading it, but it must not take
+        down the backups the running configuration still schedules, so it is
+        logged with its traceback and the old configuration keeps serving.
+        """
         self.notifier.reloading()
         try:
             config = load_config(self.config_path)
-        except ConfigError as exc:
-            log.error("reload_rejected", config=str(self.config_path), errors=exc.errors)
-            self.notifier.ready(f"reload rejected, old configuration kept: {len(exc.errors)} problem(s)")
+            engine = Engine(config, clock=self.clock)
+        except ZfsbackdError as exc:
+            problems = exc.errors if isinstance(exc, ConfigError) else [exc.message]
+            log.error("reload_rejected", config=str(self.config_path), code=exc.code, errors=problems)
+            self.notifier.ready(f"reload rejected, old configuration kept: {len(problems)} problem(s)")
+            return
+        except Exception as exc:
+            log.exception("reload_failed", config=str(self.config_path), error=f"{type(exc).__name__}: {exc}")
+            self.notifier.ready(f"reload failed ({type(exc).__name__}), old configuration kept")
             return
         old = self.config
         for what, before, after in (
@@ -285,7 +332,7 @@ class Daemon:
             if before != after:
                 log.warning("reload_needs_restart", key=what, running=str(before), configured=str(after))
         self.config = config
-        self.engine = Engine(config, clock=self.clock)
+        self.engine = engine
         log.info("config_reloaded", config=str(self.config_path), file_systems=[fs.id for fs in config.file_systems])
         self.notifier.ready(self._status_line())
 
@@ -317,8 +364,12 @@ class Daemon:
         self._expire_copies(engine, now)
         if self._gc_pending and not self.runner.running() and not self.copies.counts()[0]:
             for region in sorted(self._gc_pending):
-                engine.collect_garbage(region)
-            self._gc_pending.clear()
+                try:
+                    engine.collect_garbage(region, wait=False)
+                except StoreBusy as exc:
+                    log.info("garbage_collection_deferred", region=region, reason=exc.message)
+                    continue  # stays pending: the next tick tries again
+                self._gc_pending.discard(region)
             self._store_size_at = 0.0
         self._refresh_state(store.load_records(), now)
         self.notifier.status(self._status_line())

@@ -6,6 +6,15 @@ work gets slower with more threads), while reading, chunking, hashing,
 compressing, encrypting and uploading — native calls that release the GIL —
 run on a small pool. A bounded number of file jobs is in flight, each reading
 in bounded blocks, so memory stays bounded whatever the file sizes.
+
+The walk is depth first with an explicit stack of directory frames, so no tree
+is too deep for it. It reads the source by path (``Snapshot.path``; file
+contents through ``Snapshot.open_file``, resolved beneath the snapshot root),
+so an entry whose path is longer than PATH_MAX cannot be read: it is one more
+unreadable entry. An unreadable entry (EACCES, EIO, ENAMETOOLONG, …) is skipped
+with its subtree, counted and listed in the statistics, or fails the backup,
+as the file system's ``on_entry_error`` says; one that vanished since it was
+listed only counts as vanished. Only the snapshot's root must be readable.
 """
 
 from __future__ import annotations
@@ -19,11 +28,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeVar
 
 import pyfastcdc
 import structlog
 
 from zfsbackd.engine.progress import Progress
+from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.records import BackupStats
@@ -41,6 +52,7 @@ from zfsbackd.store.tree import (
 from zfsbackd.store.writer import PackWriter
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 READ_BLOCK = 8 * 1024 * 1024
 READ_ATTEMPTS = 3
@@ -49,6 +61,15 @@ CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memor
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
+#: skipped entries whose path and reason the backup record keeps (all of them are counted and logged)
+SKIPPED_ENTRIES_KEPT = 100
+#: what an unreadable entry does to the backup (the file system's ``on_entry_error``)
+EntryErrorPolicy = Literal["skip", "fail"]
+ENTRY_ERROR_POLICIES: tuple[EntryErrorPolicy, ...] = ("skip", "fail")
+# An entry that went away between being listed and being read: gone (ENOENT), a directory
+# on its path replaced by a file (ENOTDIR) or by a symlink (ELOOP: files are opened
+# following no symlinks). A live tree changing, not an error.
+VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 
 
 @dataclass
@@ -74,11 +95,51 @@ class BackupCancelled(Exception):
     """The backup was asked to stop (SIGTERM, Ctrl-C); it will resume from its uploaded packs."""
 
 
+class SourceReadError(SnapshotError):
+    """Part of the snapshot could not be read: its root, or any entry under ``on_entry_error: fail``.
+
+    A :class:`SnapshotError` (``SnapshotFailed``, exit 2): the source needs attention, not zfsbackd.
+    """
+
+
+class _EntryError(Exception):
+    """An ``OSError`` while reading one entry of the source, with what was being done.
+
+    Deliberately not an ``OSError``: only source reads are wrapped in it, so an error of the
+    store met in between (a full local disk) can never pass for an unreadable file and be
+    skipped — it still fails the backup.
+    """
+
+    def __init__(self, what: str, error: OSError) -> None:
+        super().__init__(what, error)
+        self.what = what
+        self.error = error
+
+
 @dataclass
 class _FileOutcome:
-    node: Node | None  # None: the file vanished before it could be read
+    node: Node | None  # None: the file vanished, or could not be read (then ``problem`` says why)
     bytes_read: int = 0
     changed_while_read: bool = False
+    problem: _EntryError | None = None
+
+
+@dataclass(eq=False)
+class _DirFrame:
+    """A directory of the walk in progress: its entries, how far it got, and its node in its parent.
+
+    The walk keeps these on an explicit stack instead of recursing, so a tree of any depth
+    fits (recursion stopped at about 490 levels, two Python frames per level).
+    """
+
+    rel: bytes
+    dev: int  # entries on another device are mount points
+    previous: dict[bytes, Node]  # the parent backup's entries of this directory
+    entries: list[os.DirEntry[bytes]]
+    node: Node | None  # this directory's node, finished when its tree is written; None for the root
+    position: int = 0  # entries[:position] are done or on the read pool
+    nodes: list[Node] = field(default_factory=list)
+    pending: list[tuple[Future[_FileOutcome], bytes]] = field(default_factory=list)  # file jobs, by path
 
 
 @dataclass
@@ -173,7 +234,11 @@ class Archiver:
         read_workers: int = 3,
         max_jobs: int = 256,
         changes: ChangeSet | PendingChanges | None = None,
+        on_entry_error: EntryErrorPolicy = "skip",
+        fs_id: str = "",
+        backup_id: str = "",
     ) -> None:
+        """*on_entry_error*, *fs_id* and *backup_id* say what an unreadable entry does and where to report it."""
         self.store = store
         self.writer = writer
         self.snapshot = snapshot
@@ -187,6 +252,11 @@ class Archiver:
         self.progress = progress or Progress()
         self.cancel = cancel or threading.Event()
         self.counters = _Counters()
+        if on_entry_error not in ENTRY_ERROR_POLICIES:
+            raise ValueError(f"on_entry_error must be one of {ENTRY_ERROR_POLICIES}, not {on_entry_error!r}")
+        self.on_entry_error = on_entry_error
+        self.fs_id, self.backup_id = fs_id, backup_id
+        self._log = log.bind(fs_id=fs_id, backup_id=backup_id)
         p = store.chunker
         self.cdc = pyfastcdc.FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
         self.small_file = p.min_size
@@ -195,12 +265,13 @@ class Archiver:
         self._jobs = threading.BoundedSemaphore(max_jobs)
         self._prefetched: dict[str, Future[dict[bytes, Node] | None]] = {}
         self._prefetch_lock = threading.Lock()
+        self._walk_over = threading.Event()  # stops the parent-tree prefetch: nothing will read its trees
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
         """Archive the whole snapshot; returns (root tree id hex, statistics)."""
         try:
-            root_st = os.lstat(self.root)
+            root_st = self._read_root(os.lstat, self.root)
             parent_root = self._parent_root_node()
             if parent_root is None:
                 self.changes = self._pending = None  # nothing to reuse: every entry is examined
@@ -219,17 +290,32 @@ class Archiver:
                     name="zfsbackd-tree-prefetch",
                 ).start()
             parent_subtree = parent_root.get("subtree") if parent_root else None
-            subtree, totals = self._archive_dir(b"", parent_subtree, root_st.st_dev)
+            root_frame = self._read_root(self._enter_dir, b"", parent_subtree, root_st.st_dev, None)
+            subtree, totals = self._walk(root_frame)
+            root_xattrs = self._read_root(read_xattrs, self.root)
             root_node = _meta_node(ROOT_NAME.encode(), root_st)
-            root_node.update(type="dir", subtree=subtree, xattrs=encode_xattrs(read_xattrs(self.root)))
+            root_node.update(type="dir", subtree=subtree, xattrs=encode_xattrs(root_xattrs))
             root_node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
             root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
             stats = self.counters.stats
             stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1
             return root_id.hex(), stats
         finally:
+            self._walk_over.set()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._chunk_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_root(self, read: Callable[..., _T], *args: object) -> _T:
+        """``read(*args)`` on the snapshot's root, whose OSError fails the backup (there is nothing to skip to)."""
+        try:
+            return read(*args)
+        except OSError as exc:
+            code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            raise SourceReadError(
+                f"file_systems[{self.fs_id}]: backup {self.backup_id}: cannot read {os.fsdecode(self.root)}, the "
+                f"root of the snapshot ({code}: {exc.strerror or exc}); check that the source is mounted and "
+                "readable, then run the backup again"
+            ) from exc
 
     # ----------------------------------------------------------------- parent
     def _parent_root_node(self) -> Node | None:
@@ -249,6 +335,8 @@ class Archiver:
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="zfsbackd-tree") as pool:
             while level and not self.cancel.is_set():
                 with self._prefetch_lock:
+                    if self._walk_over.is_set():  # nor would it outlive us: a late submit at exit raises
+                        return
                     if len(self._prefetched) + len(level) > PREFETCH_TREES:
                         return
                     futures = {t: pool.submit(self._read_parent_tree, t) for t in dict.fromkeys(level)}
@@ -282,19 +370,53 @@ class Archiver:
     def _path(self, rel: bytes) -> bytes:
         return self.snapshot.path(rel)
 
-    def _archive_dir(self, rel: bytes, parent_tree: str | None, dev: int) -> tuple[str, _Totals]:
-        """Archive the directory *rel*, which lives on device *dev* (entries elsewhere are mount points)."""
+    def _walk(self, root_frame: _DirFrame) -> tuple[str, _Totals]:
+        """Archive the tree below *root_frame*, depth first, with an explicit stack (no recursion).
+
+        Each directory's tree is written once all of its entries are known, exactly as a
+        recursive walk would: the same trees, the same ids, so an unchanged directory
+        still reuses its parent backup's tree id.
+        """
+        stack = [root_frame]
+        while True:
+            frame = stack[-1]
+            child = self._scan(frame)
+            if child is not None:
+                stack.append(child)
+                continue
+            stack.pop()
+            subtree, totals = self._finish_dir(frame)
+            if not stack:
+                return subtree, totals
+            node = frame.node
+            assert node is not None  # only the root frame has none, and it is the last one popped
+            node.update(subtree=subtree, tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
+            stack[-1].nodes.append(node)
+
+    def _enter_dir(self, rel: bytes, parent_tree: str | None, dev: int, node: Node | None) -> _DirFrame:
+        """List the directory *rel* (on device *dev*) for the walk; OSError if it cannot be listed."""
         if self.cancel.is_set():
             raise BackupCancelled()
         previous = self._load_tree(parent_tree) or {}
-        changes = self._change_set()
-        nodes: list[Node] = []
-        pending: list[tuple[Future[_FileOutcome], Node | None]] = []
-        stats = self.counters.stats
         with os.scandir(self._path(rel)) as it:
             entries = sorted(it, key=lambda e: e.name)
-        unchanged_files = unchanged_bytes = 0  # reported to the progress once per directory
-        for entry in entries:
+        return _DirFrame(rel, dev, previous, entries, node)
+
+    def _scan(self, frame: _DirFrame) -> _DirFrame | None:
+        """Go on through *frame*'s entries; returns the next subdirectory to walk, or None when done.
+
+        Regular files go to the read pool; everything else is recorded here. Runs once per
+        entry, so it is kept lean: the per-entry error handling costs nothing until an error.
+        """
+        rel, previous, entries, nodes = frame.rel, frame.previous, frame.entries, frame.nodes
+        changes = self._change_set()
+        stats = self.counters.stats
+        unchanged_files = unchanged_bytes = 0  # reported to the progress once per call
+        descend: _DirFrame | None = None
+        index = frame.position
+        while index < len(entries):
+            entry = entries[index]
+            index += 1
             name = entry.name
             child = rel + b"/" + name if rel else name
             before = previous.get(name)
@@ -306,7 +428,8 @@ class Archiver:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
+            except OSError as exc:
+                self._entry_problem(child, "stat", exc)
                 continue
             if (st.st_dev, st.st_ino) in self.excluded:
                 continue
@@ -321,36 +444,120 @@ class Archiver:
                     self._jobs.acquire()
                     future = self._pool.submit(self._read_file, child, name)
                     future.add_done_callback(lambda _f: self._jobs.release())
-                    pending.append((future, before))
+                    frame.pending.append((future, child))
             elif stat.S_ISDIR(mode):
-                nodes.append(self._dir_node(child, name, st, before, dev))
+                descend = self._dir_entry(frame, child, name, st, before)
+                if descend is not None:
+                    break
             elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(self._path(child))
+                except OSError as exc:
+                    self._entry_problem(child, "read the symlink", exc)
+                    continue
                 stats.symlinks += 1
                 node = _meta_node(name, st)
-                node.update(type="symlink", **encode_target(os.readlink(self._path(child))))
+                node.update(type="symlink", **encode_target(target))
                 nodes.append(node)
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                try:
+                    xattrs = read_xattrs(self._path(child))
+                except OSError as exc:
+                    self._entry_problem(child, "read the extended attributes", exc)
+                    continue
                 stats.other += 1
                 node = _meta_node(name, st)
                 node.update(
-                    type="chardev" if stat.S_ISCHR(mode) else "blockdev",
-                    rdev=st.st_rdev,
-                    xattrs=encode_xattrs(read_xattrs(self._path(child))),
+                    type="chardev" if stat.S_ISCHR(mode) else "blockdev", rdev=st.st_rdev, xattrs=encode_xattrs(xattrs)
                 )
                 nodes.append(node)
             else:  # sockets and FIFOs cannot be backed up meaningfully
                 stats.specials_skipped += 1
-        self.progress.advance(files=unchanged_files, nbytes=unchanged_bytes)
-        for future, _before in pending:
+        frame.position = index
+        if unchanged_files:
+            self.progress.advance(files=unchanged_files, nbytes=unchanged_bytes)
+        return descend
+
+    def _dir_entry(
+        self, frame: _DirFrame, child: bytes, name: bytes, st: os.stat_result, before: Node | None
+    ) -> _DirFrame | None:
+        """The subdirectory *child* of *frame*: its frame to walk next, or None when it needs no walk.
+
+        A mount point of another file system is kept as an empty directory; a directory
+        that cannot be read is an entry problem (skipped with its subtree, or the end of
+        the backup, by ``on_entry_error``).
+        """
+        graft = self.grafts.get(child)
+        try:
+            if graft is not None:  # a child dataset's snapshot takes the place of its (empty) mount point
+                st = os.lstat(graft)
+            if _unchanged(before, "dir", st):
+                xattrs = before.get("xattrs", [])  # type: ignore[union-attr]
+            else:
+                xattrs = encode_xattrs(read_xattrs(self._path(child)))
+        except OSError as exc:
+            self._entry_problem(child, "read the attributes", exc)
+            return None
+        node = _meta_node(name, st)
+        node.update(type="dir", xattrs=xattrs)
+        if graft is None and st.st_dev != frame.dev:
+            # Another file system mounted here: keep the mount point, not its contents.
+            subtree = self.writer.add(BlobType.TREE, serialize_tree([]))[0].hex()
+            node.update(subtree=subtree, tree_files=0, tree_bytes=0, tree_dirs=0)
+            frame.nodes.append(node)
+            return None
+        try:
+            return self._enter_dir(child, before.get("subtree") if before else None, st.st_dev, node)
+        except OSError as exc:
+            self._entry_problem(child, "list the directory", exc)
+            return None
+
+    def _finish_dir(self, frame: _DirFrame) -> tuple[str, _Totals]:
+        """Collect the directory's file jobs and write its tree; returns (tree id hex, totals below it)."""
+        nodes = frame.nodes
+        for future, child in frame.pending:
             outcome = future.result()
             self.counters.add_outcome(outcome)
-            if outcome.node is not None:
+            if outcome.problem is not None:
+                self._entry_problem(child, outcome.problem.what, outcome.problem.error)
+            elif outcome.node is not None:
                 nodes.append(outcome.node)
+        frame.pending.clear()
         totals = _Totals()
         for node in nodes:
             totals.add_node(node)
         tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))
         return tree_id.hex(), totals
+
+    def _entry_problem(self, rel: bytes, what: str, error: OSError) -> None:
+        """One entry could not be read: count it as vanished, skip it and say so, or fail the backup.
+
+        Runs on the walk thread only (file jobs hand their problems back), so the
+        statistics need no lock. An entry that went away since it was listed (a live
+        tree: reflink and copy snapshots are not atomic) is counted as vanished, which is
+        no error; anything else — EACCES, EIO, a path beyond PATH_MAX — is skipped with
+        its subtree under ``on_entry_error: skip``, like restic's and kopia's error
+        callbacks, or fails the backup under ``fail``.
+        """
+        path = rel.decode("utf-8", "backslashreplace")
+        code = errno.errorcode.get(error.errno or 0, str(error.errno))
+        stats = self.counters.stats
+        if error.errno in VANISHED_ERRNOS or (isinstance(error, FileChangedError) and error.errno == errno.EINVAL):
+            stats.files_vanished += 1
+            self._log.debug("entry_vanished", path=path, errno=code)
+            return
+        reason = f"{what}: {error.strerror or error}"
+        if self.on_entry_error == "fail":
+            raise SourceReadError(
+                f"file_systems[{self.fs_id}]: backup {self.backup_id}: {os.fsdecode(self._path(rel))}: cannot "
+                f"{what} ({code}: {error.strerror or error}); make it readable or remove it, or set "
+                f"on_entry_error: skip on file_systems[{self.fs_id}] to back up everything else and list what "
+                "was skipped in the backup's Stats"
+            )
+        stats.entries_skipped_with_errors += 1
+        if len(stats.skipped_entries) < SKIPPED_ENTRIES_KEPT:
+            stats.skipped_entries.append({"path": path, "errno": code, "reason": reason})
+        self._log.warning("entry_skipped", path=path, errno=code, reason=reason)
 
     def _change_set(self) -> ChangeSet | None:
         """The change list, once it is known (a pending one is picked up between entries).
@@ -379,51 +586,48 @@ class Archiver:
             self.counters.stats.files_unchanged += int(node.get("tree_files", 0))
             self.progress.advance(files=int(node.get("tree_files", 0)), nbytes=int(node.get("tree_bytes", 0)))
 
-    def _dir_node(self, child: bytes, name: bytes, st: os.stat_result, before: Node | None, dev: int) -> Node:
-        graft = self.grafts.get(child)
-        if graft is not None:  # a child dataset's snapshot takes the place of its (empty) mount point
-            st = os.lstat(graft)
-        node = _meta_node(name, st)
-        if _unchanged(before, "dir", st):
-            xattrs = before.get("xattrs", [])  # type: ignore[union-attr]
-        else:
-            xattrs = encode_xattrs(read_xattrs(self._path(child)))
-        if graft is None and st.st_dev != dev:
-            # Another file system mounted here: keep the mount point, not its contents.
-            subtree, totals = self.writer.add(BlobType.TREE, serialize_tree([]))[0].hex(), _Totals()
-        else:
-            subtree, totals = self._archive_dir(child, before.get("subtree") if before else None, st.st_dev)
-        node.update(type="dir", xattrs=xattrs, subtree=subtree)
-        node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
-        return node
-
     # ------------------------------------------------------------- file data
     def _read_file(self, rel: bytes, name: bytes) -> _FileOutcome:
-        """Runs on the read pool: read the frozen content, chunk it, store new chunks."""
+        """Runs on the read pool: read the frozen content, chunk it, store new chunks.
+
+        A source read that fails comes back as the outcome's ``problem``, for the walk
+        thread to judge (:meth:`_entry_problem`); anything else (the store) is raised.
+        """
         if self.cancel.is_set():
             raise BackupCancelled()
+        try:
+            return self._read_file_content(rel, name)
+        except _EntryError as exc:
+            # A file that kept changing through every clone attempt (FileChangedError) is one too.
+            return _FileOutcome(node=None, changed_while_read=isinstance(exc.error, FileChangedError), problem=exc)
+
+    def _read_file_content(self, rel: bytes, name: bytes) -> _FileOutcome:
         nread = 0
         for attempt in range(READ_ATTEMPTS):
             try:
                 frozen = self.snapshot.open_file(rel)
-            except FileNotFoundError:
-                return _FileOutcome(node=None)
-            except FileChangedError as exc:  # kept changing (or changed type) on a non-atomic provider
-                log.warning("file_skipped_changing", path=os.fsdecode(rel), error=str(exc))
-                return _FileOutcome(node=None, changed_while_read=True)
+            except OSError as exc:
+                raise _EntryError("open", exc) from exc
             with frozen:
                 st = frozen.stat
                 chunks, done = self._store_content(frozen.fd, st)
                 nread += done
-                changed = frozen.changed()
+                try:
+                    changed = frozen.changed()
+                except OSError as exc:
+                    raise _EntryError("stat", exc) from exc
             if not changed or attempt == READ_ATTEMPTS - 1:
                 break  # a live file that moved while read is read again (non-atomic providers only)
+        try:
+            xattrs = read_xattrs(self._path(rel))
+        except OSError as exc:
+            raise _EntryError("read the extended attributes", exc) from exc
         node = _meta_node(name, st)
-        node.update(type="file", size=st.st_size, chunks=chunks, xattrs=encode_xattrs(read_xattrs(self._path(rel))))
+        node.update(type="file", size=st.st_size, chunks=chunks, xattrs=encode_xattrs(xattrs))
         if st.st_nlink > 1:
             node["hardlink"] = st.st_ino
         if changed:
-            log.warning("file_changed_while_read", path=os.fsdecode(rel))
+            self._log.warning("file_changed_while_read", path=rel.decode("utf-8", "backslashreplace"))
         return _FileOutcome(node=node, bytes_read=nread, changed_while_read=changed)
 
     def _store_content(self, fd: int, st: os.stat_result) -> tuple[list[list[int | str]], int]:
@@ -431,7 +635,10 @@ class Archiver:
         if size == 0:
             return [], 0
         if size <= self.small_file:
-            data = os.pread(fd, size, 0)
+            try:
+                data = os.pread(fd, size, 0)
+            except OSError as exc:
+                raise _EntryError("read", exc) from exc
             chunks: list[list[int | str]] = []
             if data:
                 chunks.append([0, len(data), self.writer.add(BlobType.DATA, data)[0].hex()])
@@ -453,7 +660,11 @@ class Archiver:
 
         nread = 0
         try:
-            for start, end in data_segments(fd, size, st.st_blocks):
+            try:
+                segments = data_segments(fd, size, st.st_blocks)
+            except OSError as exc:
+                raise _EntryError("find the data", exc) from exc
+            for start, end in segments:
                 nread += self._chunk_segment(fd, start, end, add)
             while window:
                 drain()
@@ -470,7 +681,10 @@ class Archiver:
         pos = start
         nread = 0
         while True:
-            block = os.pread(fd, min(READ_BLOCK, end - pos), pos) if pos < end else b""
+            try:
+                block = os.pread(fd, min(READ_BLOCK, end - pos), pos) if pos < end else b""
+            except OSError as exc:
+                raise _EntryError("read", exc) from exc
             pos += len(block)
             nread += len(block)
             eof = not block or pos >= end

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.errors import IntegrityError
+from zfsbackd.store.index import Location
 from zfsbackd.store.packs import pack_key
 from zfsbackd.store.reachability import mark_reachable
 from zfsbackd.store.records import BackupRecord
@@ -52,7 +53,7 @@ class Copier:
         self.workers = workers
 
     def run(self) -> CopyStats:
-        self.source.load_index()
+        self.source.load_index(record_adopted=False)
         self.destination.load_index()
         needed = mark_reachable(self.source, [self.record]).blobs
         stats = CopyStats(blobs_total=len(needed))
@@ -87,15 +88,25 @@ class Copier:
         entries = self.source.index.packs().get(pack_id, [])
         pack_bytes = sum(e.length for e in entries) or 1
         wanted = sum(loc.length for loc in locations.values() if loc)
-        whole = self.source.objects.get(key) if wanted / pack_bytes >= WHOLE_PACK_SHARE else None
         what = f"copy of backup {self.record.backup_id}: pack {key}"
-        for blob_id, loc in locations.items():
-            assert loc is not None
-            if not writer.reserve(blob_id, loc.raw_length):
-                continue
-            if whole is not None:
-                sealed = whole[loc.offset : loc.offset + loc.length]
-            else:
-                sealed = self.source.objects.get_range(key, loc.offset, loc.length)
-            resealed = self.source.codec.reseal(blob_id, sealed, self.destination.codec, what=what)
-            writer.add_sealed(loc.blob_type, blob_id, resealed, loc.raw_length)
+        try:
+            whole = self.source.objects.get(key) if wanted / pack_bytes >= WHOLE_PACK_SHARE else None
+            for blob_id, loc in locations.items():
+                assert loc is not None
+                if not writer.reserve(blob_id, loc.raw_length):
+                    continue
+                if whole is not None:
+                    sealed = whole[loc.offset : loc.offset + loc.length]
+                else:
+                    sealed = self.source.objects.get_range(key, loc.offset, loc.length)
+                self._send(writer, blob_id, loc, sealed, what)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{what} is missing from region {self.record.region}'s store; the copy stays resumable. Run "
+                f"`zfsbackd check --region {self.record.region}` to see which backups it affects"
+            ) from None
+
+    def _send(self, writer: PackWriter, blob_id: bytes, loc: Location, sealed: bytes, what: str) -> None:
+        """Verify a sealed blob of the source and append it, sealed for the destination."""
+        resealed = self.source.codec.reseal(blob_id, sealed, self.destination.codec, what=what)
+        writer.add_sealed(loc.blob_type, blob_id, resealed, loc.raw_length)

@@ -15,28 +15,32 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import structlog
 
+from zfsbackd import faults
 from zfsbackd.config import Config, FileSystemConfig
 from zfsbackd.engine.archiver import Archiver, BackupCancelled
 from zfsbackd.engine.copier import Copier
+from zfsbackd.engine.known_stores import KnownStores
 from zfsbackd.engine.locks import LockManager
 from zfsbackd.engine.progress import Progress
-from zfsbackd.engine.restorer import Restorer, RestoreResult
+from zfsbackd.engine.restorer import Restorer, RestoreResult, check_target
 from zfsbackd.errors import (
     BackupBeingCopied,
     BackupInProgress,
     BackupNotFound,
     BackupRestoring,
     BadRequest,
+    IntegrityError,
     RestoreError,
     SourceBackupUnavailable,
     StoreError,
     ZfsbackdError,
 )
 from zfsbackd.objectstore.factory import open_object_store
-from zfsbackd.snapshot import take_snapshot
+from zfsbackd.snapshot import find_or_take_snapshot
 from zfsbackd.snapshot import zfs as zfs_snapshots
 from zfsbackd.snapshot.base import PendingChanges
 from zfsbackd.snapshot.detect import choose_provider
@@ -48,10 +52,11 @@ from zfsbackd.store.records import (
     BackupRecord,
     BackupType,
     Lifecycle,
+    RecordFormatError,
     new_backup_id,
     utc_now,
 )
-from zfsbackd.store.repository import Store
+from zfsbackd.store.repository import Store, UnreadableRecord
 from zfsbackd.store.writer import PackWriter
 from zfsbackd.validation import validate_backup_id, validate_backup_name, validate_tags
 from zfsbackd.zfs import command as zfs_command
@@ -60,10 +65,31 @@ from zfsbackd.zfs import libzfs_core as zfs_lzc
 log = structlog.get_logger(__name__)
 
 FILTER_NAMES = ("file-system-id", "backup-type", "lifecycle")
+#: the values a filter can take, where they are a closed set (a typo must not look like "no backups")
+FILTER_VALUES: dict[str, frozenset[str]] = {
+    "backup-type": frozenset(t.value for t in BackupType),
+    "lifecycle": frozenset(lc.value for lc in Lifecycle),
+}
 #: record properties holding the source dataset's ZFS properties (set again on a restore to a new dataset)
 ZFS_PROPERTY_PREFIX = "zfs:"
 READ_ONLY_AFTER_RESTORE = ("readonly",)
 RECORD_SAVE_INTERVAL = 5.0
+
+
+class BackupPage(NamedTuple):
+    """What describe-backups returns: readable records, the token of the next page, unreadable records."""
+
+    records: list[BackupRecord]
+    next_token: str | None
+    unreadable: list[UnreadableRecord]
+
+    def to_api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Backups": [r.to_api() for r in self.records]}
+        if self.next_token:
+            out["NextToken"] = self.next_token
+        if self.unreadable:
+            out["UnreadableBackups"] = [u.to_api() for u in self.unreadable]
+        return out
 
 
 @dataclass
@@ -95,24 +121,60 @@ class Engine:
         return self._key_material
 
     def store(self, region: str | None = None) -> Store:
-        """The store of ``region`` (home region by default), created on first use."""
+        """The store of ``region`` (home region by default).
+
+        A missing store is created only when the region says
+        ``create_if_missing: true`` (else StoreNotInitialized: see
+        :meth:`init_store`), and never when this host used a store there before
+        (see :mod:`zfsbackd.engine.known_stores`).
+        """
         name = self.config.region(region).name
         with self._stores_lock:
             if name not in self._stores:
-                # Every region of a deployment shares the home region's id key, so blob ids compare.
-                home = self.config.home_region
-                id_key = None if name == home else self.store(home).keys.id_key
-                store = Store.open(
-                    open_object_store(self.config.region(name)), region=name, key_material=self._key(), id_key=id_key
-                )
-                if id_key is not None and store.keys.id_key != id_key:
-                    raise StoreError(
-                        f"the store in region {name} ({store.objects.location}) belongs to another deployment "
-                        f"(its blob-id key differs from region {home}'s); point regions.{name} at an empty "
-                        "location or at this deployment's store"
-                    )
-                self._stores[name] = store
+                self._stores[name] = self._open_store(name, init=False)
             return self._stores[name]
+
+    def init_store(self, region: str | None = None) -> Store:
+        """Create the store of ``region`` deliberately (``zfsbackd store init``), or open the existing one.
+
+        For a local region the directory is created too. The store is
+        accepted as this host's store of the region from now on, also when it
+        replaces one used before (logged). ``Store.created`` says whether it was
+        created now.
+        """
+        name = self.config.region(region).name
+        with self._stores_lock:
+            store = self._open_store(name, init=True)
+            self._stores[name] = store
+            return store
+
+    def _open_store(self, name: str, *, init: bool) -> Store:
+        region = self.config.region(name)
+        # Every region of a deployment shares the home region's id key, so blob ids compare.
+        home = self.config.home_region
+        id_key = None if name == home else self.store(home).keys.id_key
+        known = KnownStores(self.config.state_dir)
+        used_before = known.store_id(name)
+        store = Store.open(
+            open_object_store(region, create_root=init),
+            region=name,
+            key_material=self._key(),
+            create=init or region.create_if_missing,
+            id_key=id_key,
+            used_before=None if init else used_before,
+        )
+        if id_key is not None and store.keys.id_key != id_key:
+            raise StoreError(
+                f"the store in region {name} ({store.objects.location}) belongs to another deployment "
+                f"(its blob-id key differs from region {home}'s); point regions.{name} at an empty "
+                f"location and create a store there with `zfsbackd store init --region {name}`, or at this "
+                "deployment's store"
+            )
+        if used_before != store.store_id:
+            if used_before is not None:
+                log.warning("store_replaced", region=name, store_id=store.store_id, previous_store_id=used_before)
+            known.remember(name, store.store_id, store.objects.location)
+        return store
 
     def open_stores(self) -> dict[str, Store]:
         """The stores opened so far, by region (for metrics; opening none)."""
@@ -229,7 +291,8 @@ class Engine:
         snapshot = None
         try:
             provider = choose_provider(fs)  # type: ignore[arg-type]
-            snapshot = provider.find(fs, record.backup_id) or take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
+            # Hooks run around a snapshot taken now, not around one a resumed attempt finds again.
+            snapshot = find_or_take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
             record = record.with_changes(
                 snapshot=snapshot.describe(),
                 parent_backup_id=parent.backup_id if parent else None,
@@ -250,6 +313,9 @@ class Engine:
                     progress=progress,
                     cancel=cancel,
                     changes=changes,
+                    on_entry_error=fs.on_entry_error,
+                    fs_id=fs.id,
+                    backup_id=record.backup_id,
                 )
                 try:
                     root_tree, stats = archiver.run()
@@ -259,6 +325,7 @@ class Engine:
                     # Packs, then the index: durable before the record names them. On an
                     # interruption this checkpoints what was read, so the resumed run reuses it.
                     writer.flush()
+            faults.point("backup-data-durable")
             ws = writer.stats
             stats.bytes_new, stats.blobs_new = ws.bytes_new, ws.blobs_new
             stats.bytes_uploaded, stats.bytes_deduplicated = ws.bytes_uploaded, ws.bytes_deduplicated
@@ -282,6 +349,8 @@ class Engine:
                 files=stats.files,
                 bytes_read=stats.bytes_read,
                 bytes_uploaded=stats.bytes_uploaded,
+                entries_skipped_with_errors=stats.entries_skipped_with_errors,
+                files_vanished=stats.files_vanished,
             )
         except (BackupCancelled, KeyboardInterrupt):
             log.warning("backup_interrupted", fs_id=record.file_system_id, backup_id=record.backup_id)
@@ -312,18 +381,29 @@ class Engine:
         filters: dict[str, list[str]] | None = None,
         max_results: int | None = None,
         next_token: str | None = None,
-    ) -> tuple[list[BackupRecord], str | None]:
+    ) -> BackupPage:
+        """One page of backups, and the records that could not be read (DESIGN invariant 7)."""
         store = self.store(region)
         for bid in backup_ids:
             validate_backup_id(bid)
         filters = filters or {}
-        for name in filters:
+        for name, values in filters.items():
             if name not in FILTER_NAMES:
                 raise BadRequest(f"--filter {name}: unknown filter; use one of {', '.join(FILTER_NAMES)}")
+            allowed = FILTER_VALUES.get(name)
+            wrong = [v for v in values if allowed is not None and v not in allowed]
+            if wrong:
+                raise BadRequest(f"--filter {name}={wrong[0]}: unknown value; use one of {', '.join(sorted(allowed))}")
+        unreadable: list[UnreadableRecord] = []
         if backup_ids:
-            records = [store.load_record(bid) for bid in backup_ids]
+            records = []
+            for bid in backup_ids:
+                try:
+                    records.append(store.load_record(bid))
+                except (IntegrityError, RecordFormatError) as exc:
+                    unreadable.append(UnreadableRecord(bid, exc))
         else:
-            records = store.load_records()
+            records, unreadable = store.load_records_checked()
             if "lifecycle" not in filters:
                 records = [r for r in records if r.lifecycle != Lifecycle.DELETED]
         selectors = {
@@ -337,13 +417,17 @@ class Engine:
         if next_token:
             try:
                 start = int(base64.urlsafe_b64decode(next_token.encode()).decode())
+                if start < 1:
+                    raise ValueError(start)
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest(f"--next-token {next_token!r} is not a token this command returned") from None
         if max_results is not None and max_results < 1:
             raise BadRequest("--max-results must be at least 1")
         end = len(records) if max_results is None else start + max_results
         token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(records) else None
-        return records[start:end], token
+        # Unreadable records are reported on the first page only, whatever the filters: nobody can
+        # tell which file system they belong to, and a damaged backup must not go unnoticed.
+        return BackupPage(records[start:end], token, unreadable if start == 0 else [])
 
     def get_backup(self, backup_id: str, region: str | None = None) -> BackupRecord:
         validate_backup_id(backup_id)
@@ -351,8 +435,14 @@ class Engine:
 
     # ------------------------------------------------------------------ delete
     def delete_backup(self, backup_id: str, *, region: str | None = None, collect: bool = True) -> BackupRecord:
-        record = self.get_backup(backup_id, region)
         store = self.store(region)
+        try:
+            record = self.get_backup(backup_id, region)
+        except IntegrityError as exc:
+            record = self._tombstone(store, backup_id, exc)
+            if collect:
+                self.collect_garbage(region)
+            return record
         if record.lifecycle == Lifecycle.DELETED:
             raise BackupNotFound(f"backup {backup_id} is already deleted")
         if record.lifecycle in IN_PROGRESS and (
@@ -367,9 +457,30 @@ class Engine:
             )
         record = record.with_changes(lifecycle=Lifecycle.DELETED)
         store.save_record(record)
+        faults.point("record-deleted")
         log.info("backup_deleted", fs_id=record.file_system_id, backup_id=backup_id, region=store.region)
         if collect:
             self.collect_garbage(region)
+        return record
+
+    def _tombstone(self, store: Store, backup_id: str, exc: IntegrityError) -> BackupRecord:
+        """Replace a record that cannot be read with a DELETED one, so garbage collection can run again.
+
+        Deleting is the one thing left to do with a damaged record: nothing can be
+        restored from it, and while it stays unreadable collection keeps every pack.
+        """
+        record = BackupRecord(
+            backup_id=backup_id,
+            file_system_id="",
+            region=store.region,
+            backup_type=BackupType.USER_INITIATED,
+            lifecycle=Lifecycle.DELETED,
+            creation_time=self.clock(),
+            failure_message=f"deleted while its record was unreadable: {exc.message}",
+            completion_time=self.clock(),
+        )
+        store.save_record(record)
+        log.warning("backup_record_replaced", backup_id=backup_id, region=store.region, error=exc.message)
         return record
 
     # ------------------------------------------------------------------ copies
@@ -499,10 +610,14 @@ class Engine:
         with self.locks.copy_slot(record.region, self.config.copies.max_in_flight_per_region, cancel=cancel):
             return self.run_copy(record, cancel=cancel)
 
-    def collect_garbage(self, region: str | None = None, *, grace_seconds: int | None = None) -> GcResult:
+    def collect_garbage(
+        self, region: str | None = None, *, grace_seconds: int | None = None, wait: bool = True
+    ) -> GcResult:
+        """Collect garbage in ``region``; ``wait=False`` raises StoreBusy when a backup, copy,
+        restore or check of this host uses the store, instead of waiting for it."""
         store = self.store(region)
         grace = self.config.garbage_collection.grace_period_seconds if grace_seconds is None else grace_seconds
-        with self.locks.store(store.region, exclusive=True):
+        with self.locks.store(store.region, exclusive=True, wait=wait):
             return collect_garbage(store, grace_seconds=grace)
 
     # ----------------------------------------------------------------- restore
@@ -516,19 +631,43 @@ class Engine:
         region: str | None = None,
         progress: Progress | None = None,
     ) -> RestoreResult:
+        if target_dataset is None:
+            check_target(target)  # a symlink, missing or unusable --target fails before the store is read
         record = self.get_backup(backup_id, region)
         if record.lifecycle != Lifecycle.AVAILABLE:
             raise BackupRestoring(
                 f"backup {backup_id} is {record.lifecycle.value}; only AVAILABLE backups can be restored"
             )
         store = self.store(region)
-        store.load_index()
         if progress is not None:
             progress.total_bytes = record.size_in_bytes
-        restorer = Restorer(store, record, target or Path("/"), list(paths), progress=progress)
-        result = self._restore_to_dataset(restorer, record, target_dataset) if target_dataset else restorer.run()
+        # Shared with backups and copies, exclusive to garbage collection on this host; a pack
+        # moved by collection elsewhere is found again by Store.read_blob.
+        with self.locks.store(store.region, exclusive=False):
+            store.load_index(record_adopted=False)
+            restorer = Restorer(store, record, target or Path("/"), list(paths), progress=progress)
+            try:
+                result = (
+                    self._restore_to_dataset(restorer, record, target_dataset) if target_dataset else restorer.run()
+                )
+            except IntegrityError as exc:
+                raise self._explain_restore_failure(store, record, exc) from None
         log.info("backup_restored", backup_id=backup_id, region=store.region, path=str(result.path), files=result.files)
         return result
+
+    @staticmethod
+    def _explain_restore_failure(store: Store, record: BackupRecord, exc: IntegrityError) -> IntegrityError:
+        """Say so when the backup was deleted while it was being restored (its data may be collected)."""
+        try:
+            now = store.load_record(record.backup_id)
+        except ZfsbackdError:
+            return exc
+        if now.lifecycle != Lifecycle.DELETED:
+            return exc
+        return IntegrityError(
+            f"backup {record.backup_id} was deleted while it was being restored, and garbage collection "
+            f"removed data the restore still needed: {exc.message}"
+        )
 
     @staticmethod
     def _restore_to_dataset(restorer: Restorer, record: BackupRecord, dataset: str) -> RestoreResult:

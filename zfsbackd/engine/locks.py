@@ -19,6 +19,12 @@ from zfsbackd.errors import BackupInProgress
 SLOT_POLL_SECONDS = 0.2
 
 
+class StoreBusy(BackupInProgress):
+    """The store lock could not be taken without waiting."""
+
+    code = "StoreBusy"
+
+
 class SlotWaitCancelled(Exception):
     """Stopped while waiting for a copy slot; the copy stays PENDING."""
 
@@ -101,11 +107,23 @@ class LockManager:
 
     # --------------------------------------------------------------- stores
     @contextmanager
-    def store(self, region: str, *, exclusive: bool) -> Iterator[None]:
-        """Writers (backups, copies) share a region's store; garbage collection has it alone."""
+    def store(self, region: str, *, exclusive: bool, wait: bool = True) -> Iterator[None]:
+        """Writers and readers (backups, copies, restores, check) share a region's store; garbage
+        collection has it alone, so it never deletes a pack a restore on this host is about to read.
+
+        ``wait=False`` raises :class:`StoreBusy` instead of waiting: the daemon's main loop must
+        not stall behind a long restore run by the CLI.
+        """
         fd = self._open(f"store-{region}")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusy(
+                    f"the store of region {region} is in use by another process on this host "
+                    "(a backup, copy, restore or check); garbage collection runs once it is done"
+                ) from None
             yield
         finally:
             os.close(fd)

@@ -1,10 +1,38 @@
 """Restore a backup (whole or selected paths) into a new directory under a target.
 
-Safety (DESIGN invariant 5): every name is checked before use (no ``/``,
-``..``, ``.``, NUL, empty); all directories on the way are ones this restore
-created itself; symlinks are created last and never followed; the restore
-goes into a new ``zfsbackd-restore_<UTC timestamp>`` directory and is renamed
-``zfsbackd-failed-restore_<timestamp>`` if it fails.
+Safety (DESIGN invariant 5) rests on file descriptors, not on paths:
+
+- ``--target`` is opened once, ``O_NOFOLLOW | O_DIRECTORY``: a symlink as the target
+  is refused (a link to ``/`` once made a restore land in ``/zfsbackd-restore_*``), and so
+  are a missing target, a non-directory and a read-only file system, each with the fix.
+  Symlinks *above* the target are resolved by the kernel once; the result states the
+  real path.
+- The restore directory ``zfsbackd-restore_<UTC timestamp>`` is made with ``mkdir``
+  relative to the target's descriptor (it fails if the name exists, whatever it is),
+  mode 0700, and opened ``O_NOFOLLOW``. From then on every entry is created relative to
+  its parent directory's descriptor (``openat``/``mkdirat``/``mknodat``/``linkat``/
+  ``symlinkat`` through ``dir_fd=``) and every directory is reopened one ``O_NOFOLLOW``
+  step at a time: a directory swapped for a symlink while the restore runs cannot
+  redirect a write, and paths longer than PATH_MAX restore.
+- Every entry of a tree is checked before use: names (no ``/``, ``..``, ``.``, NUL,
+  empty) and the fields that reach system calls, so a tampered tree is refused with its
+  path named, never a crash.
+- Symlinks are created last and never followed; directory metadata is applied deepest
+  first, once everything inside exists, so directory mtimes come out right.
+- The walk is iterative (an explicit stack): depth is bounded by the file system, not by
+  Python's recursion limit.
+- A failed restore is renamed ``zfsbackd-failed-restore_<timestamp>`` and the error says
+  so. Errors of the target are classified with the path named: a full file system or
+  quota is :class:`~zfsbackd.errors.RestoreTargetFull` (``InsufficientStorage``, with the
+  bytes still needed and those available); anything else (read-only, permission, name
+  too long, I/O error, …) is :class:`~zfsbackd.errors.RestoreError` with its cause and fix.
+- An extended attribute the target cannot hold (too large, namespace unsupported, not
+  permitted) is skipped, counted, logged with its path and reported in the result
+  (``XattrsNotRestored``, ``Warnings``) — as the backup side skips attributes it cannot
+  read: one attribute never costs the whole restore.
+- ``--path`` selections are normalised first: identical ones count once, one inside
+  another is dropped (the outer one restores it), ``/`` means everything; a path that
+  is not in the backup fails before anything is written.
 """
 
 from __future__ import annotations
@@ -12,19 +40,21 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import stat
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 
 import structlog
 
 from zfsbackd.engine.progress import Progress
-from zfsbackd.errors import IntegrityError, RestoreError, ZfsbackdError
+from zfsbackd.errors import IntegrityError, RestoreError, RestoreTargetFull, StoreError, ZfsbackdError
 from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
@@ -41,9 +71,60 @@ from zfsbackd.store.tree import (
 log = structlog.get_logger(__name__)
 
 RESTORE_PREFIX = "zfsbackd-restore_"
+FAILED_PREFIX = "zfsbackd-failed-restore_"
 MAX_FILES_IN_FLIGHT = 256
 FETCH_AHEAD = 4  # chunks of one big file fetched (read, decrypted, verified) ahead of the writer
-FAILED_PREFIX = "zfsbackd-failed-restore_"
+CACHED_DIR_FDS = 128  # directory descriptors kept open between uses, besides those in use
+MAX_WARNINGS = 20  # listed in the result and logged one by one; all are counted
+#: an xattr refused with ENOSPC while less than this (plus its size) is free means the file system is full
+XATTR_FULL_MARGIN = 1024 * 1024
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TARGET_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: setxattr errors that mean "this attribute does not fit this file system": skipped and reported
+_XATTR_DOES_NOT_FIT = frozenset(
+    {errno.ENOSPC, errno.E2BIG, errno.ERANGE, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.EINVAL}
+)
+_REPLACED = (
+    "something replaced a directory of the restore while it ran (another process is changing the target); "
+    "the restore does not follow it: make sure nothing else writes there and run the restore again"
+)
+#: what to do about an error of the target, by errno (full and quota have their own message)
+_FIXES: dict[int, str] = {
+    errno.EROFS: "the target file system is mounted read-only: remount it read-write or give another --target",
+    errno.EACCES: (
+        "restores run as root (owners and modes are restored): check the target's permissions, ACLs and "
+        "security modules (SELinux, AppArmor)"
+    ),
+    errno.EPERM: (
+        "the target (or a directory in it) may be immutable or append-only (`lsattr`, `chattr -i`), or the "
+        "file system does not allow this operation; restores run as root"
+    ),
+    errno.EIO: "the target's device reported an I/O error: check the kernel log (`dmesg`) and the disk",
+    errno.EEXIST: (
+        "the name exists already: the backup lists it twice, which no directory can hold, so it may have "
+        "been tampered with; run `zfsbackd check --read-data`"
+    ),
+    errno.ELOOP: _REPLACED,
+    errno.ENOTDIR: _REPLACED,
+    errno.ENOENT: _REPLACED,
+    errno.EMLINK: (
+        "the target file system allows fewer hard links or subdirectories than this backup needs: "
+        "restore to one that allows more (XFS, btrfs, ZFS)"
+    ),
+    errno.EFBIG: "the file is larger than the target file system allows: restore to one that allows it",
+    errno.EMFILE: "too many open files: raise the limit (`ulimit -n`, systemd `LimitNOFILE=`)",
+    errno.ENFILE: "the system ran out of open files (fs.file-max): try again when fewer files are open",
+    errno.EINVAL: "the target file system refused this value (a name or attribute it cannot hold)",
+    errno.EILSEQ: (
+        "the target file system only takes names in its own encoding (e.g. ext4 with casefold or strict "
+        "UTF-8): restore to one that takes any bytes"
+    ),
+}
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+_INT64 = 1 << 63
+_UINT32 = 1 << 32
 
 
 @dataclass
@@ -53,9 +134,19 @@ class RestoreResult:
     directories: int = 0
     symlinks: int = 0
     bytes: int = 0
+    xattrs_not_restored: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """The first MAX_WARNINGS things not restored exactly, each with its path (all are counted)."""
 
     def to_api(self) -> dict[str, object]:
-        return {"Path": str(self.path), "Files": self.files, "Directories": self.directories, "Bytes": self.bytes}
+        return {
+            "Path": str(self.path),
+            "Files": self.files,
+            "Directories": self.directories,
+            "Bytes": self.bytes,
+            "XattrsNotRestored": self.xattrs_not_restored,
+            "Warnings": list(self.warnings),
+        }
 
 
 class _BoundedJobs:
@@ -67,7 +158,16 @@ class _BoundedJobs:
         self._lock = threading.Lock()
         self._total = 0
         self._error: BaseException | None = None
+        self._cancelled = False
         self._futures: set[Future[int]] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """A job failed or the walk gave up: queued jobs return at once instead of writing for nothing."""
+        return self._cancelled or self._error is not None
+
+    def cancel(self) -> None:
+        self._cancelled = True
 
     def submit(self, fn: Callable[..., int], *args: object) -> None:
         if self._error is not None:
@@ -101,13 +201,117 @@ class _BoundedJobs:
         return self._total
 
 
+@dataclass(slots=True)
+class _Dir:
+    """A directory of the restore, by its index in the directory table (0: the restore's root)."""
+
+    parent: int  # -1 for the root
+    name: bytes
+    rel: bytes  # path inside the backup, for messages
+    depth: int
+    node: Node | None  # metadata applied at the end; None leaves it as created (a partial restore's root)
+
+
+class _DirFds:
+    """Descriptors of the restore's directories, by index in the directory table.
+
+    A directory in use is pinned (the walk creating entries in it, a file job creating
+    its file there, the finish linking into it); up to ``cache`` unpinned ones stay open
+    for their next use. So a restore of millions of directories, or of thousands
+    nested, holds a bounded number of descriptors. A directory that is not open is
+    reopened from its nearest open ancestor, one ``O_NOFOLLOW`` step at a time — never
+    through a path, which a concurrent rename or symlink could redirect.
+    """
+
+    def __init__(self, dirs: list[_Dir], root_fd: int, cache: int = CACHED_DIR_FDS) -> None:
+        self._dirs = dirs
+        self._fds: dict[int, int] = {0: root_fd}
+        self._pins: dict[int, int] = {0: 1}  # the root is the caller's: never closed here
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        self._cache = cache
+        self._lock = threading.Lock()
+
+    def pin(self, index: int) -> int:
+        with self._lock:
+            fd = self._fds.get(index)
+            if fd is None:
+                fd = self._open(index)
+            else:
+                self._idle.pop(index, None)
+            self._pins[index] = self._pins.get(index, 0) + 1
+            return fd
+
+    def unpin(self, index: int) -> None:
+        with self._lock:
+            left = self._pins[index] - 1
+            if left:
+                self._pins[index] = left
+                return
+            del self._pins[index]
+            self._idle[index] = None
+            self._trim()
+
+    def close_all(self) -> None:
+        """Close every descriptor but the root's (jobs are over)."""
+        with self._lock:
+            for index, fd in self._fds.items():
+                if index != 0:
+                    os.close(fd)
+            self._fds = {0: self._fds[0]}
+            self._idle.clear()
+
+    def _open(self, index: int) -> int:
+        """Open ``index`` (lock held): climb to the nearest open ancestor, then step down."""
+        chain = []
+        while index not in self._fds:
+            chain.append(index)
+            index = self._dirs[index].parent
+        fd = self._fds[index]
+        for step in reversed(chain):
+            fd = os.open(self._dirs[step].name, _DIR_FLAGS, dir_fd=fd)
+            self._fds[step] = fd
+            self._idle[step] = None  # ancestors stay cached; the caller pins the last one
+        self._idle.pop(chain[0])
+        self._trim()
+        return fd
+
+    def _trim(self) -> None:
+        while len(self._idle) > self._cache:
+            index, _ = self._idle.popitem(last=False)
+            os.close(self._fds.pop(index))
+
+
 @dataclass
 class _Plan:
-    """Work deferred until all regular files exist."""
+    """Work deferred until all regular files exist; places are (directory index, name)."""
 
-    hardlinks: list[tuple[bytes, bytes]] = field(default_factory=list)  # (first path, new path)
-    symlinks: list[tuple[bytes, Node]] = field(default_factory=list)
-    directories: list[tuple[bytes, Node]] = field(default_factory=list)  # metadata applied deepest first
+    hardlinks: list[tuple[tuple[int, bytes], tuple[int, bytes], bytes]] = field(default_factory=list)
+    symlinks: list[tuple[int, bytes, Node, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class _Selection:
+    """One ``--path`` resolved: its components and the nodes along it (the last one is restored)."""
+
+    raw: str
+    parts: tuple[bytes, ...]
+    chain: list[Node]
+
+
+class _OnTarget:
+    """``with restorer._on_target(action, rel):`` turns an OSError of the target into a classified error."""
+
+    __slots__ = ("_action", "_rel", "_restorer")
+
+    def __init__(self, restorer: Restorer, action: str, rel: bytes | None) -> None:
+        self._restorer, self._action, self._rel = restorer, action, rel
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if isinstance(exc, OSError):
+            raise self._restorer.target_error(exc, self._action, self._rel) from exc
 
 
 def split_request_path(raw: str, backup_id: str) -> list[bytes]:
@@ -124,19 +328,134 @@ def split_request_path(raw: str, backup_id: str) -> list[bytes]:
     return parts
 
 
-def _apply_metadata(path: bytes, node: Node, *, fd: int | None = None) -> None:
-    """Owner, then mode (chown clears setuid), xattrs and ACLs, then times — in that order."""
-    target: int | bytes = fd if fd is not None else path
-    os.chown(target, node["uid"], node["gid"])
-    os.chmod(target, node["mode"])
-    for name, value in decode_xattrs(node):
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def _describe(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the words for people, the symbol for searching."""
+    return f"{exc.strerror or exc} ({_errno_name(exc)})"
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB ({n} bytes)"
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return type(value) is int and low <= value < high
+
+
+def _is_hex(value: object) -> bool:
+    return isinstance(value, str) and _HEX.fullmatch(value) is not None
+
+
+def _node_problem(node: Node) -> str | None:
+    """What is wrong with a tree entry's fields, or None.
+
+    A tree is authenticated, so only someone with the key can make a bad one; but a
+    wrong field must still be an ``IntegrityError`` naming the entry, never a crash
+    (exit 1 is for bugs) and never a system call with a surprising argument.
+    """
+    kind = node.get("type")
+    if kind not in ("file", "dir", "symlink", "chardev", "blockdev"):
+        return f"has unknown type {kind!r}"
+    if not (_is_int(node.get("mode"), 0, _UINT32) and _is_int(node.get("uid"), 0, _UINT32)):
+        return "has no valid mode or owner"
+    if not (_is_int(node.get("gid"), 0, _UINT32) and _is_int(node.get("mtime_ns"), -_INT64, _INT64)):
+        return "has no valid group or modification time"
+    xattrs = node.get("xattrs", [])
+    if not isinstance(xattrs, list) or not all(
+        isinstance(x, list) and len(x) == 2 and all(isinstance(v, str) for v in x) for x in xattrs
+    ):
+        return "has malformed extended attributes"
+    if kind == "dir":
+        return None if _is_hex(node.get("subtree")) else "is a directory without a valid subtree"
+    if kind == "symlink":
         try:
-            os.setxattr(target, name, value)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            log.warning("xattr_not_supported", path=os.fsdecode(path), xattr=name)
-    os.utime(target, ns=(node["mtime_ns"], node["mtime_ns"]))
+            node_target(node)
+        except (KeyError, TypeError, ValueError):
+            return "is a symlink without a valid target"
+        return None
+    if kind != "file":
+        return None if _is_int(node.get("rdev"), 0, _INT64) else "is a device without a valid number"
+    chunks = node.get("chunks", [])
+    if not _is_int(node.get("size"), 0, _INT64) or not isinstance(chunks, list):
+        return "is a file without a valid size or chunk list"
+    if not _is_int(node.get("hardlink", 0), 0, _INT64):
+        return "is a file with a malformed hard link key"
+    for chunk in chunks:
+        if not (
+            isinstance(chunk, list)
+            and len(chunk) == 3
+            and _is_int(chunk[0], 0, _INT64)
+            and _is_int(chunk[1], 0, _INT64)
+            and _is_hex(chunk[2])
+        ):
+            return f"is a file with a malformed chunk {chunk!r:.80}"
+    return None
+
+
+def open_target(target: Path) -> tuple[int, Path]:
+    """Open ``--target`` for a restore: ``(descriptor, real path)``, or a RestoreError that says what to do.
+
+    Refused: a symlink as the last component (that is where one points a restore, and
+    a link to ``/`` made it land in ``/``), a missing target, a non-directory, a
+    read-only file system. Symlinks above the target are resolved by the kernel, once:
+    the real path is what the result reports.
+    """
+    raw = os.fsencode(target).rstrip(b"/") or b"/"  # a trailing slash makes the kernel follow a final symlink
+    try:
+        fd = os.open(raw, _DIR_FLAGS)
+    except OSError as exc:
+        raise _target_refused(target, exc) from None
+    try:
+        if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+            raise RestoreError(
+                f"--target {target} is on a read-only file system; remount it read-write or give another --target"
+            )
+        try:
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # no /proc: the same answer, by path
+            real = Path(os.path.realpath(target))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, real
+
+
+def _target_refused(target: Path, exc: OSError) -> RestoreError:
+    try:
+        st: os.stat_result | None = os.lstat(target)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):  # ELOOP from O_NOFOLLOW
+        return RestoreError(
+            f"--target {target} is a symlink (to {os.fsdecode(os.readlink(target))}); a restore never follows "
+            f"one, so that it cannot be redirected: give the directory itself, e.g. --target "
+            f"{os.path.realpath(target)}"
+        )
+    if exc.errno == errno.ENOENT:
+        return RestoreError(
+            f"--target {target} does not exist; create it first (`mkdir -p {target}`) or give an existing "
+            "directory (the restore goes into a new subdirectory of it)"
+        )
+    if exc.errno == errno.ENOTDIR:
+        what = "is not a directory" if st is not None else "has a component that is not a directory"
+        return RestoreError(
+            f"--target {target} {what}; give an existing directory (the restore goes into a new subdirectory of it)"
+        )
+    fix = _FIXES.get(exc.errno or 0, "give another --target")
+    return RestoreError(f"--target {target} cannot be opened: {_describe(exc)}; {fix}")
+
+
+def check_target(target: Path | None) -> Path:
+    """The real path of a usable ``--target``: the checks :meth:`Restorer.run` makes again on its
+    descriptor, made before the store is read, so a bad target fails fast and changes nothing."""
+    if target is None:
+        raise RestoreError("give --target DIR (an existing directory) or --target-dataset POOL/NAME")
+    fd, real = open_target(target)
+    os.close(fd)
+    return real
 
 
 def _stray_entry(dest: Path, mount_points: set[Path]) -> Path | None:
@@ -149,6 +468,18 @@ def _stray_entry(dest: Path, mount_points: set[Path]) -> Path | None:
         if stray is not None:
             return stray
     return None
+
+
+def _remove_empty(dir_fd: int, name: str) -> bool:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return True
+
+
+def _join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
 
 
 class Restorer:
@@ -168,29 +499,56 @@ class Restorer:
         self.paths = paths or []
         self.progress = progress or Progress(total_bytes=record.size_in_bytes)
         self.workers = workers
-        self._hardlink_first: dict[int, bytes] = {}
-        self._trees: dict[str, list[Node]] = {}  # tree id → nodes, read ahead for full restores
+        self._hardlink_first: dict[int, tuple[int, bytes]] = {}
+        self._trees: dict[str, list[Node]] = {}  # tree id → nodes (all of them, read ahead, for full restores)
+        self._checked: set[str] = set()  # tree ids whose entries were checked
+        self._root: Node | None = None
         self._packs: PackCache | None = None
         self._plan = _Plan()
+        self._dirs: list[_Dir] = []
+        self._fds: _DirFds | None = None
+        self._on_the_way: dict[bytes, int] = {}  # directories created to reach a --path
+        self._existing_dirs: frozenset[bytes] = frozenset()  # run_into: the children's mount points
+        self._lock = threading.Lock()
+        self._result = RestoreResult(path=target)
+        self._dest_path = target
+        self._target_path = target  # the directory whose file system receives the restore, for messages
+        self._space_fd = -1  # where free space is measured for a "target full" message
+        self._planned_bytes = 0
+        self._bytes_done = 0
 
+    # ----------------------------------------------------------------- entry
     def run(self) -> RestoreResult:
-        if not self.target.is_dir():
-            raise RestoreError(f"--target {self.target} is not an existing directory; create it first")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        dest = self.target / f"{RESTORE_PREFIX}{stamp}"
-        os.mkdir(dest, 0o700)
-        result = RestoreResult(path=dest)
+        """Restore into a new ``zfsbackd-restore_<UTC timestamp>`` below the target.
+
+        Any failure leaves the partial restore renamed ``zfsbackd-failed-restore_<timestamp>``
+        (also when the backup's trees could not be read: the name says "this is not a
+        restore"), except a ``--path`` refused before anything was written: a bad request
+        leaves nothing behind.
+        """
+        target_fd, real_target = open_target(self.target)
         try:
-            self._restore_into(os.fsencode(str(dest)), result)
-        except BaseException as exc:
-            failed = self.target / f"{FAILED_PREFIX}{stamp}"
-            os.rename(dest, failed)
-            log.error("restore_failed", backup_id=self.record.backup_id, path=str(failed), error=str(exc))
-            if isinstance(exc, ZfsbackdError):
-                exc.message = f"{exc.message} (partial restore left in {failed})"
-                exc.args = (exc.message,)
-            raise
-        return result
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            name = f"{RESTORE_PREFIX}{stamp}"
+            self._dest_path, self._target_path = real_target / name, real_target
+            self._space_fd = target_fd
+            with self._on_target("create the restore directory", None):
+                os.mkdir(name, 0o700, dir_fd=target_fd)
+                dest_fd = os.open(name, _DIR_FLAGS, dir_fd=target_fd)
+            prepared = False
+            try:
+                selection = self._prepare()
+                prepared = True
+                self._restore_into(dest_fd, selection)
+            except BaseException as exc:
+                if prepared or not isinstance(exc, RestoreError) or not _remove_empty(target_fd, name):
+                    self._keep_failed(target_fd, dest_fd, name, f"{FAILED_PREFIX}{stamp}", exc)
+                raise
+            finally:
+                os.close(dest_fd)
+        finally:
+            os.close(target_fd)
+        return self._result
 
     def run_into(self, dest: Path, mount_points: Sequence[Path] = ()) -> RestoreResult:
         """Restore into ``dest``, an existing empty directory (the root of a new ZFS dataset).
@@ -203,166 +561,347 @@ class Restorer:
         stray = _stray_entry(dest, set(mount_points))
         if stray is not None:
             raise RestoreError(f"{dest} is not empty ({stray} exists); a restore goes into a new, empty dataset")
-        result = RestoreResult(path=dest)
-        self._restore_into(os.fsencode(str(dest)), result)
-        return result
+        existing = set()
+        for mount in mount_points:
+            rel = mount.relative_to(dest)
+            existing.update(os.fsencode(p) for p in (rel, *rel.parents) if p != Path("."))
+        self._existing_dirs = frozenset(existing)
+        selection = self._prepare()
+        self._dest_path = self._target_path = dest
+        with self._on_target("open the restore directory", None):
+            fd = os.open(dest, _DIR_FLAGS)
+        try:
+            self._restore_into(fd, selection)
+        finally:
+            os.close(fd)
+        return self._result
 
-    # ----------------------------------------------------------------- walk
-    def _tree(self, tree_id: str, where: bytes) -> list[Node]:
-        nodes = self._trees.get(tree_id)
-        if nodes is None:
-            what = f"backup {self.record.backup_id}: directory /{os.fsdecode(where)}"
-            nodes = parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
-        for node in nodes:
-            name = node_name(node)
-            if not is_safe_name(name):
-                raise RestoreError(
-                    f"backup {self.record.backup_id}: directory /{os.fsdecode(where)} holds an unsafe entry "
-                    f"name {name!r}; refusing to restore it (the backup may have been tampered with; "
-                    "run `zfsbackd check --read-data`)"
-                )
-        return nodes
+    def _keep_failed(self, target_fd: int, dest_fd: int, name: str, failed: str, exc: BaseException) -> None:
+        """Rename the partial restore ``failed`` — only if ``name`` is still the directory this restore made."""
+        where = self._dest_path.parent / failed
+        try:
+            ours, there = os.fstat(dest_fd), os.stat(name, dir_fd=target_fd, follow_symlinks=False)
+            if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
+                raise FileNotFoundError(errno.ENOENT, f"{name} was replaced by another process")
+            os.rename(name, failed, src_dir_fd=target_fd, dst_dir_fd=target_fd)
+        except OSError as rename_error:
+            where = self._dest_path
+            log.error("restore_failed_not_renamed", path=str(where), error=str(rename_error))
+        log.error("restore_failed", backup_id=self.record.backup_id, path=str(where), error=str(exc))
+        if isinstance(exc, ZfsbackdError):
+            exc.message = f"{exc.message} (partial restore left in {where})"
+            exc.args = (exc.message,)
 
-    def _restore_into(self, dest: bytes, result: RestoreResult) -> None:
+    # --------------------------------------------------------------- prepare
+    def _prepare(self) -> list[_Selection] | None:
+        """Resolve the ``--path`` selections (None: everything) and plan the pack reads."""
+        what = f"backup {self.record.backup_id}"
         root_nodes = parse_tree(
-            self.store.read_blob(bytes.fromhex(self.record.root_tree or ""), what=f"backup {self.record.backup_id}"),
-            what=f"backup {self.record.backup_id} root",
+            self.store.read_blob(bytes.fromhex(self.record.root_tree or ""), what=what), what=f"{what} root"
         )
         root = next((n for n in root_nodes if n.get("name") == ROOT_NAME), None)
-        if root is None:
-            raise IntegrityError(f"backup {self.record.backup_id}: root tree has no root entry")
-        with (
-            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool,
-            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-fetch") as self._fetch_pool,
-        ):
-            jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT)
-            if not self.paths:
-                self._plan_full_restore(root)
-                self._restore_dir_contents(jobs, root, dest, b"", result)
-                self._plan.directories.append((dest, root))
+        if root is None or root.get("type") != "dir" or _node_problem(root) is not None:
+            raise IntegrityError(f"{what}: root tree has no valid root entry")
+        unique = {tuple(split_request_path(raw, self.record.backup_id)): raw for raw in self.paths}
+        selections = [_Selection(raw, parts, self._resolve(root, parts, raw)) for parts, raw in sorted(unique.items())]
+        if not selections or () in unique:
+            self._root = root
+            self._plan_reads([(root, b"")])
+            return None
+        kept = []
+        for sel in selections:
+            outer = next((unique[sel.parts[:i]] for i in range(1, len(sel.parts)) if sel.parts[:i] in unique), None)
+            if outer is None:
+                kept.append(sel)
             else:
-                for raw in self.paths:
-                    self._restore_selected(jobs, root, dest, raw, result)
-            result.bytes += jobs.wait()
-        self._finish(result)
+                log.info("restore_path_inside_another", path=sel.raw, inside=outer)
+        self._plan_reads([(sel.chain[-1], b"/".join(sel.parts)) for sel in kept])
+        return kept
 
-    def _plan_full_restore(self, root: Node) -> None:
-        """Read every tree first, level by level and in parallel, then plan pack reads for all file data.
+    def _resolve(self, root: Node, parts: tuple[bytes, ...], raw: str) -> list[Node]:
+        """The nodes from the root along ``parts`` (the root itself for ``/``)."""
+        chain, node, rel = [root], root, b""
+        for part in parts:
+            child = None
+            if node.get("type") == "dir":
+                child = next((n for n in self._tree(node["subtree"], rel) if node_name(n) == part), None)
+            if child is None:
+                raise RestoreError(
+                    f"--path {raw!r} is not in backup {self.record.backup_id}; list the backup's files with a full "
+                    "restore or check the spelling (paths are relative to the backed-up file system's root)"
+                )
+            chain.append(child)
+            node, rel = child, _join(rel, part)
+        return chain[1:] if parts else chain
+
+    def _tree(self, tree_id: str, rel: bytes) -> list[Node]:
+        """The checked entries of the directory ``rel`` (from the read-ahead when there is one)."""
+        nodes = self._trees.get(tree_id)
+        if nodes is None:
+            what = f"backup {self.record.backup_id}: directory /{os.fsdecode(rel)}"
+            nodes = self._trees[tree_id] = parse_tree(
+                self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what
+            )
+        if tree_id not in self._checked:  # a tree shared by several directories (identical ones) is checked once
+            for node in nodes:
+                self._check(node, rel)
+            self._checked.add(tree_id)
+        return nodes
+
+    def _check(self, node: Node, parent: bytes) -> None:
+        try:
+            name = node_name(node)
+        except (KeyError, TypeError, ValueError):
+            name = b""
+        where = f"backup {self.record.backup_id}: directory /{os.fsdecode(parent)}"
+        if not is_safe_name(name):
+            raise RestoreError(
+                f"{where} holds an unsafe entry name {name!r}; refusing to restore it (the backup may have been "
+                "tampered with; run `zfsbackd check --read-data`)"
+            )
+        problem = _node_problem(node)
+        if problem is not None:
+            raise IntegrityError(
+                f"backup {self.record.backup_id}: /{os.fsdecode(_join(parent, name))} {problem}; the backup "
+                "may have been tampered with: run `zfsbackd check --read-data`"
+            )
+
+    def _plan_reads(self, starts: Sequence[tuple[Node, bytes]]) -> None:
+        """Read every tree below ``starts`` (node, path) first, level by level and in parallel, then plan
+        pack reads for all file data (and count its bytes, for a "target full" message).
 
         One request per directory in a row would make a restore from S3 crawl; so would one per blob.
+        Entries are checked when the walk reaches them; here a malformed one is just passed over.
         """
-        level = [root["subtree"]]
         wanted: list[bytes] = []
-        linked: set[int] = set()
-        what = f"backup {self.record.backup_id}: a directory tree"
-        while level:
-            todo = [t for t in dict.fromkeys(level) if t not in self._trees]
-            for tree_id, nodes in zip(
-                todo,
-                self._fetch_pool.map(
-                    lambda t: parse_tree(self.store.read_blob(bytes.fromhex(t), what=what), what=what), todo
-                ),
-                strict=True,
-            ):
-                self._trees[tree_id] = nodes
-            next_level = []
-            for tree_id in level:
-                for node in self._trees[tree_id]:
-                    if node.get("type") == "dir":
-                        next_level.append(node["subtree"])
-                    elif node.get("type") == "file":
-                        link = node.get("hardlink")
-                        if link is not None:
-                            if link in linked:
-                                continue  # restored as a hard link: its data is not read again
-                            linked.add(link)
-                        wanted.extend(bytes.fromhex(c[2]) for c in node.get("chunks", ()))
-            level = next_level
+        linked: set[object] = set()
+        level: list[tuple[str, bytes]] = []  # (tree id, path of its directory)
+
+        def visit(node: Node, rel: bytes, *, child: bool) -> None:
+            """``rel``: the path of the directory holding ``node`` (``child``), else of ``node`` itself."""
+            try:
+                if node.get("type") == "dir":
+                    if _is_hex(node.get("subtree")):
+                        level.append((node["subtree"], _join(rel, node_name(node)) if child else rel))
+                elif node.get("type") == "file":
+                    link = node.get("hardlink")
+                    if link is not None:
+                        if link in linked:
+                            return  # restored as a hard link: its data is not read again
+                        linked.add(link)
+                    for _offset, length, blob in node.get("chunks", ()):
+                        wanted.append(bytes.fromhex(blob))
+                        self._planned_bytes += length
+            except (KeyError, TypeError, ValueError):
+                pass
+
+        def read(tree_id: str, rel: bytes) -> list[Node]:
+            what = f"backup {self.record.backup_id}: directory /{os.fsdecode(rel)}"
+            return parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
+
+        for node, rel in starts:
+            visit(node, rel, child=False)
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-tree") as pool:
+            while level:
+                todo = {t: rel for t, rel in reversed(level) if t not in self._trees}  # first path of each
+                for tree_id, nodes in zip(todo, pool.map(read, todo, todo.values()), strict=True):
+                    self._trees[tree_id] = nodes
+                current, level = level, []
+                for tree_id, rel in current:
+                    for node in self._trees[tree_id]:
+                        visit(node, rel, child=True)
         self._packs = PackCache(self.store, wanted)
 
-    def _restore_selected(self, jobs: _BoundedJobs, root: Node, dest: bytes, raw: str, result: RestoreResult) -> None:
-        parts = split_request_path(raw, self.record.backup_id)
-        node, rel, out = root, b"", dest
-        for i, part in enumerate(parts):
-            if node.get("type") != "dir":
-                break
-            children = {node_name(n): n for n in self._tree(node["subtree"], rel)}
-            child = children.get(part)
-            if child is None:
-                break
-            rel = rel + b"/" + part if rel else part
-            out = out + b"/" + part
-            if i < len(parts) - 1 and not os.path.lexists(out):
-                # a directory on the way: create it, with its own metadata applied at the end
-                os.mkdir(out, 0o700)
-                self._plan.directories.append((out, child))
-            node = child
-        else:
-            self._restore_node(jobs, node, out, rel, result)
-            return
-        raise RestoreError(
-            f"--path {raw!r} is not in backup {self.record.backup_id}; list the backup's files with a full "
-            "restore or check the spelling (paths are relative to the backed-up file system's root)"
-        )
+    # ----------------------------------------------------------------- walk
+    def _restore_into(self, root_fd: int, selection: list[_Selection] | None) -> None:
+        result = self._result = RestoreResult(path=self._dest_path)
+        self._dirs = [_Dir(-1, b"", b"", 0, self._root if selection is None else None)]
+        self._fds = _DirFds(self._dirs, root_fd)
+        self._space_fd = root_fd
+        try:
+            with (
+                ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool,
+                ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-fetch") as self._fetch_pool,
+            ):
+                jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT)
+                try:
+                    if selection is None:
+                        self._walk(jobs, 0)
+                    for sel in selection or ():
+                        parent = self._dirs_on_the_way(sel)
+                        fd = self._pin(parent)
+                        try:
+                            new_dir = self._create(jobs, parent, fd, sel.chain[-1])
+                        finally:
+                            self._fds.unpin(parent)
+                        if new_dir is not None:
+                            self._walk(jobs, new_dir)
+                    result.bytes += jobs.wait()
+                except BaseException:
+                    jobs.cancel()  # the pools wait for queued jobs on the way out: let them skip
+                    raise
+            self._finish()
+        finally:
+            self._fds.close_all()
+        if result.xattrs_not_restored > MAX_WARNINGS:
+            log.warning(
+                "xattrs_not_restored",
+                backup_id=self.record.backup_id,
+                count=result.xattrs_not_restored,
+                logged=MAX_WARNINGS,
+            )
 
-    def _restore_dir_contents(
-        self, jobs: _BoundedJobs, node: Node, out: bytes, rel: bytes, result: RestoreResult
-    ) -> None:
-        for child in self._tree(node["subtree"], rel):
-            name = node_name(child)
-            self._restore_node(jobs, child, out + b"/" + name, rel + b"/" + name if rel else name, result)
+    def _walk(self, jobs: _BoundedJobs, start: int) -> None:
+        """Create everything below directory ``start``: pre-order, in tree order, with a stack instead of
+        recursion (depth is bounded by the file system, not by Python).
 
-    def _restore_node(self, jobs: _BoundedJobs, node: Node, out: bytes, rel: bytes, result: RestoreResult) -> None:
-        kind = node.get("type")
+        Tree order is the order the backup wrote the data in, so the packs are read front to back and
+        each one is let go of as soon as its last blob is written; another order would hold many at once.
+        A directory's descriptor is pinned only while entries are created in it, not while its
+        subdirectories are walked: a deep tree holds a bounded number of descriptors.
+        """
+        top = self._dirs[start]
+        assert top.node is not None
+        stack = [(start, iter(self._tree(top.node["subtree"], top.rel)))]
+        while stack:
+            index, children = stack[-1]
+            fd = self._pin(index)
+            try:
+                for child in children:
+                    new_dir = self._create(jobs, index, fd, child)
+                    if new_dir is not None:
+                        stack.append((new_dir, iter(self._tree(child["subtree"], self._dirs[new_dir].rel))))
+                        break
+                else:
+                    stack.pop()
+            finally:
+                self._fds.unpin(index)
+
+    def _create(self, jobs: _BoundedJobs, parent: int, parent_fd: int, node: Node) -> int | None:
+        """Create ``node`` in directory ``parent`` (or plan it); a new directory's index is returned, to walk."""
+        assert self._fds is not None
+        name = node_name(node)
+        rel = _join(self._dirs[parent].rel, name)
+        kind = node["type"]
+        result = self._result
         if kind == "dir":
-            if not os.path.isdir(out):
-                os.mkdir(out, 0o700)
+            self._mkdir(parent_fd, name, rel)
             result.directories += 1
-            self._restore_dir_contents(jobs, node, out, rel, result)
-            self._plan.directories.append((out, node))
-        elif kind == "file":
-            link_key = node.get("hardlink")
-            if link_key is not None and link_key in self._hardlink_first:
-                self._plan.hardlinks.append((self._hardlink_first[link_key], out))
+            return self._add_dir(parent, name, rel, node)
+        if kind == "file":
+            link = node.get("hardlink")
+            first = self._hardlink_first.get(link) if link is not None else None
+            if first is not None:
+                self._plan.hardlinks.append((first, (parent, name), rel))
             else:
-                if link_key is not None:
-                    self._hardlink_first[link_key] = out
-                jobs.submit(self._write_file, node, out, rel)
+                if link is not None:
+                    self._hardlink_first[link] = (parent, name)
+                # the job unpins; a submit that raises means the restore is over, and close_all() closes it
+                jobs.submit(self._write_file, jobs, parent, self._fds.pin(parent), name, node, rel)
             result.files += 1
         elif kind == "symlink":
-            self._plan.symlinks.append((out, node))
+            self._plan.symlinks.append((parent, name, node, rel))
             result.symlinks += 1
-        elif kind in ("chardev", "blockdev"):
-            dev_type = stat.S_IFCHR if kind == "chardev" else stat.S_IFBLK
-            os.mknod(out, dev_type | 0o600, node["rdev"])
-            _apply_metadata(out, node)
         else:
-            raise IntegrityError(f"backup {self.record.backup_id}: /{os.fsdecode(rel)} has unknown type {kind!r}")
+            self._make_device(parent_fd, name, node, rel)
+        return None
 
-    def _write_file(self, node: Node, out: bytes, rel: bytes) -> int:
-        """Runs on the pool: create the file, write its chunks at their offsets (holes stay holes)."""
+    def _add_dir(self, parent: int, name: bytes, rel: bytes, node: Node) -> int:
+        self._dirs.append(_Dir(parent, name, rel, self._dirs[parent].depth + 1, node))
+        return len(self._dirs) - 1
+
+    def _mkdir(self, parent_fd: int, name: bytes, rel: bytes) -> None:
+        """A new directory, private (0700) until its metadata is applied at the end."""
+        with self._on_target("create the directory", rel):
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                if rel not in self._existing_dirs:
+                    raise
+                # a child dataset's mount point (restore to ZFS): opened O_NOFOLLOW like any other directory
+
+    def _dirs_on_the_way(self, sel: _Selection) -> int:
+        """The directories leading to a ``--path`` (created once, with their own metadata applied at the end)."""
+        parent, rel = 0, b""
+        for part, node in zip(sel.parts[:-1], sel.chain[:-1], strict=True):
+            rel = _join(rel, part)
+            index = self._on_the_way.get(rel)
+            if index is None:
+                fd = self._pin(parent)
+                try:
+                    self._mkdir(fd, part, rel)
+                finally:
+                    self._fds.unpin(parent)
+                index = self._on_the_way[rel] = self._add_dir(parent, part, rel, node)
+            parent = index
+        return parent
+
+    def _pin(self, index: int) -> int:
+        assert self._fds is not None
+        with self._on_target("open the directory", self._dirs[index].rel):
+            return self._fds.pin(index)
+
+    def _make_device(self, parent_fd: int, name: bytes, node: Node, rel: bytes) -> None:
+        """``mknod`` relative to the parent, then metadata through an ``O_PATH`` descriptor (opening a
+        device would open the device itself)."""
+        dev_type = stat.S_IFCHR if node["type"] == "chardev" else stat.S_IFBLK
+        with self._on_target("create the device", rel):
+            os.mknod(name, dev_type | 0o600, node["rdev"], dir_fd=parent_fd)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            if stat.S_IFMT(os.fstat(fd).st_mode) != dev_type:
+                raise self.target_error(OSError(errno.ENOENT, "replaced"), "set the metadata of", rel)
+            self._apply_metadata(f"/proc/self/fd/{fd}", node, rel)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ file data
+    def _write_file(self, jobs: _BoundedJobs, parent: int, dir_fd: int, name: bytes, node: Node, rel: bytes) -> int:
+        """Runs on the pool: create the file in its directory, write its chunks at their offsets (holes stay
+        holes), apply its metadata."""
+        assert self._fds is not None
+        try:
+            if jobs.stopping:
+                return 0
+            with self._on_target("create the file", rel):
+                fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+            try:
+                written = self._write_data(fd, node, rel)
+                self._apply_metadata(fd, node, rel)
+            finally:
+                os.close(fd)
+        finally:
+            self._fds.unpin(parent)
+        self.progress.advance(files=1)
+        return written
+
+    def _write_data(self, fd: int, node: Node, rel: bytes) -> int:
         what = f"backup {self.record.backup_id}: file /{os.fsdecode(rel)}"
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        chunks = node.get("chunks", ())
         written = 0
         try:
-            chunks = node.get("chunks", ())
             for (offset, length, _blob), data in zip(chunks, self._fetch(chunks, what), strict=True):
                 if len(data) != length:
                     raise IntegrityError(f"{what}: chunk at offset {offset} has {len(data)} bytes, expected {length}")
-                view = memoryview(data)
-                pos = offset
-                while view:
-                    n = os.pwrite(fd, view, pos)
-                    view, pos = view[n:], pos + n
+                with self._on_target("write", rel):
+                    view = memoryview(data)
+                    pos = offset
+                    while view:
+                        n = os.pwrite(fd, view, pos)
+                        view, pos = view[n:], pos + n
                 written += length
+                with self._lock:
+                    self._bytes_done += length
                 self.progress.advance(nbytes=length)
-            end = chunks[-1][0] + chunks[-1][1] if chunks else 0
-            if node["size"] > end:  # a trailing hole (truncating to the same size costs XFS a flush)
+        except (IntegrityError, StoreError) as exc:
+            if what not in exc.message:  # name the backup and the file, whoever raised it
+                exc.message = f"{what}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
+        end = chunks[-1][0] + chunks[-1][1] if chunks else 0
+        if node["size"] > end:  # a trailing hole (truncating to the same size costs XFS a flush)
+            with self._on_target("extend", rel):
                 os.ftruncate(fd, node["size"])
-            _apply_metadata(out, node, fd=fd)
-        finally:
-            os.close(fd)
-        self.progress.advance(files=1)
         return written
 
     def _fetch(self, chunks: Sequence[list], what: str) -> Iterator[bytes]:
@@ -386,14 +925,126 @@ class Restorer:
                 )
             yield data
 
+    # -------------------------------------------------------------- metadata
+    def _apply_metadata(self, target: int | str, node: Node, rel: bytes) -> None:
+        """Owner, then mode (chown clears setuid), xattrs and ACLs, then times — in that order."""
+        with self._on_target("set the owner, mode and times of", rel):
+            os.chown(target, node["uid"], node["gid"])
+            os.chmod(target, node["mode"])
+            try:
+                xattrs = decode_xattrs(node)
+            except ValueError:
+                raise IntegrityError(
+                    f"backup {self.record.backup_id}: /{os.fsdecode(rel)} has a malformed extended attribute value"
+                ) from None
+            for name, value in xattrs:
+                try:
+                    os.setxattr(target, name, value)
+                except OSError as exc:
+                    if not self._xattr_does_not_fit(exc, value):
+                        raise
+                    self._xattr_not_restored(rel, name, value, exc)
+            os.utime(target, ns=(node["mtime_ns"], node["mtime_ns"]))
+
+    def _xattr_does_not_fit(self, exc: OSError, value: bytes) -> bool:
+        """ENOSPC is both "too large for this file system's xattr space" and "the file system is full":
+        only the first is skipped (free space tells them apart)."""
+        if exc.errno not in _XATTR_DOES_NOT_FIT:
+            return False
+        return exc.errno != errno.ENOSPC or self._available() >= XATTR_FULL_MARGIN + len(value)
+
+    def _xattr_not_restored(self, rel: bytes, name: str, value: bytes, exc: OSError) -> None:
+        result = self._result
+        with self._lock:
+            result.xattrs_not_restored += 1
+            listed = len(result.warnings) < MAX_WARNINGS
+            if listed:
+                result.warnings.append(
+                    f"/{os.fsdecode(rel)}: extended attribute {name} ({len(value)} bytes) not restored: "
+                    f"{_describe(exc)}"
+                )
+        if listed:
+            log.warning(
+                "xattr_not_restored",
+                backup_id=self.record.backup_id,
+                path="/" + os.fsdecode(rel),
+                xattr=name,
+                size=len(value),
+                error=_errno_name(exc),
+            )
+
     # --------------------------------------------------------------- finish
-    def _finish(self, result: RestoreResult) -> None:
-        for first, path in self._plan.hardlinks:
-            os.link(first, path)
-        for path, node in self._plan.symlinks:
-            os.symlink(node_target(node), path)
-            os.chown(path, node["uid"], node["gid"], follow_symlinks=False)
-            os.utime(path, ns=(node["mtime_ns"], node["mtime_ns"]), follow_symlinks=False)
-        # Deepest first, so setting a parent's mtime is the last change inside it.
-        for path, node in sorted(self._plan.directories, key=lambda item: item[0].count(b"/"), reverse=True):
-            _apply_metadata(path, node)
+    def _finish(self) -> None:
+        """Hard links, then symlinks, then directory metadata deepest first (so that setting a
+        directory's mtime is the last change inside it)."""
+        assert self._fds is not None
+        for (first_parent, first_name), (parent, name), rel in self._plan.hardlinks:
+            first_fd = self._pin(first_parent)
+            try:
+                fd = self._pin(parent)
+                try:
+                    with self._on_target("create the hard link", rel):
+                        os.link(first_name, name, src_dir_fd=first_fd, dst_dir_fd=fd, follow_symlinks=False)
+                finally:
+                    self._fds.unpin(parent)
+            finally:
+                self._fds.unpin(first_parent)
+        for parent, name, node, rel in self._plan.symlinks:
+            fd = self._pin(parent)
+            try:
+                with self._on_target("create the symlink", rel):
+                    os.symlink(node_target(node), name, dir_fd=fd)
+                    os.chown(name, node["uid"], node["gid"], dir_fd=fd, follow_symlinks=False)
+                    os.utime(name, ns=(node["mtime_ns"], node["mtime_ns"]), dir_fd=fd, follow_symlinks=False)
+            finally:
+                self._fds.unpin(parent)
+        for index in sorted(range(len(self._dirs)), key=lambda i: self._dirs[i].depth, reverse=True):
+            entry = self._dirs[index]
+            if entry.node is not None:
+                fd = self._pin(index)
+                try:
+                    self._apply_metadata(fd, entry.node, entry.rel)
+                finally:
+                    self._fds.unpin(index)
+
+    # ---------------------------------------------------------------- errors
+    def _on_target(self, action: str, rel: bytes | None) -> _OnTarget:
+        return _OnTarget(self, action, rel)
+
+    def _available(self) -> int:
+        st = os.fstatvfs(self._space_fd)
+        return st.f_bavail * st.f_frsize
+
+    def target_error(self, exc: OSError, action: str, rel: bytes | None) -> RestoreError:
+        """An OSError of the target (``rel`` inside the restore; None: the restore directory itself) as the
+        error a person can act on: what failed, where, why, and what to do."""
+        where = str(self._dest_path) if rel is None else f"/{os.fsdecode(rel)}"
+        head = f"restore of backup {self.record.backup_id}: cannot {action} {where}: {_describe(exc)}"
+        if exc.errno in _TARGET_FULL:
+            try:
+                available = _size(self._available())
+            except OSError:
+                available = "an unknown amount"
+            what = "quota on the target" if exc.errno == errno.EDQUOT else f"file system of {self._target_path}"
+            return RestoreTargetFull(
+                f"{head}. The {what} is full: this restore needs about "
+                f"{_size(max(0, self._planned_bytes - self._bytes_done))} more of file data "
+                f"({self._bytes_done} of {self._planned_bytes} bytes written), and {available} are available. "
+                "Free space (delete the partial restore, if one was left) or raise the quota, or restore to a larger "
+                "file system, then run the restore again"
+            )
+        if exc.errno == errno.ENAMETOOLONG and rel is not None:
+            name = rel.rsplit(b"/", 1)[-1]
+            try:
+                limit = f"at most {os.fstatvfs(self._space_fd).f_namemax} bytes"
+            except OSError:
+                limit = "fewer"
+            fix = (
+                f"the name is {len(name)} bytes and the target file system allows {limit}: restore to a file "
+                "system that allows longer names, or restore the other paths with --path"
+            )
+        elif exc.errno == errno.EEXIST and rel is None:
+            fix = "another process created this name at the same moment: run the restore again"
+        else:
+            fix = _FIXES.get(exc.errno or 0, "fix the target and run the restore again")
+        return RestoreError(f"{head}. {fix[0].upper()}{fix[1:]}")

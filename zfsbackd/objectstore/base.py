@@ -53,6 +53,8 @@ class ObjectStore(ABC):
 
     #: human-readable location for error messages ("local /var/lib/zfsbackd/store")
     location: str
+    #: the region's config keys that choose the location, named in errors ("path"; "bucket", "prefix")
+    location_settings: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.metrics = ObjectStoreMetrics()
@@ -88,3 +90,19 @@ class ObjectStore(ABC):
     @abstractmethod
     def check_reachable(self) -> None:
         """Raise StoreError with a fix if the store cannot be used at all."""
+
+    @abstractmethod
+    def stale_writes(self, older_than: float) -> list[ObjectInfo]:
+        """Leftovers of writes interrupted before ``older_than`` (seconds since the epoch).
+
+        A writer killed mid-object leaves them behind (a local ``.tmp-*`` file,
+        an incomplete S3 multipart upload); they are invisible to :meth:`list`
+        and cost space until removed. ``key`` names the leftover itself, ``mtime``
+        is when the write last made progress (local) or started (S3). Callers
+        (garbage collection, ``check``) choose ``older_than`` far enough back that
+        no live writer can still own one.
+        """
+
+    @abstractmethod
+    def remove_stale_writes(self, older_than: float) -> int:
+        """Remove what :meth:`stale_writes` lists for ``older_than``; return how many were removed."""

@@ -118,6 +118,8 @@ class S3ObjectStore(ObjectStore):
     ``errors`` (final failures) use the same names.
     """
 
+    location_settings = ("bucket", "prefix")
+
     def __init__(
         self,
         region: S3Region,
@@ -443,11 +445,11 @@ class S3ObjectStore(ObjectStore):
                     return
             raise
 
-    def _abort_upload(self, full_key: str, upload_id: str) -> None:
-        """Abort, tolerating an upload already gone; a failure is logged, never raised over the real error.
+    def _abort_upload(self, full_key: str, upload_id: str) -> bool:
+        """Abort, tolerating an upload already gone; a failure is logged (False), never raised over the real error.
 
         Parts of an upload that cannot be aborted now are aborted later by
-        :meth:`sweep_stale_uploads`.
+        :meth:`remove_stale_writes`.
         """
 
         def abort() -> None:
@@ -462,6 +464,71 @@ class S3ObjectStore(ObjectStore):
         except StoreError as exc:
             log.warning("object_store_abort_failed", region=self.region.name, bucket=self.bucket,
                         object_key=full_key, error=exc.message)
+            return False
+        return True
+
+    def _stale_uploads(self, older_than: float) -> Iterator[tuple[str, str, float]]:
+        """(full key, upload id, initiated) of each multipart upload under our prefix started before ``older_than``."""
+        markers: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "list", None,
+                lambda markers=markers: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix,
+                                                                            **markers),
+            )
+            for upload in page.get("Uploads", []):
+                initiated = upload["Initiated"].timestamp()
+                if initiated < older_than:
+                    yield upload["Key"], upload["UploadId"], initiated
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+            if not markers["KeyMarker"]:
+                raise StoreError(f"{self._where(None)}: the server said more multipart uploads follow but gave no "
+                                 "marker to continue from")
+
+    def _uploaded_bytes(self, full_key: str, upload_id: str) -> int:
+        """Bytes held by the parts of an incomplete upload (what aborting it frees); 0 if it is gone."""
+        total = 0
+        marker: dict[str, int] = {}
+        while True:
+
+            def attempt(marker: dict[str, int] = marker) -> dict[str, Any] | None:
+                try:
+                    return self._client.list_parts(Bucket=self.bucket, Key=full_key, UploadId=upload_id, **marker)
+                except ClientError as exc:
+                    if error_code(exc) == "NoSuchUpload":
+                        return None
+                    raise
+
+            page = self._call("list", full_key, attempt)
+            if page is None:
+                return total
+            total += sum(int(part["Size"]) for part in page.get("Parts", []))
+            if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
+                return total
+            marker = {"PartNumberMarker": int(page["NextPartNumberMarker"])}
+
+    def stale_writes(self, older_than: float) -> list[ObjectInfo]:
+        """Incomplete multipart uploads initiated before ``older_than``: their parts cost storage until aborted.
+
+        ``key`` is the object key the upload was for, ``size`` the bytes of its
+        parts, ``mtime`` when it was initiated.
+        """
+        return [
+            ObjectInfo(full_key[len(self.prefix):], self._uploaded_bytes(full_key, upload_id), initiated)
+            for full_key, upload_id, initiated in self._stale_uploads(older_than)
+        ]
+
+    def remove_stale_writes(self, older_than: float) -> int:
+        """Abort every multipart upload under our prefix initiated before ``older_than``; return how many."""
+        aborted = sum(
+            1 for full_key, upload_id, _ in list(self._stale_uploads(older_than))
+            if self._abort_upload(full_key, upload_id)
+        )
+        if aborted:
+            log.info("object_store_stale_uploads_aborted", region=self.region.name, bucket=self.bucket, count=aborted)
+        return aborted
 
     def sweep_stale_uploads(self, older_than_seconds: float = STALE_UPLOAD_SECONDS) -> int:
         """Abort multipart uploads under our prefix started more than ``older_than_seconds`` ago.
@@ -471,28 +538,7 @@ class S3ObjectStore(ObjectStore):
         and their storage cost — forever; no writer takes a day over one pack,
         so anything older is abandoned.  Returns how many were aborted.
         """
-        cutoff = time.time() - older_than_seconds
-        aborted = 0
-        markers: dict[str, str] = {}
-        while True:
-            page = self._call(
-                "list", None,
-                lambda markers=markers: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix,
-                                                                            **markers),
-            )
-            for upload in page.get("Uploads", []):
-                if upload["Initiated"].timestamp() < cutoff:
-                    self._abort_upload(upload["Key"], upload["UploadId"])
-                    aborted += 1
-            if not page.get("IsTruncated"):
-                break
-            markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
-            if not markers["KeyMarker"]:
-                raise StoreError(f"{self._where(None)}: the server said more multipart uploads follow but gave no "
-                                 "marker to continue from")
-        if aborted:
-            log.info("object_store_stale_uploads_aborted", region=self.region.name, bucket=self.bucket, count=aborted)
-        return aborted
+        return self.remove_stale_writes(time.time() - older_than_seconds)
 
     # -------------------------------------------------------------------- reads
     def get(self, key: str) -> bytes:

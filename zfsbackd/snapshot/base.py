@@ -154,6 +154,24 @@ def source_dir(fs: FileSystemSource) -> Path:
     return path
 
 
+#: errnos that mean the source file system (or the quota on it) is full
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space_error(fs_id: str, path: os.PathLike[str] | str, what: str) -> SnapshotError:
+    """The snapshot of *path* cannot be taken because its file system is full: where, and what to do.
+
+    A snapshot needs a little space on the source itself (btrfs metadata, a reflink
+    clone's inode), so a full source fails before any data is read. Said plainly,
+    because the raw ``OSError`` would read like a bug and the fix is the administrator's.
+    """
+    return SnapshotError(
+        f"file_systems[{fs_id}]: cannot {what}: the file system holding {os.fspath(path)} is full "
+        f"(no space left on device, or its quota is exhausted); free some space on it or grow it "
+        f"(`df -h {os.fspath(path)}`; on btrfs also `btrfs filesystem usage`), then run the backup again"
+    )
+
+
 def check_name(what: str, value: str) -> str:
     """Refuse ids that would escape the snapshot directory when used as a path component."""
     if not value or "/" in value or "\0" in value or value in (".", ".."):
@@ -436,7 +454,12 @@ class SnapshotProvider(ABC):
 
     @abstractmethod
     def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:
-        """The snapshot an earlier :meth:`take` made for *backup_id* (to resume after a crash)."""
+        """The snapshot an earlier :meth:`take` made for *backup_id* (to resume after a crash).
+
+        None when there is none — and always for providers whose snapshot is the live
+        tree: nothing of it survives an attempt, so a resumed backup takes it again,
+        ``pre_snapshot``/``post_snapshot`` hooks included (see ``find_or_take_snapshot``).
+        """
 
 
 def snapshot_name(backup_id: str) -> str:

@@ -24,6 +24,7 @@ from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import (
     BTRFS_MAGIC,
     BTRFS_SUBVOLUME_INO,
+    NO_SPACE_ERRNOS,
     FileSystemSource,
     FrozenFile,
     Snapshot,
@@ -31,6 +32,7 @@ from zfsbackd.snapshot.base import (
     check_name,
     fs_type,
     fs_type_name,
+    no_space_error,
     snapshot_name,
     source_dir,
 )
@@ -38,6 +40,8 @@ from zfsbackd.snapshot.base import (
 SNAPSHOT_DIR = ".zfsbackd-snapshots"
 
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+# How btrfs-progs reports ENOSPC / EDQUOT (strerror) on stderr.
+_NO_SPACE_MESSAGES = ("No space left on device", "Disk quota exceeded")
 
 
 def mount_point(path: Path) -> Path:
@@ -57,13 +61,21 @@ def mount_point(path: Path) -> Path:
     return Path(os.fsdecode(best))
 
 
-def _btrfs(fs_id: str, *args: str | os.PathLike[str]) -> None:
+def _btrfs(fs_id: str, *args: str | os.PathLike[str], full_path: Path | None = None) -> None:
+    """Run ``btrfs ARGS``; a failure is a :class:`SnapshotError` with the command's stderr.
+
+    With *full_path*, a failure because the file system is full says so and how to fix it
+    (:func:`no_space_error`) instead of showing only btrfs-progs' message.
+    """
     argv = ["btrfs", *map(os.fspath, args)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False)
     except FileNotFoundError:
         raise SnapshotError(f"file_systems[{fs_id}]: the btrfs command is not installed; install btrfs-progs") from None
     if proc.returncode != 0:
+        if full_path is not None and any(m in proc.stderr for m in _NO_SPACE_MESSAGES):
+            what = f"take the btrfs snapshot ({proc.stderr.strip()})"
+            raise no_space_error(fs_id, full_path, what)
         raise SnapshotError(
             f"file_systems[{fs_id}]: `{' '.join(argv)}` failed with exit status {proc.returncode}: "
             f"{proc.stderr.strip()}"
@@ -100,9 +112,16 @@ class BtrfsProvider(SnapshotProvider):
                 f"file_systems[{fs.id}]: snapshot {dst} already exists; resume that backup, or delete "
                 f"the snapshot with `btrfs subvolume delete {dst}`"
             )
-        for d in (dst.parent.parent, dst.parent):
-            d.mkdir(mode=0o700, exist_ok=True)
-        _btrfs(fs.id, "subvolume", "snapshot", "-r", src, dst)
+        try:
+            for d in (dst.parent.parent, dst.parent):
+                d.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise no_space_error(fs.id, src, f"create the snapshot directory {d}") from exc
+            raise SnapshotError(
+                f"file_systems[{fs.id}]: cannot create the snapshot directory {d}: {exc.strerror}"
+            ) from exc
+        _btrfs(fs.id, "subvolume", "snapshot", "-r", src, dst, full_path=src)
         return BtrfsSnapshot(fs.id, dst.name, dst, _excluded(src, mnt, dst))
 
     def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:

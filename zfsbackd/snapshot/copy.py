@@ -35,4 +35,5 @@ class CopyProvider(SnapshotProvider):
         return CopySnapshot(snapshot_name(backup_id), source_dir(fs))
 
     def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:
-        return self.take(fs, backup_id)
+        """Nothing to find: the "snapshot" is the live tree, taken anew (with its hooks) on every attempt."""
+        return None

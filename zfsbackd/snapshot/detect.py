@@ -29,7 +29,7 @@ def choose_provider(fs: FileSystemSource) -> SnapshotProvider:
     src = source_dir(fs)
     if fs_type(src) == BTRFS_MAGIC and os.stat(src).st_ino == BTRFS_SUBVOLUME_INO:
         return BtrfsProvider()
-    problem = reflink_problem(src)
+    problem = reflink_problem(src, fs_id=fs.id)
     if problem is None:
         return ReflinkProvider()
     if fs.allow_copy_snapshots:

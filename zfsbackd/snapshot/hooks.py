@@ -128,3 +128,17 @@ def take_snapshot(fs: FileSystemSource, backup_id: str, provider: SnapshotProvid
             snap.release()
             raise
     return snap
+
+
+def find_or_take_snapshot(fs: FileSystemSource, backup_id: str, provider: SnapshotProvider | None = None) -> Snapshot:
+    """The snapshot of *backup_id*: the one an interrupted attempt left behind, else a new one.
+
+    The hooks run exactly once per snapshot taken, so only around a new one: a
+    resumed backup whose snapshot survived (ZFS, btrfs) reads the point in time
+    the application was paused for then, and pausing it again would be for
+    nothing. Providers whose snapshot is the live tree (reflink, copy) find
+    nothing, so each attempt takes it anew — hooks included.
+    """
+    if provider is None:
+        provider = choose_provider(fs)
+    return provider.find(fs, backup_id) or take_snapshot(fs, backup_id, provider)

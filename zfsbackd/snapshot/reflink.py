@@ -16,6 +16,7 @@ import os
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import (
     BTRFS_MAGIC,
+    NO_SPACE_ERRNOS,
     XFS_MAGIC,
     FileChangedError,
     FileSystemSource,
@@ -24,6 +25,7 @@ from zfsbackd.snapshot.base import (
     SnapshotProvider,
     fs_type,
     fs_type_name,
+    no_space_error,
     same_version,
     snapshot_name,
     source_dir,
@@ -34,10 +36,13 @@ CLONE_ATTEMPTS = 5
 #: files up to this size are read directly (one pread, stat checked before and after) instead of cloned
 DIRECT_READ_MAX = 1024 * 1024
 _TMPFILE_FLAGS = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
-# Clone failures that concern one file, not the file system: btrfs refuses to clone
+# Clone failures after which the file is read live instead: btrfs refuses to clone
 # between nodatacow (chattr +C) and normal files (EINVAL); a file on another file
-# system mounted inside the tree gives EXDEV.
-_CANNOT_CLONE_THIS_FILE = (errno.EINVAL, errno.EXDEV, errno.EOPNOTSUPP)
+# system mounted inside the tree gives EXDEV; a source that filled up since the
+# snapshot was taken (its probe clone worked) has no room for the clone's inode or
+# metadata (ENOSPC, EDQUOT) — failing the backup for want of an optimisation would
+# be worse than reading the file live, with ``changed()`` watching it.
+_CANNOT_CLONE_THIS_FILE = frozenset({errno.EINVAL, errno.EXDEV, errno.EOPNOTSUPP} | NO_SPACE_ERRNOS)
 
 
 def reflink_probe(dir_fd: int) -> OSError | None:
@@ -56,8 +61,13 @@ def reflink_probe(dir_fd: int) -> OSError | None:
     return None
 
 
-def reflink_problem(path: os.PathLike[str] | str) -> str | None:
-    """Why *path* cannot use reflink clones, or None if it can."""
+def reflink_problem(path: os.PathLike[str] | str, *, fs_id: str) -> str | None:
+    """Why *path* cannot use reflink clones, or None if it can.
+
+    A full file system fails the probe too, but that is no reason to pick another
+    provider (or to tell the administrator to move the data): it raises the
+    :class:`SnapshotError` of :func:`no_space_error` instead.
+    """
     ftype = fs_type(path)
     if ftype not in (XFS_MAGIC, BTRFS_MAGIC):
         return fs_type_name(ftype)
@@ -68,6 +78,8 @@ def reflink_problem(path: os.PathLike[str] | str) -> str | None:
         os.close(dir_fd)
     if err is None:
         return None
+    if err.errno in NO_SPACE_ERRNOS:
+        raise no_space_error(fs_id, path, "take a reflink snapshot (a test clone failed)")
     hint = " (created without reflink=1)" if ftype == XFS_MAGIC and err.errno == errno.EOPNOTSUPP else ""
     return f"{fs_type_name(ftype)} without working reflink{hint}: {err.strerror}"
 
@@ -95,12 +107,14 @@ class ReflinkSnapshot(Snapshot):
             return FrozenFile(src, st, live=True)
         try:
             for _ in range(CLONE_ATTEMPTS):
-                tmp = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self._root_fd)
+                tmp = -1
                 try:
+                    tmp = os.open(".", _TMPFILE_FLAGS, 0o600, dir_fd=self._root_fd)
                     fcntl.ioctl(tmp, FICLONE, src)
                     after = os.fstat(src)
                 except OSError as exc:
-                    os.close(tmp)
+                    if tmp >= 0:
+                        os.close(tmp)
                     if exc.errno in _CANNOT_CLONE_THIS_FILE:
                         live = FrozenFile(src, st, live=True)
                         src = -1  # owned by the FrozenFile now
@@ -123,11 +137,12 @@ class ReflinkProvider(SnapshotProvider):
     def take(self, fs: FileSystemSource, backup_id: str) -> Snapshot:
         """A view of the live source; files are cloned one by one as they are opened."""
         src = source_dir(fs)
-        problem = reflink_problem(src)
+        problem = reflink_problem(src, fs_id=fs.id)
         if problem is not None:
             raise SnapshotError(f"file_systems[{fs.id}]: cannot use reflink clones for {src}: it is on {problem}")
         return ReflinkSnapshot(snapshot_name(backup_id), src)
 
     def find(self, fs: FileSystemSource, backup_id: str) -> Snapshot | None:
-        """There is nothing to find: a reflink snapshot is just a fresh view of the source."""
-        return self.take(fs, backup_id)
+        """Nothing to find: a reflink snapshot is a fresh view of the live source, taken anew (with its
+        hooks) on every attempt. Returning one here would skip the hooks of a first attempt too."""
+        return None

@@ -9,6 +9,7 @@ pack and, where one uses it, the backup and file (DESIGN invariant 4).
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,11 +19,16 @@ from zfsbackd.store.reachability import mark_reachable
 from zfsbackd.store.records import Lifecycle
 from zfsbackd.store.repository import Store
 
+#: temporary objects older than this belong to a writer that is gone (a live one finishes a pack in seconds)
+STALE_WRITE_REPORT_SECONDS = 3600
+
 
 @dataclass
 class CheckResult:
     region: str
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """Findings that are not damage (leftovers of killed writers), so they do not fail the check."""
     backups: int = 0
     packs: int = 0
     blobs: int = 0
@@ -33,6 +39,7 @@ class CheckResult:
         return {
             "Region": self.region,
             "Errors": self.errors,
+            "Warnings": self.warnings,
             "Backups": self.backups,
             "Packs": self.packs,
             "Blobs": self.blobs,
@@ -43,9 +50,22 @@ class CheckResult:
 
 def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> CheckResult:
     result = CheckResult(region=store.region, read_data=read_data)
-    store.load_index(force=True)
-    records = [r for r in store.load_records() if r.lifecycle == Lifecycle.AVAILABLE]
+    store.load_index(force=True, record_adopted=False)
+    for bad_index in store.unreadable_indexes:
+        result.errors.append(
+            f"{bad_index.message}; the packs it listed were re-read from their own headers, so no data is lost. "
+            "`zfsbackd gc` replaces it with a new index"
+        )
+    all_records, unreadable = store.load_records_checked()
+    for bad in unreadable:
+        result.errors.append(f"{bad.error.message} (until it is resolved, garbage collection deletes nothing)")
+    records = [r for r in all_records if r.lifecycle == Lifecycle.AVAILABLE]
     result.backups = len(records)
+    for stale in store.objects.stale_writes(time.time() - STALE_WRITE_REPORT_SECONDS):
+        result.warnings.append(
+            f"{stale.key}: an unfinished write of a process that was killed ({stale.size} bytes); "
+            "garbage collection removes it"
+        )
     indexed = store.index.packs()
     present = {pid for pid in store.list_pack_ids()}
     result.packs = len(present)

@@ -8,6 +8,13 @@ key-encryption key derived (HKDF-SHA256) from the deployment's key file:
   of a deployment, so ids stay comparable and copies send only missing blobs
   even when regions encrypt with different data keys.
 
+The chunker's gear seed is wrapped with them. The wrapping AEAD also
+authenticates every other field of ``config`` (associated data), so the
+config cannot be downgraded to unencrypted or changed without the key file
+noticing (zfsbackd/store/FORMAT.md). A whole config swapped in from another
+store of the same key file is caught by the store id each host remembers per
+region, and in any case by every object failing to open with its data key.
+
 With ``encryption: {mode: none}`` nothing is encrypted, but every sealed
 object still carries a BLAKE3 checksum so corruption is detected.
 """
@@ -15,9 +22,12 @@ object still carries a BLAKE3 checksum so corruption is detected.
 from __future__ import annotations
 
 import base64
+import hmac
+import json
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,56 +90,210 @@ def generate_key_file(path: Path) -> None:
         os.close(fd)
 
 
+#: HKDF ``info`` of the key that wraps a format-2 store's secrets (salt: the store id).
+WRAPPING_KEY_INFO = b"zfsbackd store config v2: key-encryption key"
+#: HKDF ``info`` of the key check published in the config, so a wrong key file is told apart from tampering.
+KEY_CHECK_INFO = b"zfsbackd store config v2: key check"
+KEY_CHECK_BYTES = 16
+#: Prefix of the associated data that binds the config's public fields to its wrapped secrets.
+CONFIG_AAD_CONTEXT = b"zfsbackd store config v2\n"
+#: Secret gear-table seeds are drawn from 63 bits (pyfastcdc takes a C long; 0 would mean "no seed").
+CHUNKER_SEED_BITS = 63
+ENCRYPTED_MODE = "aes-256-gcm"
+UNENCRYPTED_MODE = "none"
+
+
+def canonical_json(value: object) -> bytes:
+    """One byte string per JSON value (sorted keys, no spaces, ASCII), so a MAC over it is well defined."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def config_aad(public: Mapping[str, object]) -> bytes:
+    """The associated data of a store config: every field except the wrapped secrets themselves.
+
+    Binding *all* public fields (format, store id, creation time, mode,
+    chunker sizes, and any field a later minor version adds) means none can
+    be changed, added or removed without the key file noticing.
+    """
+    return CONFIG_AAD_CONTEXT + canonical_json(dict(public))
+
+
 def derive_wrapping_key(material: bytes, store_id: str) -> bytes:
-    return HKDF(
-        algorithm=hashes.SHA256(),
-        length=KEY_BYTES,
-        salt=store_id.encode(),
-        info=b"zfsbackd key-encryption key v1",
-    ).derive(material)
+    """The key that seals a store's secrets: HKDF-SHA256 of the key file, salted with the store id."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=store_id.encode(), info=WRAPPING_KEY_INFO).derive(
+        material
+    )
+
+
+def key_check(material: bytes) -> str:
+    """A public fingerprint of the key file: an HKDF output independent of every key, so it reveals none.
+
+    It does not depend on the store id, so that a changed store id is reported
+    as tampering (the AEAD fails) rather than as a wrong key file.
+    """
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_CHECK_BYTES, salt=None, info=KEY_CHECK_INFO)
+    return hkdf.derive(material).hex()
+
+
+def new_chunker_seed() -> int:
+    seed = 0
+    while seed == 0:
+        seed = secrets.randbits(CHUNKER_SEED_BITS)
+    return seed
+
+
+def _hex_key(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise IntegrityError(f"{what} is not a hex string")
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        raise IntegrityError(f"{what} is not a hex string") from None
+    if len(key) != KEY_BYTES:
+        raise IntegrityError(f"{what} has {len(key)} bytes instead of {KEY_BYTES}")
+    return key
+
+
+def _seed(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**CHUNKER_SEED_BITS:
+        raise IntegrityError(f"{what} is not a number from 1 to 2^{CHUNKER_SEED_BITS}-1")
+    return value
 
 
 @dataclass(frozen=True)
 class StoreKeys:
-    """The two keys of one store; ``data_key`` is None for unencrypted stores."""
+    """The secrets of one store; ``data_key`` is None for unencrypted stores.
+
+    ``chunker_seed`` seeds the chunker's gear table. It is secret for the same
+    reason as restic's chunker polynomial: with a public seed, the sizes of
+    stored chunks would let anyone who can list the store test guesses about
+    the content. In an unencrypted store nothing is secret, so it is stored in
+    plain text there.
+    """
 
     id_key: bytes
     data_key: bytes | None
+    chunker_seed: int
 
     @classmethod
     def generate(cls, *, encrypted: bool, id_key: bytes | None = None) -> StoreKeys:
         return cls(
             id_key=id_key or secrets.token_bytes(KEY_BYTES),
             data_key=secrets.token_bytes(KEY_BYTES) if encrypted else None,
+            chunker_seed=new_chunker_seed(),
         )
 
-    def wrap(self, wrapping_key: bytes | None) -> dict[str, str]:
-        """The keys as stored in the store's ``config`` object."""
+    @property
+    def mode(self) -> str:
+        return UNENCRYPTED_MODE if self.data_key is None else ENCRYPTED_MODE
+
+    def wrap(self, material: bytes | None, *, store_id: str, public: Mapping[str, object]) -> dict[str, str | int]:
+        """The ``keys`` field of a store config whose other fields are ``public``.
+
+        Encrypted: the secrets (data key, id key, chunker seed) sealed with
+        AES-256-GCM under :func:`derive_wrapping_key`, with :func:`config_aad`
+        of ``public`` as associated data, plus :func:`key_check`.
+        Unencrypted: the id key and chunker seed in plain text (nothing is secret
+        without a key file, and nothing can be authenticated either).
+        """
         if self.data_key is None:
-            return {"mode": "none", "id_key": self.id_key.hex()}
+            return {"id_key": self.id_key.hex(), "chunker_seed": self.chunker_seed}
+        assert material is not None, "an encrypted store needs the key file"
+        secret = canonical_json(
+            {"data_key": self.data_key.hex(), "id_key": self.id_key.hex(), "chunker_seed": self.chunker_seed}
+        )
         nonce = secrets.token_bytes(NONCE_BYTES)
-        assert wrapping_key is not None
-        sealed = AESGCM(wrapping_key).encrypt(nonce, self.data_key + self.id_key, b"zfsbackd store keys v1")
-        return {"mode": "aes-256-gcm", "wrapped": base64.b64encode(nonce + sealed).decode()}
+        sealed = AESGCM(derive_wrapping_key(material, store_id)).encrypt(nonce, secret, config_aad(public))
+        return {"check": key_check(material), "wrapped": base64.b64encode(nonce + sealed).decode()}
 
     @classmethod
-    def unwrap(cls, wrapped: dict[str, str], wrapping_key: bytes | None, *, where: str) -> StoreKeys:
-        if wrapped.get("mode") == "none":
-            return cls(id_key=bytes.fromhex(wrapped["id_key"]), data_key=None)
-        if wrapping_key is None:
+    def unwrap(
+        cls,
+        wrapped: object,
+        material: bytes | None,
+        *,
+        store_id: str,
+        public: Mapping[str, object],
+        where: str,
+    ) -> StoreKeys:
+        """Authenticate a store config and return its secrets; never trust a config the key cannot open.
+
+        * ``public["encryption"]`` is ``none`` while a key file is configured:
+          refused (IntegrityError). Otherwise anyone who can write the bucket
+          could replace ``config`` with an unencrypted one and read every later
+          backup.
+        * encrypted, but no key file configured: KeyFileError.
+        * the key check differs: the key file is not the one the store was
+          created with (KeyFileError, exit 2).
+        * the key check matches but the AEAD tag does not: a field was changed,
+          added or removed after the store was created (IntegrityError, exit 6).
+        """
+        mode = public.get("encryption")
+        fix_tampered = (
+            "Someone who can write to the store may have replaced it: restore the `config` object from a copy "
+            "of the store, and do not back up to it until then"
+        )
+        if mode == UNENCRYPTED_MODE:
+            if material is not None:
+                raise IntegrityError(
+                    f"{where} is unencrypted (its `config` says encryption: none) but encryption.key_file is "
+                    "configured, and a configured key never writes backups in plain text. If the store was "
+                    "created unencrypted on purpose, set `encryption: {mode: none}` in the configuration. "
+                    f"Otherwise its `config` object was replaced to downgrade it. {fix_tampered}"
+                )
+            if not isinstance(wrapped, Mapping) or set(wrapped) != {"id_key", "chunker_seed"}:
+                raise IntegrityError(
+                    f"{where}: its `config` object is corrupt: `keys` must hold exactly id_key and chunker_seed"
+                )
+            return cls(
+                id_key=_hex_key(wrapped["id_key"], f"{where}: keys.id_key"),
+                data_key=None,
+                chunker_seed=_seed(wrapped["chunker_seed"], f"{where}: keys.chunker_seed"),
+            )
+        if mode != ENCRYPTED_MODE:
+            raise IntegrityError(
+                f"{where}: its `config` object is corrupt: unknown encryption mode {mode!r}. {fix_tampered}"
+            )
+        if material is None:
             raise KeyFileError(
                 f"{where} is encrypted but the configuration has `encryption: {{mode: none}}`; "
                 "set encryption.key_file to the key file the store was created with"
             )
-        raw = base64.b64decode(wrapped["wrapped"])
-        try:
-            keys = AESGCM(wrapping_key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], b"zfsbackd store keys v1")
-        except InvalidTag:
+        if (
+            not isinstance(wrapped, Mapping)
+            or set(wrapped) != {"check", "wrapped"}
+            or not all(isinstance(v, str) for v in wrapped.values())
+        ):
+            raise IntegrityError(
+                f"{where}: its `config` object is corrupt: `keys` must hold exactly check and wrapped. {fix_tampered}"
+            )
+        if not hmac.compare_digest(str(wrapped["check"]), key_check(material)):
             raise KeyFileError(
-                f"the key file does not open {where}: the store was created with another key. "
-                "Use the key file the store was created with (encryption.key_file)"
+                f"the key file (encryption.key_file) does not open {where}: the store (id {store_id}) was created "
+                "with another key. Use the key file the store was created with"
+            )
+        try:
+            raw = base64.b64decode(str(wrapped["wrapped"]), validate=True)
+            secret = AESGCM(derive_wrapping_key(material, store_id)).decrypt(
+                raw[:NONCE_BYTES], raw[NONCE_BYTES:], config_aad(public)
+            )
+        except (InvalidTag, ValueError):
+            raise IntegrityError(
+                f"{where}: its `config` object failed authentication with the key file: a field (format, store "
+                f"id, encryption, chunker, created, or one added) was changed after the store was created. "
+                f"{fix_tampered}"
             ) from None
-        return cls(data_key=keys[:KEY_BYTES], id_key=keys[KEY_BYTES:])
+        try:
+            fields = json.loads(secret)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            raise IntegrityError(f"{where}: the sealed keys in its `config` object are not a JSON object")
+        return cls(
+            data_key=_hex_key(fields.get("data_key"), f"{where}: sealed data_key"),
+            id_key=_hex_key(fields.get("id_key"), f"{where}: sealed id_key"),
+            chunker_seed=_seed(fields.get("chunker_seed"), f"{where}: sealed chunker_seed"),
+        )
 
 
 class Sealer:

@@ -6,6 +6,14 @@ nothing in it is referenced, or rewrite its referenced blobs into new packs
 if only part of it is, so deleting a backup frees exactly its unique data.
 Order keeps every step crash-safe: new packs → consolidated index → old
 index objects deleted → old packs deleted.
+
+Damage never makes collection delete more: a backup record that cannot be
+read (corrupt, or written by a newer zfsbackd) may reference anything, so
+while one exists nothing is deleted (the run says why and how to fix it); a
+live backup's directory that cannot be read likewise stops the sweep. Index
+objects that cannot be read are replaced (their packs were re-read from their
+headers when the index was loaded), and temporary files of writers that were
+killed are removed once they are older than the grace period.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from zfsbackd import faults
+from zfsbackd.errors import ZfsbackdError
 from zfsbackd.store.packs import PackEntry, pack_key
 from zfsbackd.store.reachability import mark_reachable
 from zfsbackd.store.records import IN_PROGRESS, Lifecycle
@@ -31,30 +41,57 @@ class GcResult:
     blobs_removed: int = 0
     bytes_freed: int = 0
     packs_kept_young: int = 0
+    index_objects_replaced: int = 0
+    stale_writes_removed: int = 0
+    skipped_reason: str | None = None
+    """Why nothing was deleted (unreadable records or trees); None when the sweep ran."""
 
-    def to_api(self) -> dict[str, int]:
-        return {
+    def to_api(self) -> dict[str, int | str]:
+        out: dict[str, int | str] = {
             "PacksDeleted": self.packs_deleted,
             "PacksRewritten": self.packs_rewritten,
             "BlobsRemoved": self.blobs_removed,
             "BytesFreed": self.bytes_freed,
             "PacksKeptYoung": self.packs_kept_young,
+            "IndexObjectsReplaced": self.index_objects_replaced,
+            "StaleWritesRemoved": self.stale_writes_removed,
         }
+        if self.skipped_reason:
+            out["SkippedReason"] = self.skipped_reason
+        return out
 
 
 def collect_garbage(store: Store, *, grace_seconds: int, now: float | None = None) -> GcResult:
-    """Must run under the store's exclusive lock (no backup or copy writing to it)."""
+    """Must run under the store's exclusive lock (no backup, copy or restore of this host using it)."""
     now = time.time() if now is None else now
+    result = GcResult()
     store.load_index(force=True)
-    records = store.load_records()
+    result.stale_writes_removed = store.objects.remove_stale_writes(now - grace_seconds)
+    records, unreadable = store.load_records_checked()
+    if unreadable:
+        names = ", ".join(f"{u.backup_id} ({u.error.code})" for u in unreadable[:5])
+        return _skip(
+            store,
+            result,
+            f"{len(unreadable)} backup record(s) cannot be read: {names}; they may reference any data, so "
+            "nothing was deleted. Run `zfsbackd check` for details; a corrupt record is cleared with "
+            "`zfsbackd delete-backup --backup-id ID`, a newer-format one needs a newer zfsbackd",
+        )
     live = [r for r in records if r.lifecycle != Lifecycle.DELETED]
-    referenced = mark_reachable(store, live).blobs
+    try:
+        referenced = mark_reachable(store, live).blobs
+    except ZfsbackdError as exc:
+        return _skip(
+            store,
+            result,
+            f"a live backup's directory cannot be read ({exc.message}), so what it references is unknown and "
+            "nothing was deleted. Run `zfsbackd check`; delete the damaged backup to let collection proceed",
+        )
     cutoff = now - grace_seconds
     for r in records:
         if r.lifecycle in IN_PROGRESS:  # its blobs are not referenced yet: keep everything since it began
             cutoff = min(cutoff, r.creation_time.timestamp() - grace_seconds)
 
-    result = GcResult()
     packs = store.index.packs()
     sizes = {info.key: info for info in store.objects.list("data/")}
     obsolete: list[bytes] = []
@@ -85,7 +122,7 @@ def collect_garbage(store: Store, *, grace_seconds: int, now: float | None = Non
             rewritten_ids.update(e.blob_id for e in used)
         else:
             result.packs_deleted += 1
-    if not obsolete:
+    if not obsolete and not store.unreadable_indexes:
         return result
 
     with PackWriter(store) as writer:
@@ -96,12 +133,23 @@ def collect_garbage(store: Store, *, grace_seconds: int, now: float | None = Non
             writer.add_sealed(e.blob_type, e.blob_id, sealed, e.raw_length)  # moved as-is, still sealed
         writer.flush()
     store.index.remove_packs(obsolete)
-    superseded = set(store.index_keys)
+    # Unreadable index objects go too: every pack they listed was adopted from its header.
+    superseded = set(store.index_keys) | {bad.key for bad in store.unreadable_indexes}
+    result.index_objects_replaced = len(superseded)
     store.write_index(store.index.packs())
+    faults.point("gc-index-replaced")
     for key in superseded:
         store.objects.delete(key)
         store.index_keys.discard(key)
+    store.unreadable_indexes = []
     for pack_id in obsolete:
         store.objects.delete(pack_key(pack_id))
+        faults.point("gc-pack-deleted")
     log.info("garbage_collected", region=store.region, **result.to_api())
+    return result
+
+
+def _skip(store: Store, result: GcResult, reason: str) -> GcResult:
+    result.skipped_reason = reason
+    log.error("garbage_collection_skipped", region=store.region, reason=reason)
     return result

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from zfsbackd.errors import EXIT_CONFLICT, IntegrityError, ZfsbackdError
 
 
 class BackupType(StrEnum):
@@ -31,6 +33,18 @@ class Lifecycle(StrEnum):
 
 IN_PROGRESS = frozenset({Lifecycle.PENDING, Lifecycle.CREATING, Lifecycle.COPYING})
 RECORD_PREFIX = "backups/"
+#: The major format of backup records this code writes and reads. Within one major format a
+#: reader ignores fields it does not know (and writes them back unchanged when it rewrites the
+#: record), so a newer zfsbackd may add fields; a newer *major* format is refused, per record,
+#: with :class:`RecordFormatError` (see zfsbackd/store/FORMAT.md, "backups/").
+RECORD_FORMAT = 1
+
+
+class RecordFormatError(ZfsbackdError):
+    """A record written in a newer major format: readable only by a newer zfsbackd."""
+
+    code = "UnsupportedRecordFormat"
+    exit_code = EXIT_CONFLICT
 
 
 def new_backup_id() -> str:
@@ -70,6 +84,15 @@ class BackupStats:
     entries_not_examined: int = 0
     """Entries (files or whole directories) taken from the parent backup without even a stat,
     because the change list (``zfs diff``) said they did not change."""
+    entries_skipped_with_errors: int = 0
+    """Entries left out (a directory with its subtree) because they could not be read
+    (EACCES, EIO, a path longer than PATH_MAX, …) under ``on_entry_error: skip``."""
+    files_vanished: int = 0
+    """Entries (files, directories, links) that went away between being listed and being
+    read: a live tree changing under a reflink or copy snapshot, not an error."""
+    skipped_entries: list[dict[str, str]] = field(default_factory=list)
+    """The first skipped entries (``archiver.SKIPPED_ENTRIES_KEPT``), each ``{"path", "errno",
+    "reason"}`` with the path relative to the file system's root. Absent from older records."""
     bytes_total: int = 0
     bytes_read: int = 0
     bytes_new: int = 0
@@ -103,27 +126,60 @@ class BackupRecord:
     source_region: str | None = None
     client_request_token: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
+    #: fields of a newer minor version this reader does not know; written back as they were
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def with_changes(self, **changes: Any) -> BackupRecord:
         return replace(self, **changes)
 
     def to_json(self) -> bytes:
         data = asdict(self)
+        unknown = data.pop("unknown_fields")
         data["creation_time"] = iso(self.creation_time)
         data["completion_time"] = iso(self.completion_time)
-        data["format"] = 1
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        data["format"] = RECORD_FORMAT
+        return json.dumps({**unknown, **data}, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> BackupRecord:
-        data = json.loads(raw)
-        data.pop("format", None)
-        data["backup_type"] = BackupType(data["backup_type"])
-        data["lifecycle"] = Lifecycle(data["lifecycle"])
-        data["creation_time"] = parse_iso(data["creation_time"])
-        data["completion_time"] = parse_iso(data.get("completion_time"))
-        data["stats"] = BackupStats(**data.get("stats", {}))
-        return cls(**data)
+    def from_json(cls, raw: bytes, *, what: str = "backup record") -> BackupRecord:
+        """Parse an authenticated record; ``what`` names it in errors.
+
+        Raises :class:`RecordFormatError` for a newer major format and
+        :class:`~zfsbackd.errors.IntegrityError` for a record that authenticated
+        but does not make sense (a writer's bug): both are per-record errors
+        that never stop the listing of the other records.
+        """
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            version = data.pop("format", RECORD_FORMAT)
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise TypeError(f"format {version!r} is not a number")
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"{what} is malformed ({exc})") from None
+        if version > RECORD_FORMAT:
+            raise RecordFormatError(
+                f"{what} has record format {version}; this zfsbackd reads format {RECORD_FORMAT} and older. "
+                "It was written by a newer zfsbackd: upgrade zfsbackd on this host to read it"
+            )
+        known = {f.name for f in fields(cls)} - {"unknown_fields"}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["backup_type"] = BackupType(values["backup_type"])
+            values["lifecycle"] = Lifecycle(values["lifecycle"])
+            values["creation_time"] = parse_iso(values["creation_time"])
+            values["completion_time"] = parse_iso(values.get("completion_time"))
+            stats = values.get("stats") or {}
+            stat_names = {f.name for f in fields(BackupStats)}
+            values["stats"] = BackupStats(**{k: v for k, v in stats.items() if k in stat_names})
+            record = cls(**values, unknown_fields=unknown)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"{what} is malformed ({type(exc).__name__}: {exc})") from None
+        if record.creation_time is None:
+            raise IntegrityError(f"{what} is malformed (no creation_time)")
+        return record
 
     def to_api(self) -> dict[str, Any]:
         """The FSx-shaped object printed by the CLI (see DESIGN.md, "Command line")."""
@@ -146,7 +202,19 @@ class BackupRecord:
                 "BytesUploaded": self.stats.bytes_uploaded,
                 "BytesDeduplicated": self.stats.bytes_deduplicated,
                 "SpecialFilesSkipped": self.stats.specials_skipped,
+                "EntriesSkippedWithErrors": self.stats.entries_skipped_with_errors,
+                "FilesVanished": self.stats.files_vanished,
                 "DurationSeconds": round(self.stats.duration_seconds, 3),
+                **(
+                    {
+                        "SkippedEntries": [
+                            {"Path": e.get("path"), "Errno": e.get("errno"), "Reason": e.get("reason")}
+                            for e in self.stats.skipped_entries
+                        ]
+                    }
+                    if self.stats.skipped_entries
+                    else {}
+                ),
             },
         }
         if self.parent_backup_id:

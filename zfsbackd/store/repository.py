@@ -9,21 +9,58 @@ from __future__ import annotations
 
 import json
 import secrets
+import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from zfsbackd.errors import BackupNotFound, IntegrityError, StoreError
+import structlog
+import zstandard
+
+from zfsbackd import faults
+from zfsbackd.errors import BackupNotFound, IntegrityError, StoreError, StoreNotInitialized, ZfsbackdError
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.store.blobs import BlobCodec, BlobType
-from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys, derive_wrapping_key
+from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys
 from zfsbackd.store.index import INDEX_PREFIX, BlobIndex, Location, decode_index, encode_index, new_index_key
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
-from zfsbackd.store.records import RECORD_PREFIX, BackupRecord, iso, record_key, utc_now
+from zfsbackd.store.records import (
+    RECORD_PREFIX,
+    BackupRecord,
+    RecordFormatError,
+    iso,
+    record_key,
+    utc_now,
+)
 
-STORE_FORMAT = 1
+#: Format 2 (zfsbackd/store/FORMAT.md) authenticates the whole ``config`` with the key file and keeps
+#: the chunker seed secret. Format 1 (pre-release, never deployed) is refused, not converted.
+STORE_FORMAT = 2
+#: how often a read that found its pack gone re-reads the index (garbage collection moved the blob)
+PACK_GONE_RETRIES = 2
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """A backup record that failed to authenticate, to parse, or is of a newer major format."""
+
+    backup_id: str
+    error: ZfsbackdError
+
+    def to_api(self) -> dict[str, object]:
+        return {"BackupId": self.backup_id, "Error": {"Code": self.error.code, "Message": self.error.message}}
+
+
+@dataclass(frozen=True)
+class UnreadableIndex:
+    """An ``index/`` object that failed to authenticate or decode; its packs are re-read from their headers."""
+
+    key: str
+    message: str
 
 
 class PackSource(Protocol):
@@ -32,15 +69,90 @@ class PackSource(Protocol):
     def sealed(self, loc: Location) -> bytes: ...
 
 CONFIG_KEY = "config"
+#: Fields every format-2 ``config`` has (``keys`` holds the wrapped secrets, the rest is authenticated).
+CONFIG_FIELDS = ("format", "store_id", "created", "encryption", "chunker", "keys")
+_STORE_ID_LENGTH = 32
+#: Bounds on chunk sizes read from a config (an unencrypted one is not authenticated).
+_CHUNK_SIZE_RANGE = (4 * 1024, 64 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
 class ChunkerParams:
+    """FastCDC sizes (public, in ``config``) and the gear-table seed.
+
+    The seed is secret in an encrypted store, wrapped with its keys (see
+    :class:`~zfsbackd.store.crypto.StoreKeys`): with a known seed, chunk
+    boundaries (visible as blob sizes) would reveal something about content.
+    """
+
     min_size: int = 256 * 1024
     avg_size: int = 1024 * 1024
     max_size: int = 4 * 1024 * 1024
-    # A secret gear-table seed: chunk boundaries then reveal nothing about content.
     seed: int = 0
+
+    def public(self) -> dict[str, int]:
+        """The sizes as written in ``config`` (never the seed)."""
+        return {"min_size": self.min_size, "avg_size": self.avg_size, "max_size": self.max_size}
+
+    @classmethod
+    def from_config(cls, fields: object, seed: int, *, where: str) -> ChunkerParams:
+        """Validate the ``chunker`` field of a config: three sizes, ordered, within sane bounds."""
+        names = ("min_size", "avg_size", "max_size")
+        low, high = _CHUNK_SIZE_RANGE
+        if (
+            not isinstance(fields, dict)
+            or set(fields) != set(names)
+            or not all(type(fields[n]) is int and low <= fields[n] <= high for n in names)
+            or not fields["min_size"] <= fields["avg_size"] <= fields["max_size"]
+        ):
+            raise IntegrityError(
+                f"{where}: its `config` object is corrupt: `chunker` must hold min_size <= avg_size <= max_size, "
+                f"each from {low} to {high}"
+            )
+        return cls(min_size=fields["min_size"], avg_size=fields["avg_size"], max_size=fields["max_size"], seed=seed)
+
+
+def _parse_config(raw: bytes, *, region: str, where: str) -> dict[str, object]:
+    """The config object as a dict with every format-2 field; nothing in it is authenticated yet.
+
+    Damage (not JSON, not an object, fields missing or of the wrong type) is
+    an IntegrityError (exit 6); an old or newer format is a StoreError that
+    says what to do.
+    """
+    restore = "Restore the `config` object from a copy of the store; without it no backup in the store can be read"
+    try:
+        cfg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(
+            f"{where}: its `config` object ({len(raw)} bytes) is not valid JSON: it is corrupt or truncated. {restore}"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise IntegrityError(f"{where}: its `config` object is not a JSON object: it is corrupt. {restore}")
+    fmt = cfg.get("format")
+    if type(fmt) is not int:
+        raise IntegrityError(f"{where}: its `config` object has no format number: it is corrupt. {restore}")
+    if fmt < STORE_FORMAT:
+        raise StoreError(
+            f"{where} has store format {fmt}, written by a pre-release zfsbackd; this zfsbackd reads format "
+            f"{STORE_FORMAT} only and cannot convert it. Move the old store aside (this version cannot read its "
+            f"backups) and create a new one with `zfsbackd store init --region {region}`"
+        )
+    if fmt > STORE_FORMAT:
+        raise StoreError(
+            f"{where} has store format {fmt}, newer than this zfsbackd reads (format {STORE_FORMAT}); "
+            "upgrade zfsbackd"
+        )
+    missing = [name for name in CONFIG_FIELDS if name not in cfg]
+    if missing:
+        raise IntegrityError(
+            f"{where}: its `config` object lacks {', '.join(missing)}: it is corrupt or was tampered with. {restore}"
+        )
+    store_id = cfg["store_id"]
+    if not (
+        isinstance(store_id, str) and len(store_id) == _STORE_ID_LENGTH and set(store_id) <= set("0123456789abcdef")
+    ):
+        raise IntegrityError(f"{where}: its `config` object has a malformed store_id: it is corrupt. {restore}")
+    return cfg
 
 
 class Store:
@@ -59,10 +171,15 @@ class Store:
         self.codec = BlobCodec(self.sealer, self.hasher)
         self.index = BlobIndex()
         self.index_keys: set[str] = set()
+        self.unreadable_indexes: list[UnreadableIndex] = []
         self._index_loaded = False
+        self._index_generation = 0
         self._reload_lock = threading.Lock()
 
     # ----------------------------------------------------------------- opening
+    #: True when :meth:`open` created the store (``zfsbackd store init`` reports it).
+    created: bool = False
+
     @classmethod
     def open(
         cls,
@@ -70,95 +187,196 @@ class Store:
         *,
         region: str,
         key_material: bytes | None,
-        create: bool = True,
+        create: bool = False,
         id_key: bytes | None = None,
+        used_before: str | None = None,
     ) -> Store:
-        """Open the store, creating it on first use.
+        """Open the store and authenticate its ``config`` with the key file.
 
-        ``id_key`` (from another region of the same deployment) is used when a
-        new store is created, so blob ids match across regions.
+        ``create`` is a deliberate decision to create a store where none exists
+        (``zfsbackd store init``, or the region's ``create_if_missing``); without
+        it a missing store is StoreNotInitialized, so that an unmounted file
+        system or a mistyped location never quietly receives backups.
+        ``used_before`` is the id of the store this host used in the region
+        before (remembered in ``state_dir``): when that store is gone nothing is
+        created, and when the region now holds another store it is refused.
+        ``id_key`` (from the home region) is used when a new store is created, so
+        blob ids match across the regions of a deployment.
         """
         where = f"the store in region {region} ({objects.location})"
+        settings = " and ".join(f"regions.{region}.{key}" for key in objects.location_settings) or f"regions.{region}"
+        created = False
         try:
-            raw = objects.get(CONFIG_KEY)
+            raw: bytes | None = objects.get(CONFIG_KEY)
         except FileNotFoundError:
-            if not create:
-                raise StoreError(f"{where} does not exist yet; run a backup to create it") from None
-            raw = cls._create(objects, key_material=key_material, id_key=id_key)
+            raw = None
         except OSError as exc:
             raise StoreError(f"cannot read {where}: {exc}") from exc
-        try:
-            cfg = json.loads(raw)
-            if cfg.get("format") != STORE_FORMAT:
+        if raw is None:
+            if used_before is not None:
                 raise StoreError(
-                    f"{where} has format {cfg.get('format')}, this zfsbackd reads format {STORE_FORMAT}; "
-                    "upgrade zfsbackd"
+                    f"the store in region {region} (id {used_before}) that this host used before is gone: "
+                    f"{objects.location} holds no `config` object. Is the file system mounted, and is {settings} "
+                    f"right? Nothing was written. If the store was deleted on purpose, create a new one with "
+                    f"`zfsbackd store init --region {region}`"
                 )
-            store_id = cfg["store_id"]
-            chunker = ChunkerParams(**cfg["chunker"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"{where}: its `config` object is unreadable ({exc})") from exc
-        wrapping = derive_wrapping_key(key_material, store_id) if key_material is not None else None
-        keys = StoreKeys.unwrap(cfg["keys"], wrapping, where=where)
-        return cls(objects, region, store_id, keys, chunker)
+            if not create:
+                raise StoreNotInitialized(
+                    f"{where} does not hold a store yet. zfsbackd creates stores only when asked, so that an "
+                    f"unmounted file system or a mistyped {settings} never receives backups: check {settings} "
+                    f"(is the file system mounted?), then create the store with "
+                    f"`zfsbackd store init --region {region}`, or set regions.{region}.create_if_missing: true"
+                )
+            raw, created = cls._create(objects, key_material=key_material, id_key=id_key, where=where,
+                                       settings=settings)
+        cfg = _parse_config(raw, region=region, where=where)
+        store_id = str(cfg["store_id"])
+        if used_before is not None and store_id != used_before:
+            raise IntegrityError(
+                f"{where} holds another store (id {store_id}) than the one this host used there before "
+                f"(id {used_before}): its `config` object was replaced, or {settings} now points at another store. "
+                f"Nothing was written. If the change is intended, accept the store with "
+                f"`zfsbackd store init --region {region}`"
+            )
+        public = {name: value for name, value in cfg.items() if name != "keys"}
+        keys = StoreKeys.unwrap(cfg["keys"], key_material, store_id=store_id, public=public, where=where)
+        chunker = ChunkerParams.from_config(cfg["chunker"], keys.chunker_seed, where=where)
+        store = cls(objects, region, store_id, keys, chunker)
+        store.created = created
+        return store
 
     @staticmethod
-    def _create(objects: ObjectStore, *, key_material: bytes | None, id_key: bytes | None) -> bytes:
-        store_id = secrets.token_hex(16)
+    def _create(
+        objects: ObjectStore, *, key_material: bytes | None, id_key: bytes | None, where: str, settings: str
+    ) -> tuple[bytes, bool]:
+        """Write a new ``config`` unless another process won the race; returns it and whether it is ours.
+
+        Never over existing objects: a location with objects but no config is
+        not a store of ours, or a store whose config was lost — a new config
+        would make its data unreadable garbage.
+        """
+        objects.check_reachable()  # a missing directory or bucket is never created here
+        stray = next(
+            (info.key for info in objects.list("") if info.key != CONFIG_KEY and not info.key.startswith("locks/")),
+            None,
+        )
+        if stray is not None:
+            problem = (
+                f"{where} holds objects ({stray}, …) but no `config` object, so zfsbackd will not create a store "
+                "there (the objects would become unreadable)"
+            )
+            if stray.startswith(("data/", "index/", "backups/")):
+                raise IntegrityError(
+                    f"{problem}: it looks like a store whose `config` was deleted. Restore the `config` object "
+                    f"from a copy of the store, or point {settings} at another location"
+                )
+            raise StoreError(f"{problem}: point {settings} at an empty location")
+        store_id = secrets.token_hex(_STORE_ID_LENGTH // 2)
         keys = StoreKeys.generate(encrypted=key_material is not None, id_key=id_key)
-        wrapping = derive_wrapping_key(key_material, store_id) if key_material is not None else None
-        cfg = {
+        public: dict[str, object] = {
             "format": STORE_FORMAT,
             "store_id": store_id,
             "created": iso(utc_now()),
-            "chunker": ChunkerParams(seed=secrets.randbits(31)).__dict__,
-            "keys": keys.wrap(wrapping),
+            "encryption": keys.mode,
+            "chunker": ChunkerParams().public(),
         }
+        cfg = {**public, "keys": keys.wrap(key_material, store_id=store_id, public=public)}
         raw = json.dumps(cfg, sort_keys=True, indent=1).encode()
         if not objects.put_if_absent(CONFIG_KEY, raw):
-            return objects.get(CONFIG_KEY)  # another process created it first: use theirs
-        return raw
+            return objects.get(CONFIG_KEY), False  # another process created it first: use theirs
+        log.info("store_created", location=objects.location, store_id=store_id, encryption=keys.mode)
+        return raw, True
 
     # ------------------------------------------------------------------- index
-    def load_index(self, *, force: bool = False) -> None:
+    def load_index(self, *, force: bool = False, record_adopted: bool = True) -> None:
         """Load every index object, then adopt packs that no index lists yet.
+
+        ``record_adopted`` writes an index object for adopted packs; readers
+        (restore, check, a copy's source) pass False, so that reading a store
+        never writes to it — an index written by a reader that raced garbage
+        collection could name a pack collection was deleting.
 
         Without ``force`` an already loaded index is kept only while the set of
         index objects is unchanged: garbage collection by another process
         replaces them, and deduplicating against a pack it deleted would make
         a backup that points at nothing.
+
+        An index object that fails to authenticate or decode is treated like a
+        missing one (DESIGN invariant 7): it is remembered in
+        ``unreadable_indexes`` (``check`` reports it, garbage collection
+        replaces it) and its packs, which no readable index lists, are adopted
+        from their self-describing headers.
         """
         keys = [info.key for info in self.objects.list(INDEX_PREFIX)]
-        if self._index_loaded and not force and set(keys) == self.index_keys:
+        if self._index_loaded and not force and set(keys) == self.index_keys | self._unreadable_index_keys():
             return
-        self.index = BlobIndex()
-        self.index_keys = set()
+        # Built aside and swapped in whole: reader threads never see a half-loaded index.
+        index = BlobIndex()
+        index_keys: set[str] = set()
+        unreadable: list[UnreadableIndex] = []
         with ThreadPoolExecutor(max_workers=8) as pool:
             for key, packs in zip(keys, pool.map(self._read_index, keys), strict=True):
-                self.index_keys.add(key)
+                if isinstance(packs, UnreadableIndex):
+                    unreadable.append(packs)
+                    log.warning("index_unreadable", region=self.region, key=key, error=packs.message)
+                    continue
+                if packs is None:
+                    continue  # replaced by garbage collection since the listing
+                index_keys.add(key)
                 for pack_id, entries in packs.items():
-                    self.index.add_pack(pack_id, entries)
-        orphans = [pid for pid in self.list_pack_ids() if not self.index.has_pack(pid)]
+                    index.add_pack(pack_id, entries)
+        orphans = [pid for pid in self.list_pack_ids() if not index.has_pack(pid)]
+        adopted: dict[bytes, list[PackEntry]] = {}
         if orphans:
-            adopted: dict[bytes, list[PackEntry]] = {}
             with ThreadPoolExecutor(max_workers=8) as pool:
-                for pack_id, entries in zip(orphans, pool.map(self.read_pack_header, orphans), strict=True):
-                    self.index.add_pack(pack_id, entries)
-                    adopted[pack_id] = entries
+                for pack_id, entries in zip(orphans, pool.map(self._adoptable_header, orphans), strict=True):
+                    if entries is not None:
+                        index.add_pack(pack_id, entries)
+                        adopted[pack_id] = entries
+        self.index, self.index_keys, self.unreadable_indexes = index, index_keys, unreadable
+        if adopted and record_adopted:
             # Record them so the next open does not have to read their headers again.
             self.write_index(adopted)
         self._index_loaded = True
 
-    def _refresh_index(self) -> None:
-        with self._reload_lock:
-            self.load_index(force=True)
+    def _unreadable_index_keys(self) -> set[str]:
+        return {bad.key for bad in self.unreadable_indexes}
 
-    def _read_index(self, key: str) -> dict[bytes, list[PackEntry]]:
-        return decode_index(self.objects.get(key), self.sealer, what=f"index object {key}")
+    def _adoptable_header(self, pack_id: bytes) -> list[PackEntry] | None:
+        """A pack's header, or None when the pack is gone or damaged (``check`` names it)."""
+        try:
+            return self.read_pack_header(pack_id)
+        except (IntegrityError, FileNotFoundError) as exc:
+            message = exc.message if isinstance(exc, IntegrityError) else str(exc)
+            log.warning("pack_header_unreadable", region=self.region, pack=pack_key(pack_id), error=message)
+            return None
+
+    def _refresh_index(self, seen_generation: int | None = None) -> None:
+        """Re-read the index; skipped when another thread re-read it since ``seen_generation``.
+
+        Many reader threads meet the same moved pack at once; one re-read serves them all.
+        """
+        with self._reload_lock:
+            if seen_generation is not None and seen_generation != self._index_generation:
+                return
+            self.load_index(force=True, record_adopted=False)
+            self._index_generation += 1
+
+    def _read_index(self, key: str) -> dict[bytes, list[PackEntry]] | UnreadableIndex | None:
+        what = f"index object {key}"
+        try:
+            return decode_index(self.objects.get(key), self.sealer, what=what)
+        except FileNotFoundError:
+            return None
+        except IntegrityError as exc:
+            return UnreadableIndex(key, exc.message)
+        except (zstandard.ZstdError, ValueError, struct.error) as exc:
+            return UnreadableIndex(key, f"{what} cannot be decoded: {exc}")
 
     def write_index(self, packs: dict[bytes, list[PackEntry]]) -> str:
         key = new_index_key()
         self.objects.put_if_absent(key, encode_index(packs, self.sealer))
+        faults.point("index-written")
         self.index_keys.add(key)
         return key
 
@@ -186,17 +404,38 @@ class Store:
 
         ``packs`` (a :class:`~zfsbackd.store.packcache.PackCache`) serves the sealed bytes
         when the caller planned its reads; otherwise one ranged read is made.
+
+        A pack that is gone when it is read usually means garbage collection (in
+        this or another process) rewrote the pack's live blobs into a new one and
+        deleted it: collection writes the new pack and index before it deletes,
+        so the index is re-read and the blob fetched from where it lives now. Only
+        a blob that is nowhere is an error, and it is an IntegrityError that names
+        the file, never a bare "file not found".
         """
+        generation = self._index_generation
         loc = self.index.get(blob_id)
-        if loc is None:
-            self._refresh_index()  # another process (daemon or CLI) may have added it since we loaded
-            loc = self.index.get(blob_id)
-        if loc is None:
-            raise IntegrityError(f"{what}: blob {blob_id.hex()} is not in the store (region {self.region})")
-        if packs is not None:
-            sealed = packs.sealed(loc)
-        else:
-            sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
+        for attempt in range(PACK_GONE_RETRIES + 1):
+            if loc is None:
+                self._refresh_index(generation)  # another process (daemon or CLI) may have added it since
+                loc = self.index.get(blob_id)
+            if loc is None:
+                raise IntegrityError(f"{what}: blob {blob_id.hex()} is not in the store (region {self.region})")
+            try:
+                if packs is not None:
+                    sealed = packs.sealed(loc)
+                else:
+                    sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
+                break
+            except FileNotFoundError:
+                gone = loc.pack_id
+                self._refresh_index(generation)
+                generation = self._index_generation
+                loc = self.index.get(blob_id)
+                if loc is None or loc.pack_id == gone or attempt == PACK_GONE_RETRIES:
+                    raise IntegrityError(
+                        f"{what}: pack {pack_key(gone)} holding blob {blob_id.hex()} is missing from the store "
+                        f"(region {self.region}); run `zfsbackd check` to see what else it affects"
+                    ) from None
         if len(sealed) != loc.length:
             raise IntegrityError(f"{what}: pack {pack_key(loc.pack_id)} is truncated")
         return self.codec.decode(blob_id, sealed, what=f"{what} (blob {blob_id.hex()[:16]})")
@@ -219,11 +458,47 @@ class Store:
                 f"backup {backup_id} does not exist in region {self.region}; "
                 "list backups with `zfsbackd describe-backups`"
             ) from None
-        return BackupRecord.from_json(self.sealer.open(raw, key.encode(), what=f"backup record {backup_id}"))
+        what = f"backup record {backup_id} (region {self.region}, object {key})"
+        return BackupRecord.from_json(self.sealer.open(raw, key.encode(), what=what), what=what)
+
+    def load_records_checked(self) -> tuple[list[BackupRecord], list[UnreadableRecord]]:
+        """Every record, oldest first, and those that could not be read (DESIGN invariant 7).
+
+        One damaged or newer-format record costs only itself: it is returned
+        with its error instead of failing the listing. A record deleted while
+        the listing ran is simply left out.
+        """
+        ids = [info.key[len(RECORD_PREFIX) :] for info in self.objects.list(RECORD_PREFIX)]
+        records: list[BackupRecord] = []
+        unreadable: list[UnreadableRecord] = []
+
+        def load(backup_id: str) -> BackupRecord | UnreadableRecord | None:
+            try:
+                return self.load_record(backup_id)
+            except BackupNotFound:
+                return None
+            except (IntegrityError, RecordFormatError) as exc:
+                return UnreadableRecord(backup_id, exc)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for item in pool.map(load, ids):
+                if isinstance(item, BackupRecord):
+                    records.append(item)
+                elif item is not None:
+                    unreadable.append(item)
+        records.sort(key=lambda r: (r.creation_time, r.backup_id))
+        unreadable.sort(key=lambda u: u.backup_id)
+        for bad in unreadable:
+            log.warning(
+                "backup_record_unreadable", region=self.region, backup_id=bad.backup_id, error=bad.error.message
+            )
+        return records, unreadable
 
     def load_records(self) -> list[BackupRecord]:
-        ids = [info.key[len(RECORD_PREFIX) :] for info in self.objects.list(RECORD_PREFIX)]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            records = list(pool.map(self.load_record, ids))
-        records.sort(key=lambda r: (r.creation_time, r.backup_id))
-        return records
+        """The readable records, oldest first (unreadable ones are logged and left out).
+
+        Only for callers to whom a missing record means "do less" (listing,
+        scheduling); anything that decides what data may be deleted must use
+        :meth:`load_records_checked`.
+        """
+        return self.load_records_checked()[0]

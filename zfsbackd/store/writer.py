@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from zfsbackd import faults
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.packs import PackEntry, build_trailer, pack_id_of, pack_key
 from zfsbackd.store.repository import Store
@@ -109,6 +110,7 @@ class PackWriter:
             data = body + build_trailer(entries, self.store.sealer)
             pack_id = pack_id_of(data)
             self.store.objects.put_if_absent(pack_key(pack_id), data)
+            faults.point("pack-uploaded")
             self.store.index.add_pack(pack_id, entries)
             checkpoint: dict[bytes, list[PackEntry]] | None = None
             with self._lock:

@@ -1,0 +1,59 @@
+"""Deterministic fault points: kill this process at an exact step, for crash-safety tests.
+
+Crash-safety claims ("a SIGKILL at any moment leaves only unreferenced objects,
+and the next run resumes") are only as good as the moments they were tested at.
+Waiting for a file count and then sending a signal races the process being
+killed; a fault point does not. Set
+
+    ZFSBACKD_FAULT_POINT=<point>:<n>
+
+in the environment of a zfsbackd process and it SIGKILLs itself the *n*-th time
+(1-based) it reaches ``<point>``, exactly as an OOM kill or a power cut would
+stop it: no cleanup, no ``finally``. Unset (always, in production) it costs one
+comparison per call.
+
+The points, where they are, and what is durable when they fire:
+
+- ``pack-uploaded``: a pack is in the store (any writer: backup, copy, garbage
+  collection); maybe no index names it yet.
+- ``index-written``: an index object (checkpoint or consolidated) is in the
+  store, with every pack it names.
+- ``backup-data-durable``: a backup's packs and index are durable; its record
+  is not AVAILABLE yet.
+- ``gc-index-replaced``: garbage collection wrote its new packs and the
+  consolidated index and has deleted nothing yet.
+- ``gc-pack-deleted``: garbage collection deleted one obsolete pack.
+- ``record-deleted``: ``delete-backup`` marked the record DELETED, before
+  collection.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV_VAR = "ZFSBACKD_FAULT_POINT"
+
+
+def _parse(value: str | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    name, _, count = value.partition(":")
+    return name, int(count or "1")
+
+
+_armed = _parse(os.environ.get(ENV_VAR))
+_hits = 0
+_lock = threading.Lock()
+
+
+def point(name: str) -> None:
+    """Mark one step; SIGKILL the process if this is the armed point's n-th hit."""
+    global _hits
+    if _armed is None or _armed[0] != name:
+        return
+    with _lock:
+        _hits += 1
+        if _hits == _armed[1]:
+            os.kill(os.getpid(), signal.SIGKILL)
