@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -569,10 +568,6 @@ def parse_scales(text: str, datasets: list[str]) -> dict[str, float]:
     return scales
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -622,26 +617,13 @@ def main(argv: list[str] | None = None) -> int:
                           kind="S3")
     else:
         server = start_ceph(nodelay=args.rgw_tcp_nodelay)
-    bench: S3Bench | None = None
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
     try:
-        bench = S3Bench(args, server)
-        bench.run()
+        return base.run_bench(S3Bench(args, server))
     except KeyboardInterrupt:
-        log("interrupted; cleaning up")
-        if bench is not None:
-            bench.results["interrupted"] = True
-            bench.save()
+        log("interrupted before the benchmark started")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if bench is not None:
-            bench.cleanup()
         stop_ceph(server)
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,9 +19,9 @@ this is the benchmark that shows how each tool grows with N.
 Synthetic mode, per blob count: a store whose index lists that many blobs, written
 straight through zfsbackd's store API (``Store.write_index``) with fake pack ids,
 so building it takes seconds instead of a backup of millions of files. Then
-``Store.open`` + ``load_index`` in a fresh process, cold (page cache dropped) and
-warm (again right after): the baseline the coming on-disk index cache is measured
-against.
+``Store.open`` + ``load_index`` in a fresh process: nocache (the local index cache
+in state_dir deleted, page cache dropped: a host's first open), cold (the cache
+that open built, page cache dropped) and warm (again right after).
 
 The loop file system, the measuring launcher (wall time, CPU and peak RSS from
 wait4), the tools and the restore check are bench/run.py's. See bench/README.md
@@ -80,7 +80,7 @@ DEFAULT_FILES = (100_000, 1_000_000, 3_000_000)
 SCALE_TOOLS = ("zfsbackd", "restic")
 BACKUP_STEPS = ("full", "nochange", "churn")
 FILE_STEPS = (*BACKUP_STEPS, "restore")
-STORE_STEPS = ("build", "open-cold", "open-warm")
+STORE_STEPS = ("build", "open-nocache", "open-cold", "open-warm")
 MIN_SIZE, MAX_SIZE = 64, 4 * KiB
 GROWTH_NOTE = ("value at the largest N ÷ value at the smallest; k = log(ratio) / log(N ratio): "
                "k = 1 grows like N, k = 0 stays flat, so ×10 N costs ×10^k")
@@ -226,8 +226,11 @@ def build_store(config: Path, blobs: int, seed: int, blob_size: int, consolidate
             "layout": "consolidated" if consolidated else "checkpoints", "store_id": store.store_id}
 
 
-def open_store(config: Path) -> dict[str, Any]:
-    """Open the home region's store and load its index the way a backup does, timing each part."""
+def open_store(config: Path, drop_index_cache: bool = False) -> dict[str, Any]:
+    """Open the home region's store and load its index the way a backup does, timing each part.
+
+    ``drop_index_cache`` deletes the local index cache (``state_dir/cache``) first: a host's first open.
+    """
     t0 = time.perf_counter()
     from zfsbackd.config import load_config
     from zfsbackd.engine.engine import Engine
@@ -236,14 +239,22 @@ def open_store(config: Path) -> dict[str, Any]:
     imported = time.perf_counter()
     rss_imports = _rss_mib("VmRSS")
     configure_logging()
-    store = Engine(load_config(config)).store()
+    engine = Engine(load_config(config))
+    if drop_index_cache:
+        shutil.rmtree(engine.config.state_dir / "cache", ignore_errors=True)
+    store = engine.store()
     opened = time.perf_counter()
+    gets = store.objects.metrics.requests["get"]
     store.load_index(record_adopted=False)
     loaded = time.perf_counter()
+    read = store.objects.metrics.requests["get"] - gets
+    rss_peak = _rss_mib("VmHWM")  # before counting the blobs (a scan of the cache), as the index is used
+    blobs = len(store.index)
     return {"import_s": round(imported - t0, 3), "open_s": round(opened - imported, 3),
-            "load_index_s": round(loaded - opened, 3), "blobs": len(store.index),
-            "index_objects": len(store.index_keys), "rss_after_imports_mib": rss_imports,
-            "rss_peak_mib": _rss_mib("VmHWM")}
+            "load_index_s": round(loaded - opened, 3), "count_blobs_s": round(time.perf_counter() - loaded, 3),
+            "blobs": blobs,
+            "index_objects": len(store.index_keys), "index_objects_read": read,
+            "rss_after_imports_mib": rss_imports, "rss_peak_mib": rss_peak}
 
 
 # ============================================================ the bench
@@ -340,9 +351,12 @@ class ScaleBench(base.Bench):
                           "--synthetic-blob-size", str(args.synthetic_blob_size),
                           "--synthetic-layout", args.synthetic_layout]
             log(f"building a store of {blobs:,} blobs ({args.synthetic_layout})")
-            children = {"build": ("build", build_args), "open-cold": ("open", []), "open-warm": ("open", [])}
+            children = {"build": ("build", build_args), "open-nocache": ("open", ["--drop-index-cache"]),
+                        "open-cold": ("open", []), "open-warm": ("open", [])}
             for step in STORE_STEPS:
-                base.settle(step == "open-cold")  # cold: no page cache (and no local cache: none exists yet)
+                # nocache: a host's first open (the local index cache deleted, page cache dropped); cold: the
+                # cache that open built, page cache dropped; warm: right after
+                base.settle(step in ("open-nocache", "open-cold"))
                 label, extra = children[step]
                 m, stats = tool.internal(label, *extra)
                 r = self._record(ds, step, tool, m, stats)
@@ -418,6 +432,8 @@ STORE_COLUMNS = (("process wall s", lambda r: r.get("wall_s"), 2),
                  ("imports s", lambda r: r["tool_stats"].get("import_s"), 2),
                  ("Store.open s", lambda r: r["tool_stats"].get("open_s"), 3),
                  ("load_index s", lambda r: r["tool_stats"].get("load_index_s"), 2),
+                 ("index objects read", lambda r: r["tool_stats"].get("index_objects_read"), 0),
+                 ("counting blobs s", lambda r: r["tool_stats"].get("count_blobs_s"), 2),
                  ("peak RSS MiB", lambda r: r.get("peak_rss_mib"), 0),
                  ("RSS after imports MiB", lambda r: r["tool_stats"].get("rss_after_imports_mib"), 0),
                  ("blobs loaded", lambda r: r["tool_stats"].get("blobs"), 0))
@@ -546,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--internal", choices=("build", "open"), help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--blobs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--drop-index-cache", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(fs="xfs")  # what run.py's Bench reads
     return parser
 
@@ -558,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.synthetic_layout == "consolidated")))
         return 0
     if args.internal == "open":
-        print(json.dumps(open_store(Path(args.config))))
+        print(json.dumps(open_store(Path(args.config), args.drop_index_cache)))
         return 0
     if args.report:
         print(render_report(merge_results(args.report)))

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-# systemd: systemd-analyze verifies the unit; prometheus: promtool checks the alert rules.
-for pkg in xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv systemd prometheus; do
+# systemd: systemd-analyze verifies the unit; prometheus: promtool checks the alert rules; zsh: the
+# generated zsh completion is loaded by a real zsh.
+for pkg in xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv systemd prometheus zsh; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -73,7 +73,11 @@ class DaemonProcess:
                 continue
         return out
 
-    def metrics_url(self) -> str:
+    def metrics_url(self, timeout: float = 10.0) -> str:
+        # READY=1 is sent just before the daemon_ready line is written: right after wait_ready() it may lag.
+        deadline = time.monotonic() + timeout
+        while not any(e.get("event") == "daemon_ready" for e in self.events()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         (ready,) = [e for e in self.events() if e.get("event") == "daemon_ready"][-1:]
         return f"http://{ready['metrics']}/metrics"
 

@@ -115,8 +115,8 @@ def test_limits_leave_room_for_real_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.errors == [
-        "x: unknown key; known keys: state_dir, home_region, regions, encryption, file_systems, daemon, copies, "
-        "garbage_collection"
+        "x: unknown key; known keys: state_dir, host_name, home_region, regions, encryption, file_systems, daemon, "
+        "copies, garbage_collection"
     ]
     base = ENCRYPTION + "state_dir: /var/lib/zfsbackd-test\n"
     path.write_text(base + "#" * (MAX_CONFIG_BYTES - len(base) - 1) + "\n")

@@ -136,3 +136,25 @@ def _restore_target(tmp_path: Path) -> Path:
     target = tmp_path / "copy-restore"
     target.mkdir()
     return target
+
+
+def test_restore_killed_mid_way_never_looks_like_a_finished_restore(xfs_dir: Path, tmp_path: Path) -> None:
+    for i in range(30):
+        (xfs_dir / f"f{i:02d}.txt").write_text(f"file {i}\n" * 100)
+    config = write_config(tmp_path, {"src": xfs_dir})
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    backup = engine.create_backup(BackupRequest("fs-src"))
+    target = tmp_path / "target"
+    target.mkdir()
+
+    run_killed(config, "restore-file-written:10", "restore-backup", "--backup-id", backup.backup_id,
+               "--target", str(target))
+    (left,) = list(target.iterdir())
+    assert left.name.startswith("zfsbackd-incomplete-restore_"), left.name
+    assert 10 <= len(list(left.iterdir())) < 30
+
+    again = run_cli(config, "restore-backup", "--backup-id", backup.backup_id, "--target", str(target))
+    assert again.returncode == 0, again.stderr
+    restored = Path(again.json["Restore"]["Path"])
+    assert restored.name.startswith("zfsbackd-restore_") and restored.parent == target
+    assert_trees_identical(xfs_dir, restored)

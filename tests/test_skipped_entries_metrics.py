@@ -43,7 +43,7 @@ def test_counter_and_newest_backup_gauge() -> None:
         _record("fs-a", 9, 48, Lifecycle.FAILED),  # a failed backup says nothing about skipping
         _record("fs-b", 0, 24),
     ]
-    state = StateSnapshot(records=records)
+    state = StateSnapshot(records=records, file_systems=["fs-a", "fs-b"])
     metrics = DaemonMetrics(lambda: state)
     for record in records:
         metrics.observe_backup(record, "available" if record.lifecycle == Lifecycle.AVAILABLE else "failed")

@@ -65,7 +65,7 @@ def test_backup_id_rejects_non_text() -> None:
 @pytest.mark.parametrize(
     "value",
     ["a", "nightly", "Before upgrade 2024-05-01 10:00", "Sauvegarde été", "バックアップ", "a.b+c-d=e_f:g/h",
-     "x" * 256, "٣"],
+     "x" * 256, "٣", "ops@example.com"],
 )
 def test_backup_name_accepts(value: str) -> None:
     assert validate_backup_name(value) == value
@@ -79,7 +79,7 @@ def test_backup_name_accepts(value: str) -> None:
         ("tab\there", "'\\t' (U+0009)"),
         ("new\nline", "U+000A"),
         ("semi;colon", "';' (U+003B)"),
-        ("at@sign", "'@' (U+0040)"),
+        ("hash#sign", "'#' (U+0023)"),
         ("quote'", "U+0027"),
         ("emoji 😀", "U+1F600"),
     ],

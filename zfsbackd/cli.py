@@ -8,6 +8,7 @@ when it is a terminal and stay quiet when piped.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import faulthandler
 import json
 import logging
@@ -21,7 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import jmespath
+import jmespath.exceptions
+import jmespath.parser
+
 from zfsbackd import __version__
+from zfsbackd.clidoc import completion_script
 from zfsbackd.config import load_config, resolve_config_path
 from zfsbackd.daemon.client import DaemonClient, DaemonUnavailable
 from zfsbackd.daemon.service import DEFAULT_TICK_SECONDS, Daemon
@@ -40,8 +46,9 @@ from zfsbackd.errors import (
     ZfsbackdError,
 )
 from zfsbackd.logs import configure_logging
+from zfsbackd.output import render
 from zfsbackd.store.crypto import generate_key_file
-from zfsbackd.validation import parse_tags, validate_file_system_id
+from zfsbackd.validation import parse_tags, validate_client_request_token, validate_file_system_id
 
 
 # ------------------------------------------------------------------ rendering
@@ -76,46 +83,11 @@ class TerminalProgress:
             sys.stderr.flush()
 
 
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
-
-
 def _emit(args: argparse.Namespace, payload: dict[str, Any]) -> None:
-    if getattr(args, "output", "json") == "table":
-        if "Backups" in payload:
-            print(
-                _table(
-                    payload["Backups"],
-                    ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes", "Name"),
-                )
-            )
-        elif "Backup" in payload:
-            print(
-                _table(
-                    [payload["Backup"]],
-                    ("BackupId", "FileSystemId", "Type", "Lifecycle", "CreationTime", "SizeInBytes"),
-                )
-            )
-        else:
-            for key, value in payload.items():
-                if isinstance(value, dict):
-                    print(
-                        _table(
-                            [{k: v for k, v in value.items() if not isinstance(v, list | dict)}],
-                            list(k for k, v in value.items() if not isinstance(v, list | dict)),
-                        )
-                    )
-                    for k, v in value.items():
-                        if isinstance(v, list):
-                            print(f"{k}:" + ("".join(f"\n  - {item}" for item in v) if v else " none"))
-                else:
-                    print(f"{key}: {value}")
-        return
-    print(json.dumps(payload, indent=2, ensure_ascii=False))
+    """Print a result: ``--query`` (JMESPath) selects from the JSON document, ``--output`` lays it out."""
+    query = getattr(args, "query", None)
+    data = query.search(payload) if query is not None else payload
+    print(render(data, getattr(args, "output", "json")))
 
 
 # ------------------------------------------------------------------- commands
@@ -123,14 +95,57 @@ def _engine(args: argparse.Namespace) -> Engine:
     return Engine(load_config(resolve_config_path(args.config)))
 
 
-def _parse_filters(values: Sequence[str]) -> dict[str, list[str]]:
+def _parse_filters(values: Sequence[str], aws_style: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Merge ``--filter NAME=V1,V2`` and the AWS CLI's ``--filters Name=NAME,Values=V1,V2`` into one mapping."""
     filters: dict[str, list[str]] = {}
     for raw in values:
         name, sep, value = raw.partition("=")
         if not sep or not value:
             raise BadRequest(f"--filter {raw!r}: expected NAME=VALUE with NAME one of {', '.join(FILTER_NAMES)}")
         filters.setdefault(name, []).extend(v for v in value.split(",") if v)
+    for raw in aws_style:
+        for name, filter_values in _aws_filters(raw):
+            filters.setdefault(name, []).extend(filter_values)
     return filters
+
+
+def _aws_filters(raw: str) -> list[tuple[str, list[str]]]:
+    """One ``--filters`` value as (name, values) pairs: the shorthand ``Name=N,Values=A,B`` or the JSON form.
+
+    The JSON form (``[{"Name": …, "Values": […]}]``) is what ``aws … --generate-cli-skeleton``
+    and scripts that build filters programmatically produce; the shorthand is what people type.
+    """
+    usage = f"--filters {raw!r}: expected Name=NAME,Values=VALUE[,VALUE…] with NAME one of {', '.join(FILTER_NAMES)}"
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            items = json.loads(raw)
+        except ValueError:
+            raise BadRequest(f"{usage}, or a JSON list of {{\"Name\": …, \"Values\": […]}}") from None
+        items = [items] if isinstance(items, dict) else items
+        ok = isinstance(items, list) and all(
+            isinstance(i, dict)
+            and set(i) == {"Name", "Values"}
+            and isinstance(i["Name"], str)
+            and isinstance(i["Values"], list)
+            and all(isinstance(v, str) for v in i["Values"])
+            for i in items
+        )
+        if not ok:
+            raise BadRequest(f"{usage}, or a JSON list of {{\"Name\": …, \"Values\": […]}}")
+        return [(i["Name"], i["Values"]) for i in items]
+    fields: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for part in raw.split(","):
+        key, sep, value = part.partition("=")
+        if sep and key in ("Name", "Values") and key not in fields:
+            current = fields[key] = [value] if value else []
+        elif current is not None and current is fields.get("Values") and part:
+            current.append(part)  # Values=A,B: a comma continues the list
+        else:
+            raise BadRequest(usage)
+    if len(fields.get("Name", [])) != 1 or not fields.get("Values"):
+        raise BadRequest(usage)
+    return [(fields["Name"][0], fields["Values"])]
 
 
 def _with_interrupt(fn: Any) -> Any:
@@ -202,6 +217,8 @@ def _remote_backup(args: argparse.Namespace, client: DaemonClient, action: str, 
 
 def cmd_create_backup(args: argparse.Namespace) -> int:
     validate_file_system_id(args.file_system_id)
+    if args.client_request_token is not None:  # before asking the daemon: a typo is refused the same way
+        validate_client_request_token(args.client_request_token)
     request = BackupRequest(
         file_system_id=args.file_system_id,
         name=args.name,
@@ -241,7 +258,7 @@ def cmd_create_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_describe_backups(args: argparse.Namespace) -> int:
-    filters = _parse_filters(args.filter or [])
+    filters = _parse_filters(args.filter or [], args.filters or [])
     client = _daemon(args)
     if client is not None:
         with client:
@@ -252,6 +269,7 @@ def cmd_describe_backups(args: argparse.Namespace) -> int:
                 Filters=filters,
                 MaxResults=args.max_results,
                 NextToken=args.next_token,
+                AllHosts=args.all_hosts,
             )
         _emit(args, payload)
         return 0
@@ -261,6 +279,7 @@ def cmd_describe_backups(args: argparse.Namespace) -> int:
         filters=filters,
         max_results=args.max_results,
         next_token=args.next_token,
+        all_hosts=args.all_hosts,
     )
     _emit(args, page.to_api())
     return 0
@@ -408,6 +427,12 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Print a completion script made from the parser itself, so it never lags behind the options."""
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return 0
+
+
 # --------------------------------------------------------------------- parser
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises BadRequest instead of printing usage and exiting.
@@ -434,65 +459,135 @@ def _number_at_least(kind: type[int] | type[float], low: float) -> Callable[[str
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $ZFSBACKD_CONFIG, then /etc/zfsbackd/zfsbackd.yaml)")
-    common.add_argument("--output", choices=("json", "table"), default="json", help="output format")
+#: the AWS CLI's output formats (``--output``)
+OUTPUT_FORMATS = ("json", "table", "text")
+#: mallopt(3) parameter number of M_ARENA_MAX (glibc's malloc.h), and how many arenas to allow
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+REGION_HELP = "a region of the config (default: the home region)"
+#: what the global options mean when given nowhere (see _global_options)
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "output": "json",
+    "query": None,
+    "verbose": False,
+    "no_daemon": False,
+}
+
+
+def _jmespath(text: str) -> jmespath.parser.ParsedResult:
+    """An argparse type: a compiled JMESPath expression, so a typo fails before any work is done."""
+    try:
+        return jmespath.compile(text)
+    except jmespath.exceptions.JMESPathError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JMESPath expression ({first_line}); e.g. --query 'Backups[].BackupId'"
+        ) from None
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """The options every command takes, accepted before or after the subcommand (as the AWS CLI's are).
+
+    They are defined on the top parser and on every subcommand parser with the
+    default SUPPRESS: a parser then records only what was given to it, so a value
+    given before the subcommand is not overwritten by the subcommand parser's
+    default, and main() fills in GLOBAL_DEFAULTS for what was given nowhere.
+    """
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument(
+        "--config", metavar="FILE", help="config file (default: $ZFSBACKD_CONFIG, then /etc/zfsbackd/zfsbackd.yaml)"
+    )
+    common.add_argument(
+        "--output",
+        choices=OUTPUT_FORMATS,
+        help="json (default), table for people, or text: tab-separated lines for cut and awk",
+    )
+    common.add_argument(
+        "--query", type=_jmespath, metavar="JMESPATH", help="print only what this JMESPath expression selects"
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log progress events to stderr")
     common.add_argument(
         "--no-daemon", action="store_true", help="work in this process even if a daemon runs (reads only are safe)"
     )
+    return common
 
-    parser = _ArgumentParser(prog="zfsbackd", description="Snapshot backups to object storage.")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; the man page and the shell completions are generated from it (zfsbackd.clidoc)."""
+    common = _global_options()
+    parser = _ArgumentParser(
+        prog="zfsbackd", description="Snapshot backups to object storage, in the style of FSx.", parents=[common]
+    )
     parser.add_argument("--version", action="version", version=f"zfsbackd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("create-backup", parents=[common], help="snapshot a file system and back it up now")
-    p.add_argument("--file-system-id", required=True)
-    p.add_argument("--name")
-    p.add_argument("--tag", action="append", metavar="KEY=VALUE")
-    p.add_argument("--client-request-token", help="idempotency token: the same token returns the same backup")
+    p.add_argument("--file-system-id", required=True, metavar="FS", help="a file system of the config, e.g. fs-home")
+    p.add_argument("--name", help="the backup's name (1-256 letters, digits, spaces and . + - = _ : / @)")
+    p.add_argument(
+        "--tag", action="append", metavar="KEY=VALUE", help="a tag (repeatable); replaces the file system's copied tags"
+    )
+    p.add_argument(
+        "--client-request-token",
+        metavar="TOKEN",
+        help="idempotency token (1-63 of A-Z a-z 0-9 _ . -): the same token and parameters return the same backup",
+    )
     p.add_argument("--wait", action="store_true", help="with a daemon: follow the backup until it finishes")
     p.set_defaults(func=cmd_create_backup)
 
     p = sub.add_parser("describe-backups", parents=[common], help="list backups")
-    p.add_argument("--region")
-    p.add_argument("--backup-id", action="append")
+    p.add_argument("--region", help=REGION_HELP)
+    p.add_argument("--backup-id", action="append", metavar="ID", help="only this backup (repeatable)")
     p.add_argument("--filter", action="append", metavar="NAME=VALUE[,VALUE]", help=f"NAME: {', '.join(FILTER_NAMES)}")
-    p.add_argument("--max-results", type=_number_at_least(int, 1))
-    p.add_argument("--next-token")
+    p.add_argument(
+        "--filters",
+        action="extend",
+        nargs="+",
+        metavar="Name=NAME,Values=VALUE[,VALUE]",
+        help="the AWS CLI's form of --filter (also a JSON list of {Name, Values})",
+    )
+    p.add_argument("--max-results", type=_number_at_least(int, 1), metavar="N", help="at most N backups per page")
+    p.add_argument("--next-token", metavar="TOKEN", help="the NextToken of the previous page")
+    p.add_argument(
+        "--all-hosts",
+        action="store_true",
+        help="backups of every host sharing the store (default: this host's, see host_name)",
+    )
     p.set_defaults(func=cmd_describe_backups)
 
     p = sub.add_parser("delete-backup", parents=[common], help="delete a backup and free its unique data")
-    p.add_argument("--backup-id", required=True)
-    p.add_argument("--region")
+    p.add_argument("--backup-id", required=True, metavar="ID")
+    p.add_argument("--region", help=REGION_HELP)
     p.set_defaults(func=cmd_delete_backup)
 
     p = sub.add_parser("copy-backup", parents=[common], help="copy a backup to another region (only new data travels)")
-    p.add_argument("--source-backup-id", required=True)
+    p.add_argument("--source-backup-id", required=True, metavar="ID")
     p.add_argument("--source-region", help="region of the source backup (default: the home region)")
-    p.add_argument("--destination-region", required=True)
+    p.add_argument("--destination-region", required=True, metavar="REGION", help="a region of the config")
     p.add_argument("--copy-tags", action="store_true", help="copy the source backup's tags (merged with --tag)")
-    p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag for the copy (repeatable)")
     p.add_argument("--wait", action="store_true", help="with a daemon: follow the copy until it finishes")
     p.set_defaults(func=cmd_copy_backup)
 
     p = sub.add_parser("restore-backup", parents=[common], help="restore a backup, whole or selected paths")
-    p.add_argument("--backup-id", required=True)
+    p.add_argument("--backup-id", required=True, metavar="ID")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target", help="an existing directory; the restore goes into a new subdirectory")
+    target.add_argument(
+        "--target", metavar="DIR", help="an existing directory; the restore goes into a new subdirectory"
+    )
     target.add_argument("--target-dataset", help="a new ZFS dataset POOL/NAME")
     p.add_argument("--path", action="append", help="restore only this path (repeatable)")
-    p.add_argument("--region")
+    p.add_argument("--region", help=REGION_HELP)
     p.set_defaults(func=cmd_restore_backup)
 
     p = sub.add_parser("check", parents=[common], help="verify the store's structure (and every byte with --read-data)")
-    p.add_argument("--region")
-    p.add_argument("--read-data", action="store_true")
+    p.add_argument("--region", help=REGION_HELP)
+    p.add_argument("--read-data", action="store_true", help="also decrypt and re-hash every blob")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("gc", parents=[common], help="remove data no backup needs (runs after delete-backup too)")
-    p.add_argument("--region")
+    p.add_argument("--region", help=REGION_HELP)
     p.add_argument(
         "--grace-period",
         type=_number_at_least(int, 0),
@@ -510,26 +605,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_daemon)
 
-    p = sub.add_parser("config", help="configuration tools")
+    p = sub.add_parser("config", parents=[common], help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     v = config_sub.add_parser("validate", parents=[common], help="check a config file; exit 0 if valid, 2 if not")
     v.set_defaults(func=cmd_config_validate)
 
-    p = sub.add_parser("store", help="store tools")
+    p = sub.add_parser("store", parents=[common], help="store tools")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
     i = store_sub.add_parser(
         "init",
         parents=[common],
         help="create the region's store (a local region's directory too); zfsbackd never creates one implicitly",
     )
-    i.add_argument("--region", help="the region (default: the home region)")
+    i.add_argument("--region", help=REGION_HELP)
     i.set_defaults(func=cmd_store_init)
 
-    p = sub.add_parser("key", help="encryption key tools")
+    p = sub.add_parser("key", parents=[common], help="encryption key tools")
     key_sub = p.add_subparsers(dest="key_command", required=True, metavar="SUBCOMMAND")
     g = key_sub.add_parser("generate", parents=[common], help="write a new random key file (mode 0600)")
-    g.add_argument("--key-file", required=True)
+    g.add_argument("--key-file", required=True, metavar="PATH", help="the file to create; never overwritten")
     g.set_defaults(func=cmd_key_generate)
+
+    p = sub.add_parser("completion", parents=[common], help="print the bash or zsh completion script")
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    p.set_defaults(func=cmd_completion)
     return parser
 
 
@@ -548,7 +647,24 @@ def _print_error_payload(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, indent=2, ensure_ascii=False), file=sys.stderr)
 
 
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """Cap glibc's malloc arenas before any worker thread starts.
+
+    By default glibc gives each thread that allocates its own arena (up to 8 per
+    core), and freed pack buffers (16 MiB each) stay cached in them: measured at
+    300,000 files, backups and restores peaked 35 to 47 MiB higher than with two
+    arenas, at no measurable speed difference. ``mallopt`` is used rather than
+    ``MALLOC_ARENA_MAX`` because the environment is read only at process start.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(M_ARENA_MAX, arenas)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    limit_malloc_arenas()
     try:
         args = build_parser().parse_args(argv)
     except ZfsbackdError as error:  # a wrong argument (_ArgumentParser.error)
@@ -556,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    for name, default in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     configure_logging(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     try:
         return int(args.func(args))

@@ -33,6 +33,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ CONFIG_ENV_VAR = "ZFSBACKD_CONFIG"
 DEFAULT_STATE_DIR = Path("/var/lib/zfsbackd")
 DEFAULT_REGION_NAME = "local"
 REGION_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 AddressingStyle = Literal["auto", "path", "virtual"]
 ChecksumMode = Literal["when_supported", "when_required"]
@@ -157,6 +159,8 @@ class DaemonConfig:
     metrics_listen: str = "127.0.0.1:9810"
     max_parallel_backups: int = 2
     stop_timeout_seconds: int = 60
+    #: days between the daemon's own `check` of every region's store (0 = never; the metrics say when it last ran)
+    check_interval_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ class Config:
     """The whole validated configuration; ``source`` is the file it came from, quoted in errors."""
 
     state_dir: Path
+    host_name: str
+    """This host in a store shared by several hosts: every record says which host made it."""
     home_region: str
     regions: Mapping[str, Region] = field(hash=False)
     encryption: EncryptionConfig
@@ -212,7 +218,7 @@ class Config:
 
 # --------------------------------------------------------------------------- known keys
 
-_TOP_KEYS = ("state_dir", "home_region", "regions", "encryption", "file_systems", "daemon", "copies",
+_TOP_KEYS = ("state_dir", "host_name", "home_region", "regions", "encryption", "file_systems", "daemon", "copies",
              "garbage_collection")
 _LOCAL_KEYS = ("type", "path", "create_if_missing")
 _S3_KEYS = ("type", "endpoint_url", "bucket", "prefix", "region_name", "credentials_file", "ca_bundle",
@@ -225,7 +231,7 @@ _FILE_SYSTEM_KEYS = ("id", "source", "daily_backup_start_time", "daily_backup_wi
 _SOURCE_KEYS = ("path", "zfs", "recursive")
 _COPY_RULE_KEYS = ("region", "copy_tags", "retention_days")
 _DAEMON_KEYS = ("control_socket", "control_group", "metrics_listen", "max_parallel_backups",
-                "stop_timeout_seconds")
+                "stop_timeout_seconds", "check_interval_days")
 _COPIES_KEYS = ("max_in_flight_per_region",)
 _GC_KEYS = ("grace_period_seconds",)
 
@@ -1060,7 +1066,27 @@ def _parse_daemon(top: _Section) -> DaemonConfig:
                                          "use a number of backups from 1 to 64"),
         stop_timeout_seconds=daemon.int_("stop_timeout_seconds", default.stop_timeout_seconds, 1, 3600,
                                          "use a number of seconds from 1 to 3600"),
+        check_interval_days=daemon.int_("check_interval_days", default.check_interval_days, 0, 365,
+                                        "use a number of days from 1 to 365, or 0 for no scheduled check"),
     )
+
+
+def _parse_host_name(top: _Section) -> str:
+    """``host_name``, default the system's host name (its first label, as `hostname -s` shows it)."""
+    hint = "give 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit, e.g. db-01"
+    name = top.opt_str("host_name", hint)
+    if name is None:
+        return default_host_name()
+    if not HOST_NAME_RE.match(name):
+        top.add("host_name", f"{show(name)} is not a valid host name; {hint}")
+        return default_host_name()
+    return name
+
+
+def default_host_name() -> str:
+    """The system's host name, cut to what ``host_name`` allows (a record must always name its host)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63].lstrip("._-")
+    return name or "localhost"
 
 
 def parse_config(data: object, source: str = "<config>") -> Config:
@@ -1075,6 +1101,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     top = _Section(data, "", _TOP_KEYS, problems)
     state_dir = top.opt_path("state_dir", f"give an absolute directory, e.g. {DEFAULT_STATE_DIR}") \
         or DEFAULT_STATE_DIR
+    host_name = _parse_host_name(top)
     regions, names, defaulted = _parse_regions(top, state_dir)
     home = _parse_home_region(top, names, defaulted)
     encryption = _parse_encryption(top)
@@ -1084,6 +1111,7 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     gc = top.section("garbage_collection", _GC_KEYS, "garbage_collection: {grace_period_seconds: 3600}")
     config = Config(
         state_dir=state_dir,
+        host_name=host_name,
         home_region=home,
         regions=regions,
         encryption=encryption,

@@ -196,3 +196,14 @@ class RestoreTargetFull(RestoreError):
 
     code = "InsufficientStorage"
     exit_code = EXIT_TARGET_FULL
+
+
+class IncompatibleParameterError(BadRequest):
+    """A client request token was reused with other parameters (FSx's IncompatibleParameterError).
+
+    A subclass of :class:`BadRequest` with the same exit code (2): the request
+    can never succeed as written, and scripts that treat every exit 2 as "fix
+    the command" stay right; the code tells it apart from a malformed argument.
+    """
+
+    code = "IncompatibleParameterError"

@@ -18,6 +18,11 @@ The points, where they are, and what is durable when they fire:
   collection); maybe no index names it yet.
 - ``index-written``: an index object (checkpoint or consolidated) is in the
   store, with every pack it names.
+- ``index-cache-written``: the local index cache (``state_dir/cache``, not the
+  store) has the rows of a sync or of an index object this process wrote in
+  its file, inside the write transaction, not committed yet: a kill here must
+  leave the cache as it was (WAL rollback), and the next open reads those index
+  objects again.
 - ``backup-data-durable``: a backup's packs and index are durable; its record
   is not AVAILABLE yet.
 - ``gc-index-replaced``: garbage collection wrote its new packs and the
@@ -25,6 +30,8 @@ The points, where they are, and what is durable when they fire:
 - ``gc-pack-deleted``: garbage collection deleted one obsolete pack.
 - ``record-deleted``: ``delete-backup`` marked the record DELETED, before
   collection.
+- ``restore-file-written``: a restore wrote one file (its data and metadata);
+  the restore directory still has its ``zfsbackd-incomplete-restore_`` name.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the value came from (an option such as ``--tag`` or a config key path such as
 ``file_systems[0].tags``), what is wrong with it and how to fix it.
 
 The character rules follow FSx/AWS tags: letters (any script), digits, spaces
-and ``. + - = _ : /``.  "Spaces" means Unicode space separators; tabs, new
+and ``. + - = _ : / @``.  "Spaces" means Unicode space separators; tabs, new
 lines and other control characters are refused because they break tables,
 logs and shell scripts that print these values.
 """
@@ -24,6 +24,8 @@ from zfsbackd.errors import BadRequest
 # ``\Z`` rather than ``$`` so that ``.match`` does not accept a trailing new line.
 BACKUP_ID_RE = re.compile(r"^backup-[0-9a-f]{17}\Z")
 FILE_SYSTEM_ID_RE = re.compile(r"^fs-[a-z0-9][a-z0-9-]{0,62}\Z")
+#: FSx's ClientRequestToken: 1 to 63 ASCII letters, digits, ``_ . -`` (safe in file names, logs and URLs)
+CLIENT_REQUEST_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}\Z")
 
 MAX_NAME_LENGTH = 256
 MAX_TAGS = 50
@@ -31,8 +33,8 @@ MAX_TAG_KEY_LENGTH = 128
 MAX_TAG_VALUE_LENGTH = 256
 RESERVED_TAG_PREFIX = "aws:"
 
-_PUNCTUATION = frozenset(".+-=_:/")
-_ALLOWED_DESCRIPTION = "letters, digits, spaces and . + - = _ : /"
+_PUNCTUATION = frozenset(".+-=_:/@")
+_ALLOWED_DESCRIPTION = "letters, digits, spaces and . + - = _ : / @"
 _SHOW_LIMIT = 60
 
 
@@ -210,4 +212,25 @@ def validate_file_system_id(value: str, where: str = "--file-system-id") -> str:
     raise BadRequest(
         f"{where}: {show(value)} is not a file system id{hint}; a file system id is fs- followed by "
         "1 to 63 lowercase letters, digits and hyphens, starting with a letter or digit, e.g. fs-home"
+    )
+
+
+def validate_client_request_token(value: str, where: str = "--client-request-token") -> str:
+    """Return ``value`` if it is a client request token as FSx takes it (1 to 63 of ``A-Z a-z 0-9 _ . -``).
+
+    The token is stored in the backup record and compared byte for byte on a
+    retry, so characters that a shell, a log or another tool might change
+    (spaces, non-ASCII look-alikes) are refused up front rather than making a
+    retry miss its earlier request.
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"{where}: expected text, got {describe_value(value)}; quote the token")
+    if CLIENT_REQUEST_TOKEN_RE.match(value):
+        return value
+    reason = "is empty" if not value else (
+        f"is {len(value)} characters long" if len(value) > 63 else "contains other characters"
+    )
+    raise BadRequest(
+        f"{where}: {show(value)} {reason}; a client request token is 1 to 63 ASCII letters, digits, "
+        "'_', '.' and '-', e.g. a UUID (uuidgen)"
     )

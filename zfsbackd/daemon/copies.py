@@ -60,7 +60,7 @@ class CopyScheduler:
     def adopt_unfinished(self) -> int:
         """Queue every PENDING/COPYING copy no live process works on (after a restart), oldest first."""
         engine = self._engine_of()
-        orphans = [r for r in engine.copies_in_progress() if not engine.locks.is_copy_busy(r.backup_id)]
+        orphans = [r for r in engine.copies_in_progress(own=True) if not engine.locks.is_copy_busy(r.backup_id)]
         for record in orphans:
             log.info("copy_resume_scheduled", backup_id=record.backup_id, region=record.region)
             self.enqueue(record)

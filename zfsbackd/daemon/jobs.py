@@ -37,6 +37,7 @@ class BackupJob:
     error: BaseException | None = None
     future: Future[BackupRecord] | None = None
     began: float = field(default_factory=time.monotonic)
+    began_at: float = field(default_factory=time.time)  # the same instant on the wall clock, for the metrics
     progress: Progress = field(default_factory=Progress)
 
     def wait_started(self, timeout: float = START_TIMEOUT) -> BackupRecord:
@@ -62,12 +63,15 @@ class JobRunner:
         *,
         max_parallel: int,
         on_finished: Callable[[BackupJob], None] | None = None,
+        on_progress: Callable[[BackupJob], None] | None = None,
     ) -> None:
+        """``on_progress`` is called from the backup's thread as it advances (at most every half second)."""
         self._engine_of = engine_of
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="zfsbackd-job")
         self._lock = threading.Lock()
         self._running: dict[str, BackupJob] = {}
         self._on_finished = on_finished
+        self._on_progress = on_progress
 
     def running(self) -> dict[str, BackupJob]:
         with self._lock:
@@ -76,6 +80,9 @@ class JobRunner:
     def submit(self, request: BackupRequest) -> BackupJob:
         fs_id = request.file_system_id
         job = BackupJob(request)
+        if self._on_progress is not None:
+            report = self._on_progress
+            job.progress.on_update = lambda _progress: report(job)
         with self._lock:
             if fs_id in self._running:
                 current = self._running[fs_id]

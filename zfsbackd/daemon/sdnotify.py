@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
+
+#: how long a message may wait for room in the listener's queue before it is dropped
+SEND_TIMEOUT_SECONDS = 1.0
 
 
 class Notifier:
@@ -26,13 +30,21 @@ class Notifier:
         return bool(self._address)
 
     def notify(self, *lines: str) -> None:
+        """Send one message; never blocks the caller for long.
+
+        A datagram to a receiver whose queue is full blocks until it reads;
+        the caller is the daemon's main loop, so a listener that stopped
+        reading must cost a message, not every tick (and with them the metrics
+        and the watchdog). If systemd went away (or never listened) there is
+        nothing useful to do either.
+        """
         if not self._address:
             return
-        # If systemd went away (or never listened) there is nothing useful to do.
         with (
             socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
-            contextlib.suppress(OSError),
+            contextlib.suppress(OSError),  # TimeoutError included
         ):
+            sock.settimeout(SEND_TIMEOUT_SECONDS)
             sock.sendto("\n".join(lines).encode(), self._address)
 
     def ready(self, status: str) -> None:
@@ -45,7 +57,25 @@ class Notifier:
         self.notify("WATCHDOG=1")
 
     def reloading(self) -> None:
-        self.notify("RELOADING=1", "STATUS=reloading configuration")
+        """Start a reload. systemd ≥ 253 (``Type=notify-reload`` semantics) matches the reload to the
+        ``systemctl reload`` request by ``MONOTONIC_USEC`` (CLOCK_MONOTONIC, as sd_notify(3) says) and
+        fails the request without it."""
+        self.notify(
+            "RELOADING=1",
+            f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+            "STATUS=reloading configuration",
+        )
 
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping: checkpointing running backups")
+
+    def extend_timeout(self, seconds: float, status: str) -> None:
+        """Ask systemd for ``seconds`` more before it kills us (``EXTEND_TIMEOUT_USEC``).
+
+        The unit's ``TimeoutStopSec`` is a fixed number in a file while
+        ``daemon.stop_timeout_seconds`` (up to an hour) is the admin's promise
+        of how long a checkpoint may take: sent repeatedly while stopping,
+        this keeps systemd from SIGKILLing a checkpoint that is within its
+        bound. Each message replaces the previous extension, counted from now.
+        """
+        self.notify(f"EXTEND_TIMEOUT_USEC={max(1, int(seconds * 1_000_000))}", f"STATUS={status}")

@@ -21,6 +21,7 @@ import structlog
 
 from zfsbackd import __version__
 from zfsbackd.config import Config, load_config
+from zfsbackd.daemon.checks import CheckScheduler
 from zfsbackd.daemon.control import Action, ControlServer, Kind, Param
 from zfsbackd.daemon.copies import CopyScheduler
 from zfsbackd.daemon.jobs import BackupJob, JobRunner
@@ -36,11 +37,15 @@ from zfsbackd.validation import validate_tags
 
 log = structlog.get_logger(__name__)
 _Listener = TypeVar("_Listener")
+_T = TypeVar("_T")
 
 DEFAULT_TICK_SECONDS = 30.0
 #: record property set on copies made by a `copy_to` rule that has `retention_days`
 COPY_RETENTION_PROPERTY = "CopyRetentionDays"
 STORE_SIZE_EVERY_SECONDS = 300.0
+#: while stopping, how often to ask systemd for more time, and what the shutdown after the checkpoints needs
+STOP_EXTEND_EVERY_SECONDS = 10.0
+STOP_MARGIN_SECONDS = 30.0
 
 
 def _listen(key: str, address: object, bind: Callable[[], _Listener]) -> _Listener:
@@ -74,20 +79,25 @@ class Daemon:
         self.serve = serve
         self.engine = Engine(self.config, clock=clock)
         self.runner = JobRunner(
-            lambda: self.engine, max_parallel=self.config.daemon.max_parallel_backups, on_finished=self._job_finished
+            lambda: self.engine,
+            max_parallel=self.config.daemon.max_parallel_backups,
+            on_finished=self._job_finished,
+            on_progress=self._job_progress,
         )
         self.copies = CopyScheduler(
             lambda: self.engine, limit=self.config.copies.max_in_flight_per_region, on_finished=self._copy_finished
         )
-        self.state = StateSnapshot()
+        self.state = StateSnapshot(file_systems=[fs.id for fs in self.config.file_systems])
         self.metrics = DaemonMetrics(lambda: self.state)
+        self._declare_metrics()
+        self.checks = CheckScheduler(self.config.state_dir)
         self.control: ControlServer | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wake = threading.Event()
         self._gc_pending: set[str] = set()  # regions to garbage-collect once no backup runs
-        self._store_size_at = 0.0
+        self._store_size_at: float | None = None  # monotonic time of the last size scan; None: scan at once
         self._ready = False
 
     # ------------------------------------------------------------------ control
@@ -114,6 +124,7 @@ class Daemon:
                     "Filters": Param(Kind.TEXT_LIST_MAP),
                     "MaxResults": Param(Kind.INTEGER),
                     "NextToken": text,
+                    "AllHosts": Param(Kind.BOOLEAN),
                 },
             ),
             "DeleteBackup": Action(self._delete_backup, {"BackupId": required, "Region": text}),
@@ -152,6 +163,7 @@ class Daemon:
             filters=params.get("Filters") or {},
             max_results=params.get("MaxResults"),
             next_token=params.get("NextToken"),
+            all_hosts=bool(params.get("AllHosts")),
         )
         running = {j.record.backup_id: j for j in self.runner.running().values() if j.record}
         result = page.to_api()
@@ -240,7 +252,7 @@ class Daemon:
 
     def _resume_interrupted(self) -> None:
         configured = {fs.id for fs in self.config.file_systems}
-        for record in self.engine.store().load_records():
+        for record in self.engine.own_records():
             if record.lifecycle != Lifecycle.CREATING or record.file_system_id not in configured:
                 continue
             if self.engine.locks.is_file_system_busy(record.file_system_id):
@@ -290,13 +302,35 @@ class Daemon:
             self.control.stop()
         self.runner.cancel_all()
         bound = self.config.daemon.stop_timeout_seconds
-        if not self.runner.wait_idle(bound):
+        if not self._wait_checkpoints(bound):
             log.error("daemon_stop_timeout", seconds=bound, running=list(self.runner.running()))
         self.runner.shutdown()
         self.copies.stop()
         self.metrics.close()
         log.info("daemon_stopped")
         return 0
+
+    def _wait_checkpoints(self, bound: float) -> bool:
+        """Wait up to ``bound`` seconds for running backups to checkpoint, keeping systemd's stop timeout ahead.
+
+        ``TimeoutStopSec=`` in the unit is fixed while ``daemon.stop_timeout_seconds``
+        may be up to an hour: every ``STOP_EXTEND_EVERY_SECONDS`` the daemon asks
+        for a little more time (``EXTEND_TIMEOUT_USEC``), never beyond its own
+        bound plus the margin the rest of the shutdown needs. Short extensions
+        rather than one long one: if this thread hangs, systemd kills us soon.
+        """
+        deadline = time.monotonic() + bound
+        while True:
+            remaining = deadline - time.monotonic()
+            running = sorted(self.runner.running())
+            self.notifier.extend_timeout(
+                min(remaining, 3 * STOP_EXTEND_EVERY_SECONDS) + STOP_MARGIN_SECONDS,
+                f"stopping: checkpointing {', '.join(running) or 'nothing'} ({max(0, remaining):.0f} s left)",
+            )
+            if self.runner.wait_idle(max(0.0, min(remaining, STOP_EXTEND_EVERY_SECONDS))):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -333,16 +367,29 @@ class Daemon:
                 log.warning("reload_needs_restart", key=what, running=str(before), configured=str(after))
         self.config = config
         self.engine = engine
+        self._declare_metrics()
         log.info("config_reloaded", config=str(self.config_path), file_systems=[fs.id for fs in config.file_systems])
         self.notifier.ready(self._status_line())
 
     # -------------------------------------------------------------------- tick
     def tick(self) -> None:
-        """One round of decisions: start due automatic backups, apply retention, collect garbage."""
+        """One round of decisions, then the metrics' state, refreshed even when a decision failed.
+
+        A store that stops answering makes the decisions fail (they read its
+        records); the refresh must still run, or ``zfsbackd_store_reachable``
+        would keep saying 1 and the alert would never see the outage.
+        """
         now = self.clock()
+        try:
+            self._decide(now)
+        finally:
+            self._refresh_state(now)
+            self.notifier.status(self._status_line())
+
+    def _decide(self, now: datetime) -> None:
+        """Start due automatic backups, apply retention, collect garbage, start a due check."""
         engine = self.engine
-        store = engine.store()
-        records = store.load_records()
+        records = engine.own_records()  # never another host's backups: their retention is theirs
         running = self.runner.running()
         for fs in self.config.file_systems:
             mine = [r for r in records if r.file_system_id == fs.id]
@@ -370,9 +417,9 @@ class Daemon:
                     log.info("garbage_collection_deferred", region=region, reason=exc.message)
                     continue  # stays pending: the next tick tries again
                 self._gc_pending.discard(region)
-            self._store_size_at = 0.0
-        self._refresh_state(store.load_records(), now)
-        self.notifier.status(self._status_line())
+            self._store_size_at = None
+        if days := self.config.daemon.check_interval_days:
+            self.checks.start_due(lambda: self.engine, list(self.config.regions), days)
 
     def _expire(self, engine: Engine, record: BackupRecord, days: int) -> None:
         engine.delete_backup(record.backup_id, region=record.region, collect=False)
@@ -391,7 +438,7 @@ class Daemon:
         for region in self.config.regions:
             if region == self.config.home_region:
                 continue
-            for r in engine.store(region).load_records():
+            for r in engine.own_records(region):
                 days = r.properties.get(COPY_RETENTION_PROPERTY)
                 if days and r.lifecycle == Lifecycle.AVAILABLE and r.creation_time < now - timedelta(days=int(days)):
                     self._expire(engine, r, int(days))
@@ -408,27 +455,91 @@ class Daemon:
         log.info("automatic_backup_starting", fs_id=fs_id, slot=slot.isoformat(), late=late and not first, first=first)
         self._submit(BackupRequest(fs_id, BackupType.AUTOMATIC))
 
-    def _refresh_state(self, records: list[BackupRecord], now: datetime) -> None:
+    def _declare_metrics(self) -> None:
+        """Counter series at 0 for the configured file systems and copy regions (see DaemonMetrics.declare)."""
+        config = self.config
+        self.metrics.declare(
+            [fs.id for fs in config.file_systems], [r for r in config.regions if r != config.home_region]
+        )
+
+    def _refresh_state(self, now: datetime) -> None:
+        """Rebuild what the metrics collector reads: one consistent snapshot, swapped in whole.
+
+        Reads only stores that answered the probe just now; if one fails all
+        the same, the previous value stays (the probe's log line says why).
+        """
+        home = self.config.home_region
+        reachable = {region: self._probe(region) for region in self.config.regions}
         stores = self.engine.open_stores()
+        live = {region: store for region, store in stores.items() if reachable.get(region)}
+        records = self._quietly(self.engine.own_records, self.state.records) if live.get(home) else self.state.records
         sizes = dict(self.state.store_sizes)
-        if time.monotonic() - self._store_size_at > STORE_SIZE_EVERY_SECONDS:
+        if self._store_size_at is None or time.monotonic() - self._store_size_at > STORE_SIZE_EVERY_SECONDS:
             self._store_size_at = time.monotonic()
-            for region, store in stores.items():
-                sizes[region] = sum(info.size for info in store.objects.list("data/"))
+            for region, store in live.items():
+                sizes[region] = self._quietly(
+                    lambda s=store: sum(info.size for info in s.objects.list("data/")), sizes.get(region, 0)
+                )
+        running = self.runner.running()
+        destinations = dict.fromkeys((r for r in self.config.regions if r != home), 0)
+        in_flight, queued = self.copies.counts()
+        oldest_queued = {}
+        for region, store in live.items():
+            if region != home:
+                pending = self._quietly(
+                    lambda s=store: [
+                        r.creation_time.timestamp() for r in s.load_records() if r.lifecycle == Lifecycle.PENDING
+                    ],
+                    [],
+                )
+                if pending:
+                    oldest_queued[region] = min(pending)
         self.state = StateSnapshot(
             records=records,
+            file_systems=[fs.id for fs in self.config.file_systems],
             store_metrics={region: s.objects.metrics for region, s in stores.items()},
             store_sizes=sizes,
-            store_reachable={**self.state.store_reachable, **dict.fromkeys(stores, True)},
-            running={fs: j.record.backup_id for fs, j in self.runner.running().items() if j.record},
-            copies_in_flight=self.copies.counts()[0],
-            copies_queued=self.copies.counts()[1],
+            store_reachable=reachable,
+            running={fs: j.record.backup_id for fs, j in running.items() if j.record},
+            backup_started={fs: j.began_at for fs, j in running.items()},
+            completion_windows={
+                fs.id: fs.completion_window_minutes * 60.0
+                for fs in self.config.file_systems
+                if fs.completion_window_minutes
+            },
+            copies_in_flight={**destinations, **in_flight},  # 0 for every destination: a panel, not a gap
+            copies_queued={**destinations, **queued},
+            oldest_queued_copy=oldest_queued,
             next_automatic={
                 fs.id: next_slot(fs, now).timestamp()
                 for fs in self.config.file_systems
                 if fs.automatic_backup_retention_days
             },
+            checks=self.checks.states(list(self.config.regions), self.config.daemon.check_interval_days),
         )
+
+    @staticmethod
+    def _quietly(read: Callable[[], _T], previous: _T) -> _T:
+        """``read()``, or ``previous`` if the store fails meanwhile: metrics never stop the tick."""
+        try:
+            return read()
+        except Exception as exc:
+            log.info("metrics_read_failed", error=getattr(exc, "message", None) or repr(exc))
+            return previous
+
+    def _probe(self, region: str) -> bool:
+        """Whether the region's store answers now: its ``config`` object is there and readable.
+
+        Asked at every tick, so that ``zfsbackd_store_reachable`` turns 0 when a
+        store goes away after start-up (an unmounted NAS, a dead endpoint,
+        revoked credentials), not only while the daemon waits for it at start.
+        """
+        try:
+            return self.engine.store(region).objects.head("config") is not None
+        except Exception as exc:  # whatever the cause, the store did not answer; say why once per change
+            if self.state.store_reachable.get(region, True):
+                log.warning("store_unreachable", region=region, error=getattr(exc, "message", None) or repr(exc))
+            return False
 
     def _status_line(self) -> str:
         running = self.runner.running()
@@ -437,7 +548,12 @@ class Daemon:
         return "backing up " + ", ".join(sorted(running))
 
     # ------------------------------------------------------------------ reports
+    def _job_progress(self, job: BackupJob) -> None:
+        files, nbytes = job.progress.take_unreported()
+        self.metrics.observe_progress(job.request.file_system_id, files=files, nbytes=nbytes)
+
     def _job_finished(self, job: BackupJob) -> None:
+        self._job_progress(job)  # the last stretch, which on_update's throttle may have held back
         record = job.record
         if isinstance(job.error, BackupCancelled):
             log.info(

@@ -40,8 +40,10 @@ from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.repository import Store
 from zfsbackd.store.tree import (
+    READ_AHEAD_ENTRIES,
     ROOT_NAME,
     Node,
+    TreeReadAhead,
     encode_name,
     encode_target,
     encode_xattrs,
@@ -56,7 +58,6 @@ _T = TypeVar("_T")
 
 READ_BLOCK = 8 * 1024 * 1024
 READ_ATTEMPTS = 3
-PREFETCH_TREES = 20_000  # parent trees read ahead of the walk, at most
 CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memory: ~6 MiB average)
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
@@ -217,6 +218,15 @@ def _unchanged(previous: Node | None, node_type: str, st: os.stat_result) -> boo
     )
 
 
+def _subtrees(nodes: dict[bytes, Node] | None, _arg: None) -> list[tuple[str, None]]:
+    """A parent tree's subdirectories' trees, in the walk's order (by name, as trees store them)."""
+    return [(n["subtree"], None) for n in (nodes or {}).values() if n.get("type") == "dir" and "subtree" in n]
+
+
+def _tree_size(nodes: dict[bytes, Node] | None) -> int:
+    return len(nodes or ())
+
+
 #: seconds the walk waits for a pending change list before it starts without it
 CHANGE_LIST_HEAD_START = 1.0
 
@@ -237,8 +247,13 @@ class Archiver:
         on_entry_error: EntryErrorPolicy = "skip",
         fs_id: str = "",
         backup_id: str = "",
+        read_ahead_entries: int = READ_AHEAD_ENTRIES,
     ) -> None:
-        """*on_entry_error*, *fs_id* and *backup_id* say what an unreadable entry does and where to report it."""
+        """*on_entry_error*, *fs_id* and *backup_id* say what an unreadable entry does and where to report it.
+
+        *read_ahead_entries* bounds the parent backup's tree entries read ahead of the walk
+        and not yet used (:class:`~zfsbackd.store.tree.TreeReadAhead`).
+        """
         self.store = store
         self.writer = writer
         self.snapshot = snapshot
@@ -263,9 +278,10 @@ class Archiver:
         self._pool = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="zfsbackd-read")
         self._chunk_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-chunk")
         self._jobs = threading.BoundedSemaphore(max_jobs)
-        self._prefetched: dict[str, Future[dict[bytes, Node] | None]] = {}
-        self._prefetch_lock = threading.Lock()
-        self._walk_over = threading.Event()  # stops the parent-tree prefetch: nothing will read its trees
+        self.read_ahead_entries = read_ahead_entries
+        self._read_ahead: TreeReadAhead[None, dict[bytes, Node] | None] | None = None
+        self.read_ahead_peak_entries = 0
+        """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
@@ -278,17 +294,18 @@ class Archiver:
             else:
                 self._give_up_after = int(parent_root.get("tree_files", 0)) // 2
                 if self._pending is not None:
-                    # A quick answer (few changes) spares the walk, and the tree prefetch, almost entirely.
+                    # A quick answer (few changes) spares the walk, and the tree read-ahead, almost entirely.
                     self._pending.wait(CHANGE_LIST_HEAD_START)
                     self._change_set()
             if parent_root is not None and self.changes is None:
-                # The walk will visit every directory: read the parent's trees ahead.
-                threading.Thread(
-                    target=self._prefetch_parent_trees,
-                    args=(parent_root["subtree"],),
-                    daemon=True,
-                    name="zfsbackd-tree-prefetch",
-                ).start()
+                # The walk will visit every directory: read the parent's trees ahead, in its order.
+                self._read_ahead = TreeReadAhead(
+                    self._read_ahead_tree,
+                    _subtrees,
+                    _tree_size,
+                    [(parent_root["subtree"], None)],
+                    max_entries=self.read_ahead_entries,
+                )
             parent_subtree = parent_root.get("subtree") if parent_root else None
             root_frame = self._read_root(self._enter_dir, b"", parent_subtree, root_st.st_dev, None)
             subtree, totals = self._walk(root_frame)
@@ -301,7 +318,7 @@ class Archiver:
             stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1
             return root_id.hex(), stats
         finally:
-            self._walk_over.set()
+            self._stop_read_ahead()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._chunk_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -324,38 +341,24 @@ class Archiver:
         nodes = self._load_tree(self.parent_root_tree)
         return nodes.get(ROOT_NAME.encode()) if nodes else None
 
-    def _prefetch_parent_trees(self, root_subtree: str) -> None:
-        """Runs on its own thread: read the parent backup's trees level by level, several at a time.
+    def _stop_read_ahead(self) -> None:
+        """No more parent trees are read ahead (the walk is over, or a change list spares most of it)."""
+        if self._read_ahead is not None:
+            self._read_ahead.close()
+            self.read_ahead_peak_entries = max(self.read_ahead_peak_entries, self._read_ahead.peak_entries)
+            self._read_ahead = None
 
-        The walk needs them one directory after another; on S3 a serial request per
-        directory would dominate an incremental backup. At most PREFETCH_TREES are
-        held ahead of the walk (beyond that the walk reads them itself).
-        """
-        level = [root_subtree]
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="zfsbackd-tree") as pool:
-            while level and not self.cancel.is_set():
-                with self._prefetch_lock:
-                    if self._walk_over.is_set():  # nor would it outlive us: a late submit at exit raises
-                        return
-                    if len(self._prefetched) + len(level) > PREFETCH_TREES:
-                        return
-                    futures = {t: pool.submit(self._read_parent_tree, t) for t in dict.fromkeys(level)}
-                    self._prefetched.update(futures)
-                level = [
-                    node["subtree"]
-                    for future in futures.values()
-                    for node in (future.result() or {}).values()
-                    if node.get("type") == "dir" and "subtree" in node
-                ]
+    def _read_ahead_tree(self, tree_id: str, _arg: None) -> dict[bytes, Node] | None:
+        return self._read_parent_tree(tree_id)
 
     def _load_tree(self, tree_id: str | None) -> dict[bytes, Node] | None:
         """The parent's entries of one directory, or None (then every entry is read again)."""
         if not tree_id:
             return None
-        with self._prefetch_lock:
-            future = self._prefetched.pop(tree_id, None)
-        if future is not None:
-            return future.result()
+        if self._read_ahead is not None:
+            nodes = self._read_ahead.take(tree_id)
+            if nodes is not None:
+                return nodes
         return self._read_parent_tree(tree_id)
 
     def _read_parent_tree(self, tree_id: str) -> dict[bytes, Node] | None:
@@ -570,6 +573,7 @@ class Archiver:
             self.changes = self._pending.ready()
             if self.changes is not None:
                 self._pending = None
+                self._stop_read_ahead()  # the walk now skips clean directories: their trees are not needed
                 log.info("backup_using_change_list", changed_paths=len(self.changes.touched))
             elif self.progress.files > self._give_up_after:
                 self._pending.abandon()

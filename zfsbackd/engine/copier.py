@@ -85,8 +85,7 @@ class Copier:
             raise BackupCancelled()
         key = pack_key(pack_id)
         locations = {b: self.source.index.get(b) for b in blob_ids}
-        entries = self.source.index.packs().get(pack_id, [])
-        pack_bytes = sum(e.length for e in entries) or 1
+        pack_bytes = self.source.index.pack_bytes(pack_id) or 1
         wanted = sum(loc.length for loc in locations.values() if loc)
         what = f"copy of backup {self.record.backup_id}: pack {key}"
         try:

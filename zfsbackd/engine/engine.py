@@ -33,6 +33,7 @@ from zfsbackd.errors import (
     BackupNotFound,
     BackupRestoring,
     BadRequest,
+    IncompatibleParameterError,
     IntegrityError,
     RestoreError,
     SourceBackupUnavailable,
@@ -58,13 +59,18 @@ from zfsbackd.store.records import (
 )
 from zfsbackd.store.repository import Store, UnreadableRecord
 from zfsbackd.store.writer import PackWriter
-from zfsbackd.validation import validate_backup_id, validate_backup_name, validate_tags
+from zfsbackd.validation import (
+    validate_backup_id,
+    validate_backup_name,
+    validate_client_request_token,
+    validate_tags,
+)
 from zfsbackd.zfs import command as zfs_command
 from zfsbackd.zfs import libzfs_core as zfs_lzc
 
 log = structlog.get_logger(__name__)
 
-FILTER_NAMES = ("file-system-id", "backup-type", "lifecycle")
+FILTER_NAMES = ("file-system-id", "backup-type", "lifecycle", "host")
 #: the values a filter can take, where they are a closed set (a typo must not look like "no backups")
 FILTER_VALUES: dict[str, frozenset[str]] = {
     "backup-type": frozenset(t.value for t in BackupType),
@@ -163,6 +169,7 @@ class Engine:
             id_key=id_key,
             used_before=None if init else used_before,
         )
+        store.use_index_cache(self.config.state_dir)  # the blob index persists in state_dir/cache/<store id>
         if id_key is not None and store.keys.id_key != id_key:
             raise StoreError(
                 f"the store in region {name} ({store.objects.location}) belongs to another deployment "
@@ -199,14 +206,14 @@ class Engine:
         if request.name is not None:
             validate_backup_name(request.name)
         tags = dict(fs.tags) if fs.copy_tags_to_backups else {}
-        tags.update(validate_tags(request.tags, "--tag"))
+        tags = validate_tags(request.tags, "--tag") or tags  # as FSx: given tags replace the file system's
         earlier = self.find_earlier_request(request)
         if earlier is not None:
             return earlier
         with self.locks.file_system(fs.id), self.locks.store(self.config.home_region, exclusive=False):
             store = self.store()
             store.load_index()
-            records = [r for r in store.load_records() if r.file_system_id == fs.id]
+            records = [r for r in self.own_records() if r.file_system_id == fs.id]
             record = next((r for r in records if r.lifecycle == Lifecycle.CREATING), None)
             if record is not None:
                 log.info("backup_resuming", fs_id=fs.id, backup_id=record.backup_id, region=store.region)
@@ -222,6 +229,7 @@ class Engine:
                     tags=tags,
                     source=fs.source_description,
                     client_request_token=request.client_request_token,
+                    host_name=self.config.host_name,
                 )
                 store.save_record(record)
                 log.info("backup_creating", fs_id=fs.id, backup_id=record.backup_id, region=store.region)
@@ -238,13 +246,21 @@ class Engine:
         A CREATING one whose process died is resumed instead (returns None).
         """
         token = request.client_request_token
-        if not token:
+        if token is None:
             return None
+        validate_client_request_token(token)
         for r in self.store().load_records():
             if r.client_request_token != token or r.lifecycle == Lifecycle.FAILED:
                 continue
-            if (r.file_system_id, r.name, r.backup_type) != (request.file_system_id, request.name, request.backup_type):
-                raise BadRequest(
+            same = (r.file_system_id, r.name, r.backup_type) == (
+                request.file_system_id,
+                request.name,
+                request.backup_type,
+            )
+            # Tags given replace the file system's (FSx), so they must match exactly; none given
+            # means "whatever the file system's were then", which cannot conflict.
+            if not same or (request.tags and dict(r.tags) != dict(request.tags)):
+                raise IncompatibleParameterError(
                     f"--client-request-token {token} was already used for backup {r.backup_id} with other "
                     "parameters; use a new token for a new request"
                 )
@@ -381,8 +397,13 @@ class Engine:
         filters: dict[str, list[str]] | None = None,
         max_results: int | None = None,
         next_token: str | None = None,
+        all_hosts: bool = False,
     ) -> BackupPage:
-        """One page of backups, and the records that could not be read (DESIGN invariant 7)."""
+        """One page of backups, and the records that could not be read (DESIGN invariant 7).
+
+        Only this host's backups unless ``all_hosts`` or a ``host`` filter asks for others
+        (asking by backup id finds any host's backup).
+        """
         store = self.store(region)
         for bid in backup_ids:
             validate_backup_id(bid)
@@ -406,7 +427,10 @@ class Engine:
             records, unreadable = store.load_records_checked()
             if "lifecycle" not in filters:
                 records = [r for r in records if r.lifecycle != Lifecycle.DELETED]
+        if not all_hosts and not backup_ids and "host" not in filters:
+            filters = {**filters, "host": [self.config.host_name]}
         selectors = {
+            "host": lambda r: r.host_name,
             "file-system-id": lambda r: r.file_system_id,
             "backup-type": lambda r: r.backup_type.value,
             "lifecycle": lambda r: r.lifecycle.value,
@@ -483,14 +507,23 @@ class Engine:
         log.warning("backup_record_replaced", backup_id=backup_id, region=store.region, error=exc.message)
         return record
 
+    def own_records(self, region: str | None = None) -> list[BackupRecord]:
+        """The readable records of ``region`` that this host made, oldest first.
+
+        Several hosts may share a store and each may have an ``fs-home``: what a
+        host schedules, resumes, retains and copies by rule is its own work only.
+        """
+        return [r for r in self.store(region).load_records() if r.host_name == self.config.host_name]
+
     # ------------------------------------------------------------------ copies
     def copies_in_progress(
-        self, source_backup_id: str | None = None, source_region: str | None = None
+        self, source_backup_id: str | None = None, source_region: str | None = None, *, own: bool = False
     ) -> list[BackupRecord]:
-        """PENDING and COPYING copies in every region, oldest first (optionally of one source backup)."""
+        """PENDING and COPYING copies in every region, oldest first (optionally of one source backup;
+        with ``own``, only the copies this host requested)."""
         found = []
         for region in self.config.regions:
-            for r in self.store(region).load_records():
+            for r in self.own_records(region) if own else self.store(region).load_records():
                 if r.lifecycle not in (Lifecycle.PENDING, Lifecycle.COPYING) or r.source_backup_id is None:
                     continue
                 if source_backup_id is None or (r.source_backup_id, r.source_region) == (
@@ -536,6 +569,7 @@ class Engine:
             source_backup_id=source.backup_id,
             source_region=source_region,
             properties=dict(properties or {}),
+            host_name=self.config.host_name,
         )
         self.store(destination_region).save_record(record)
         log.info(

@@ -19,6 +19,7 @@ class Progress:
     on_update: Callable[[Progress], None] | None = None
     interval: float = 0.5
     _last: float = 0.0
+    _reported: tuple[int, int] = (0, 0)  # files, bytes_done at the last take_unreported()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def advance(self, *, files: int = 0, nbytes: int = 0) -> None:
@@ -31,6 +32,17 @@ class Progress:
                 self._last = now
         if due and self.on_update is not None:
             self.on_update(self)
+
+    def take_unreported(self) -> tuple[int, int]:
+        """(files, bytes) advanced since the previous call: what a counter (Prometheus) has not seen yet.
+
+        Each advance is handed out exactly once whoever calls, so the daemon
+        can report from ``on_update`` while the backup runs and once more when
+        it ends without counting anything twice or losing the last stretch.
+        """
+        with self._lock:
+            (files, nbytes), self._reported = self._reported, (self.files, self.bytes_done)
+            return self.files - files, self.bytes_done - nbytes
 
     @property
     def percent(self) -> int:

@@ -7,9 +7,10 @@ Safety (DESIGN invariant 5) rests on file descriptors, not on paths:
   are a missing target, a non-directory and a read-only file system, each with the fix.
   Symlinks *above* the target are resolved by the kernel once; the result states the
   real path.
-- The restore directory ``zfsbackd-restore_<UTC timestamp>`` is made with ``mkdir``
-  relative to the target's descriptor (it fails if the name exists, whatever it is),
-  mode 0700, and opened ``O_NOFOLLOW``. From then on every entry is created relative to
+- The restore directory ``zfsbackd-incomplete-restore_<UTC timestamp>`` is made with
+  ``mkdir`` relative to the target's descriptor (it fails if the name exists, whatever it
+  is), mode 0700, and opened ``O_NOFOLLOW``; it is renamed ``zfsbackd-restore_<timestamp>``
+  only when everything is in, so that name always means a whole restore. From then on every entry is created relative to
   its parent directory's descriptor (``openat``/``mkdirat``/``mknodat``/``linkat``/
   ``symlinkat`` through ``dir_fd=``) and every directory is reopened one ``O_NOFOLLOW``
   step at a time: a directory swapped for a symlink while the restore runs cannot
@@ -39,9 +40,12 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import re
+import sqlite3
 import stat
+import tempfile
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -53,14 +57,17 @@ from types import TracebackType
 
 import structlog
 
+from zfsbackd import faults
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import IntegrityError, RestoreError, RestoreTargetFull, StoreError, ZfsbackdError
 from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
 from zfsbackd.store.tree import (
+    READ_AHEAD_ENTRIES,
     ROOT_NAME,
     Node,
+    TreeReadAhead,
     decode_xattrs,
     is_safe_name,
     node_name,
@@ -72,10 +79,17 @@ log = structlog.get_logger(__name__)
 
 RESTORE_PREFIX = "zfsbackd-restore_"
 FAILED_PREFIX = "zfsbackd-failed-restore_"
+#: the name while the restore runs: a process killed mid-restore (SIGKILL, power cut) leaves a
+#: directory whose name says it is not a restore, never a partial tree named like a finished one
+INCOMPLETE_PREFIX = "zfsbackd-incomplete-restore_"
 MAX_FILES_IN_FLIGHT = 256
 FETCH_AHEAD = 4  # chunks of one big file fetched (read, decrypted, verified) ahead of the writer
 CACHED_DIR_FDS = 128  # directory descriptors kept open between uses, besides those in use
 MAX_WARNINGS = 20  # listed in the result and logged one by one; all are counted
+#: files whose reads are planned together (one PackCache): bounds the nodes and blob ids held for it
+BATCH_FILES = 16_384
+#: blobs whose reads are planned together: a batch spans a few packs of small files, so most packs are read whole
+BATCH_BLOBS = 32_768
 #: an xattr refused with ENOSPC while less than this (plus its size) is free means the file system is full
 XATTR_FULL_MARGIN = 1024 * 1024
 
@@ -203,13 +217,16 @@ class _BoundedJobs:
 
 @dataclass(slots=True)
 class _Dir:
-    """A directory of the restore, by its index in the directory table (0: the restore's root)."""
+    """A directory of the restore, by its index in the directory table (0: the restore's root).
+
+    Its metadata (node) waits in :class:`_Deferred`, not here: the table holds what reopening
+    a directory needs, ~150 bytes per directory.
+    """
 
     parent: int  # -1 for the root
     name: bytes
     rel: bytes  # path inside the backup, for messages
     depth: int
-    node: Node | None  # metadata applied at the end; None leaves it as created (a partial restore's root)
 
 
 class _DirFds:
@@ -281,12 +298,74 @@ class _DirFds:
             os.close(self._fds.pop(index))
 
 
-@dataclass
-class _Plan:
-    """Work deferred until all regular files exist; places are (directory index, name)."""
+#: files of a batch: (directory index, name, node, path)
+_Batch = list[tuple[int, bytes, Node, bytes]]
 
-    hardlinks: list[tuple[tuple[int, bytes], tuple[int, bytes], bytes]] = field(default_factory=list)
-    symlinks: list[tuple[int, bytes, Node, bytes]] = field(default_factory=list)
+
+class _Deferred:
+    """What a restore does once every regular file exists — hard links, symlinks, directory metadata —
+    kept in SQLite in a private temporary directory rather than in memory.
+
+    These grow with the backup (a tree of millions of symlinks or hard links, the first
+    link of every hard-linked inode, every directory's node), and memory must not
+    (DESIGN invariant 9). The file is written without a journal or syncs: it is scratch,
+    deleted with the restore, and only ever read by the process that wrote it. Used from
+    the walk's thread only.
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="zfsbackd-restore-")
+        try:
+            self._db = sqlite3.connect(os.path.join(self._dir.name, "deferred.sqlite"), isolation_level=None)
+            self._db.executescript(
+                """
+                PRAGMA journal_mode = OFF;
+                PRAGMA synchronous = OFF;
+                PRAGMA cache_size = -4096;
+                CREATE TABLE first_links (link INTEGER PRIMARY KEY, parent INTEGER, name BLOB);
+                CREATE TABLE hardlinks (first_parent INTEGER, first_name BLOB, parent INTEGER, name BLOB, rel BLOB);
+                CREATE TABLE symlinks (parent INTEGER, name BLOB, node TEXT, rel BLOB);
+                CREATE TABLE dirs (dir INTEGER PRIMARY KEY, depth INTEGER, node TEXT);
+                CREATE INDEX dirs_by_depth ON dirs (depth);
+                BEGIN;
+                """
+            )
+        except BaseException:
+            self._dir.cleanup()
+            raise
+
+    def first_link(self, link: int, parent: int, name: bytes) -> tuple[int, bytes] | None:
+        """Where the inode ``link`` was restored first, or None: then it is this (parent, name)."""
+        row = self._db.execute("SELECT parent, name FROM first_links WHERE link = ?", (link,)).fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO first_links VALUES (?, ?, ?)", (link, parent, name))
+            return None
+        return row[0], row[1]
+
+    def add_hardlink(self, first: tuple[int, bytes], parent: int, name: bytes, rel: bytes) -> None:
+        self._db.execute("INSERT INTO hardlinks VALUES (?, ?, ?, ?, ?)", (*first, parent, name, rel))
+
+    def add_symlink(self, parent: int, name: bytes, node: Node, rel: bytes) -> None:
+        self._db.execute("INSERT INTO symlinks VALUES (?, ?, ?, ?)", (parent, name, json.dumps(node), rel))
+
+    def add_dir(self, index: int, depth: int, node: Node) -> None:
+        self._db.execute("INSERT INTO dirs VALUES (?, ?, ?)", (index, depth, json.dumps(node)))
+
+    def hardlinks(self) -> Iterator[tuple[int, bytes, int, bytes, bytes]]:
+        """(first parent, first name, parent, name, path), in the order they were met."""
+        yield from self._db.execute("SELECT * FROM hardlinks ORDER BY rowid")
+
+    def symlinks(self) -> Iterator[tuple[int, bytes, Node, bytes]]:
+        for parent, name, node, rel in self._db.execute("SELECT * FROM symlinks ORDER BY rowid"):
+            yield parent, name, json.loads(node), rel
+
+    def dirs_deepest_first(self) -> Iterator[tuple[int, Node]]:
+        for index, node in self._db.execute("SELECT dir, node FROM dirs ORDER BY depth DESC, dir"):
+            yield index, json.loads(node)
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
 
 
 @dataclass
@@ -470,6 +549,21 @@ def _stray_entry(dest: Path, mount_points: set[Path]) -> Path | None:
     return None
 
 
+def _rename_own(parent_fd: int, dir_fd: int, name: str, new_name: str) -> None:
+    """Rename ``name`` in ``parent_fd`` to ``new_name`` only if it is still the directory open as
+    ``dir_fd`` (another process may have replaced it) and ``new_name`` is free (a rename onto an
+    empty directory would silently replace it)."""
+    ours, there = os.fstat(dir_fd), os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
+        raise FileNotFoundError(errno.ENOENT, f"{name} was replaced by another process")
+    try:
+        os.stat(new_name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(name, new_name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        return
+    raise FileExistsError(errno.EEXIST, f"{new_name} already exists")
+
+
 def _remove_empty(dir_fd: int, name: str) -> bool:
     try:
         os.rmdir(name, dir_fd=dir_fd)
@@ -482,6 +576,21 @@ def _join(rel: bytes, name: bytes) -> bytes:
     return rel + b"/" + name if rel else name
 
 
+def _subtrees(nodes: list[Node], rel: bytes) -> list[tuple[str, bytes]]:
+    """The subdirectories' trees of the directory ``rel``, in tree order (the walk's), each with its path.
+
+    Runs before the entries are checked (the walk checks them): a malformed one is passed over.
+    """
+    found = []
+    for node in nodes:
+        try:
+            if node.get("type") == "dir" and _is_hex(node.get("subtree")):
+                found.append((node["subtree"], _join(rel, node_name(node))))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
 class Restorer:
     def __init__(
         self,
@@ -492,19 +601,26 @@ class Restorer:
         *,
         progress: Progress | None = None,
         workers: int = 3,
+        read_ahead_entries: int = READ_AHEAD_ENTRIES,
     ) -> None:
+        """*read_ahead_entries* bounds the tree entries read ahead of the walk and not yet used."""
         self.store = store
         self.record = record
         self.target = target
         self.paths = paths or []
         self.progress = progress or Progress(total_bytes=record.size_in_bytes)
         self.workers = workers
-        self._hardlink_first: dict[int, tuple[int, bytes]] = {}
-        self._trees: dict[str, list[Node]] = {}  # tree id → nodes (all of them, read ahead, for full restores)
-        self._checked: set[str] = set()  # tree ids whose entries were checked
         self._root: Node | None = None
-        self._packs: PackCache | None = None
-        self._plan = _Plan()
+        self._starts: list[tuple[str, bytes]] = []  # (tree id, path) of the directories restored, in order
+        self._read_ahead: TreeReadAhead[bytes, list[Node]] | None = None
+        self.read_ahead_entries = read_ahead_entries
+        self.read_ahead_peak_entries = 0
+        """The most tree entries held by the read-ahead at once (tests check the bound with it)."""
+        self._batch: _Batch = []  # files waiting for their reads to be planned
+        self._batch_blobs = 0
+        self._planned: tuple[_Batch, Future[PackCache]] | None = None  # the batch planned, to write next
+        self._planner: ThreadPoolExecutor  # plans the next batch's reads (set while a restore runs)
+        self._deferred: _Deferred | None = None
         self._dirs: list[_Dir] = []
         self._fds: _DirFds | None = None
         self._on_the_way: dict[bytes, int] = {}  # directories created to reach a --path
@@ -521,7 +637,10 @@ class Restorer:
     def run(self) -> RestoreResult:
         """Restore into a new ``zfsbackd-restore_<UTC timestamp>`` below the target.
 
-        Any failure leaves the partial restore renamed ``zfsbackd-failed-restore_<timestamp>``
+        The restore is written under ``zfsbackd-incomplete-restore_<timestamp>`` and
+        renamed to its final name only once everything is in, so a directory named
+        ``zfsbackd-restore_*`` is always a whole restore, also after a SIGKILL. Any
+        failure leaves the partial restore renamed ``zfsbackd-failed-restore_<timestamp>``
         (also when the backup's trees could not be read: the name says "this is not a
         restore"), except a ``--path`` refused before anything was written: a bad request
         leaves nothing behind.
@@ -529,7 +648,7 @@ class Restorer:
         target_fd, real_target = open_target(self.target)
         try:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            name = f"{RESTORE_PREFIX}{stamp}"
+            name, final = f"{INCOMPLETE_PREFIX}{stamp}", f"{RESTORE_PREFIX}{stamp}"
             self._dest_path, self._target_path = real_target / name, real_target
             self._space_fd = target_fd
             with self._on_target("create the restore directory", None):
@@ -540,6 +659,9 @@ class Restorer:
                 selection = self._prepare()
                 prepared = True
                 self._restore_into(dest_fd, selection)
+                with self._on_target("give the restore directory its final name", None):
+                    _rename_own(target_fd, dest_fd, name, final)
+                self._result.path = self._dest_path = real_target / final
             except BaseException as exc:
                 if prepared or not isinstance(exc, RestoreError) or not _remove_empty(target_fd, name):
                     self._keep_failed(target_fd, dest_fd, name, f"{FAILED_PREFIX}{stamp}", exc)
@@ -580,10 +702,7 @@ class Restorer:
         """Rename the partial restore ``failed`` — only if ``name`` is still the directory this restore made."""
         where = self._dest_path.parent / failed
         try:
-            ours, there = os.fstat(dest_fd), os.stat(name, dir_fd=target_fd, follow_symlinks=False)
-            if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
-                raise FileNotFoundError(errno.ENOENT, f"{name} was replaced by another process")
-            os.rename(name, failed, src_dir_fd=target_fd, dst_dir_fd=target_fd)
+            _rename_own(target_fd, dest_fd, name, failed)
         except OSError as rename_error:
             where = self._dest_path
             log.error("restore_failed_not_renamed", path=str(where), error=str(rename_error))
@@ -594,7 +713,7 @@ class Restorer:
 
     # --------------------------------------------------------------- prepare
     def _prepare(self) -> list[_Selection] | None:
-        """Resolve the ``--path`` selections (None: everything) and plan the pack reads."""
+        """Resolve the ``--path`` selections (None: everything) and note where the walk starts."""
         what = f"backup {self.record.backup_id}"
         root_nodes = parse_tree(
             self.store.read_blob(bytes.fromhex(self.record.root_tree or ""), what=what), what=f"{what} root"
@@ -606,7 +725,7 @@ class Restorer:
         selections = [_Selection(raw, parts, self._resolve(root, parts, raw)) for parts, raw in sorted(unique.items())]
         if not selections or () in unique:
             self._root = root
-            self._plan_reads([(root, b"")])
+            self._plan_starts([(root, b"")])
             return None
         kept = []
         for sel in selections:
@@ -615,7 +734,7 @@ class Restorer:
                 kept.append(sel)
             else:
                 log.info("restore_path_inside_another", path=sel.raw, inside=outer)
-        self._plan_reads([(sel.chain[-1], b"/".join(sel.parts)) for sel in kept])
+        self._plan_starts([(sel.chain[-1], b"/".join(sel.parts)) for sel in kept])
         return kept
 
     def _resolve(self, root: Node, parts: tuple[bytes, ...], raw: str) -> list[Node]:
@@ -636,17 +755,16 @@ class Restorer:
 
     def _tree(self, tree_id: str, rel: bytes) -> list[Node]:
         """The checked entries of the directory ``rel`` (from the read-ahead when there is one)."""
-        nodes = self._trees.get(tree_id)
+        nodes = self._read_ahead.take(tree_id) if self._read_ahead is not None else None
         if nodes is None:
-            what = f"backup {self.record.backup_id}: directory /{os.fsdecode(rel)}"
-            nodes = self._trees[tree_id] = parse_tree(
-                self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what
-            )
-        if tree_id not in self._checked:  # a tree shared by several directories (identical ones) is checked once
-            for node in nodes:
-                self._check(node, rel)
-            self._checked.add(tree_id)
+            nodes = self._read_tree(tree_id, rel)
+        for node in nodes:
+            self._check(node, rel)
         return nodes
+
+    def _read_tree(self, tree_id: str, rel: bytes) -> list[Node]:
+        what = f"backup {self.record.backup_id}: directory /{os.fsdecode(rel)}"
+        return parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
 
     def _check(self, node: Node, parent: bytes) -> None:
         try:
@@ -666,83 +784,72 @@ class Restorer:
                 "may have been tampered with: run `zfsbackd check --read-data`"
             )
 
-    def _plan_reads(self, starts: Sequence[tuple[Node, bytes]]) -> None:
-        """Read every tree below ``starts`` (node, path) first, level by level and in parallel, then plan
-        pack reads for all file data (and count its bytes, for a "target full" message).
+    def _plan_starts(self, starts: Sequence[tuple[Node, bytes]]) -> None:
+        """Note the trees the walk starts from and the bytes it will write (for a "target full" message).
 
-        One request per directory in a row would make a restore from S3 crawl; so would one per blob.
-        Entries are checked when the walk reaches them; here a malformed one is just passed over.
+        Nothing below is read here: the walk streams the trees through a bounded read-ahead
+        (:class:`~zfsbackd.store.tree.TreeReadAhead`), and plans pack reads batch by batch,
+        so a restore holds neither a whole backup's trees nor every blob id at once. The
+        bytes come from the directories' totals (``tree_bytes``, sizes with holes and hard
+        links counted): an estimate, which is all the message needs.
         """
-        wanted: list[bytes] = []
-        linked: set[object] = set()
-        level: list[tuple[str, bytes]] = []  # (tree id, path of its directory)
-
-        def visit(node: Node, rel: bytes, *, child: bool) -> None:
-            """``rel``: the path of the directory holding ``node`` (``child``), else of ``node`` itself."""
-            try:
-                if node.get("type") == "dir":
-                    if _is_hex(node.get("subtree")):
-                        level.append((node["subtree"], _join(rel, node_name(node)) if child else rel))
-                elif node.get("type") == "file":
-                    link = node.get("hardlink")
-                    if link is not None:
-                        if link in linked:
-                            return  # restored as a hard link: its data is not read again
-                        linked.add(link)
-                    for _offset, length, blob in node.get("chunks", ()):
-                        wanted.append(bytes.fromhex(blob))
-                        self._planned_bytes += length
-            except (KeyError, TypeError, ValueError):
-                pass
-
-        def read(tree_id: str, rel: bytes) -> list[Node]:
-            what = f"backup {self.record.backup_id}: directory /{os.fsdecode(rel)}"
-            return parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
-
         for node, rel in starts:
-            visit(node, rel, child=False)
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-tree") as pool:
-            while level:
-                todo = {t: rel for t, rel in reversed(level) if t not in self._trees}  # first path of each
-                for tree_id, nodes in zip(todo, pool.map(read, todo, todo.values()), strict=True):
-                    self._trees[tree_id] = nodes
-                current, level = level, []
-                for tree_id, rel in current:
-                    for node in self._trees[tree_id]:
-                        visit(node, rel, child=True)
-        self._packs = PackCache(self.store, wanted)
+            if node.get("type") == "dir":
+                if _is_hex(node.get("subtree")):
+                    self._starts.append((node["subtree"], rel))
+                planned = node.get("tree_bytes", 0)
+            else:
+                planned = node.get("size", 0)
+            if _is_int(planned, 0, _INT64):
+                self._planned_bytes += planned
 
     # ----------------------------------------------------------------- walk
     def _restore_into(self, root_fd: int, selection: list[_Selection] | None) -> None:
         result = self._result = RestoreResult(path=self._dest_path)
-        self._dirs = [_Dir(-1, b"", b"", 0, self._root if selection is None else None)]
+        self._dirs = [_Dir(-1, b"", b"", 0)]
         self._fds = _DirFds(self._dirs, root_fd)
         self._space_fd = root_fd
+        self._deferred = deferred = _Deferred()
         try:
+            if selection is None:  # the root's own metadata; a partial restore's root stays as created
+                assert self._root is not None
+                deferred.add_dir(0, 0, self._root)
             with (
                 ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool,
                 ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-fetch") as self._fetch_pool,
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="zfsbackd-plan") as self._planner,
             ):
                 jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT)
                 try:
-                    if selection is None:
-                        self._walk(jobs, 0)
-                    for sel in selection or ():
-                        parent = self._dirs_on_the_way(sel)
-                        fd = self._pin(parent)
-                        try:
-                            new_dir = self._create(jobs, parent, fd, sel.chain[-1])
-                        finally:
-                            self._fds.unpin(parent)
-                        if new_dir is not None:
-                            self._walk(jobs, new_dir)
+                    read_ahead = TreeReadAhead(
+                        self._read_tree, _subtrees, len, self._starts, max_entries=self.read_ahead_entries
+                    )
+                    with read_ahead as self._read_ahead:
+                        if selection is None:
+                            assert self._root is not None
+                            self._walk(jobs, 0, self._root)
+                        for sel in selection or ():
+                            parent = self._dirs_on_the_way(sel)
+                            fd = self._pin(parent)
+                            try:
+                                new_dir = self._create(jobs, parent, fd, sel.chain[-1])
+                            finally:
+                                self._fds.unpin(parent)
+                            if new_dir is not None:
+                                self._walk(jobs, new_dir, sel.chain[-1])
+                    self._read_ahead = None
+                    self.read_ahead_peak_entries = read_ahead.peak_entries
+                    self._dispatch(jobs, last=True)
                     result.bytes += jobs.wait()
                 except BaseException:
+                    self._read_ahead = None
                     jobs.cancel()  # the pools wait for queued jobs on the way out: let them skip
                     raise
             self._finish()
         finally:
             self._fds.close_all()
+            deferred.close()
+            self._deferred = None
         if result.xattrs_not_restored > MAX_WARNINGS:
             log.warning(
                 "xattrs_not_restored",
@@ -751,7 +858,7 @@ class Restorer:
                 logged=MAX_WARNINGS,
             )
 
-    def _walk(self, jobs: _BoundedJobs, start: int) -> None:
+    def _walk(self, jobs: _BoundedJobs, start: int, node: Node) -> None:
         """Create everything below directory ``start``: pre-order, in tree order, with a stack instead of
         recursion (depth is bounded by the file system, not by Python).
 
@@ -760,9 +867,7 @@ class Restorer:
         A directory's descriptor is pinned only while entries are created in it, not while its
         subdirectories are walked: a deep tree holds a bounded number of descriptors.
         """
-        top = self._dirs[start]
-        assert top.node is not None
-        stack = [(start, iter(self._tree(top.node["subtree"], top.rel)))]
+        stack = [(start, iter(self._tree(node["subtree"], self._dirs[start].rel)))]
         while stack:
             index, children = stack[-1]
             fd = self._pin(index)
@@ -788,26 +893,57 @@ class Restorer:
             self._mkdir(parent_fd, name, rel)
             result.directories += 1
             return self._add_dir(parent, name, rel, node)
+        deferred = self._deferred
+        assert deferred is not None
         if kind == "file":
             link = node.get("hardlink")
-            first = self._hardlink_first.get(link) if link is not None else None
+            first = deferred.first_link(link, parent, name) if link is not None else None
             if first is not None:
-                self._plan.hardlinks.append((first, (parent, name), rel))
+                deferred.add_hardlink(first, parent, name, rel)
             else:
-                if link is not None:
-                    self._hardlink_first[link] = (parent, name)
-                # the job unpins; a submit that raises means the restore is over, and close_all() closes it
-                jobs.submit(self._write_file, jobs, parent, self._fds.pin(parent), name, node, rel)
+                self._batch.append((parent, name, node, rel))
+                self._batch_blobs += len(node.get("chunks", ()))
+                if len(self._batch) >= BATCH_FILES or self._batch_blobs >= BATCH_BLOBS:
+                    self._dispatch(jobs)
             result.files += 1
         elif kind == "symlink":
-            self._plan.symlinks.append((parent, name, node, rel))
+            deferred.add_symlink(parent, name, node, rel)
             result.symlinks += 1
         else:
             self._make_device(parent_fd, name, node, rel)
         return None
 
+    def _dispatch(self, jobs: _BoundedJobs, *, last: bool = False) -> None:
+        """Plan the pack reads of the files batched so far (one PackCache for them); write the batch before.
+
+        Planning per batch rather than for the whole restore keeps what the plan holds
+        (the batch's nodes, its blob ids, the PackCache's counters) bounded; the batches
+        follow tree order, which is the order the backup wrote the data in, so each
+        batch's blobs sit in a few packs, most of them read whole. A pack split between
+        two batches is read for each of them. A batch is planned on the planner thread
+        while the one before it is written, so that the writers do not wait for the plan
+        (an index lookup per blob): at most two batches are held at once.
+        """
+        batch, self._batch, self._batch_blobs = self._batch, [], 0
+        ready, self._planned = self._planned, None
+        if batch:
+            blobs = (bytes.fromhex(c[2]) for entry in batch for c in entry[2].get("chunks", ()))
+            self._planned = (batch, self._planner.submit(PackCache, self.store, blobs))
+        to_write = [ready] if ready is not None else []
+        if last and self._planned is not None:
+            to_write.append(self._planned)
+            self._planned = None
+        for files, plan in to_write:
+            packs = plan.result()
+            for parent, name, node, rel in files:
+                # the job unpins; a submit that raises means the restore is over, and close_all() closes it
+                jobs.submit(self._write_file, jobs, packs, parent, self._pin(parent), name, node, rel)
+
     def _add_dir(self, parent: int, name: bytes, rel: bytes, node: Node) -> int:
-        self._dirs.append(_Dir(parent, name, rel, self._dirs[parent].depth + 1, node))
+        assert self._deferred is not None
+        depth = self._dirs[parent].depth + 1
+        self._dirs.append(_Dir(parent, name, rel, depth))
+        self._deferred.add_dir(len(self._dirs) - 1, depth, node)
         return len(self._dirs) - 1
 
     def _mkdir(self, parent_fd: int, name: bytes, rel: bytes) -> None:
@@ -856,7 +992,9 @@ class Restorer:
             os.close(fd)
 
     # ------------------------------------------------------------ file data
-    def _write_file(self, jobs: _BoundedJobs, parent: int, dir_fd: int, name: bytes, node: Node, rel: bytes) -> int:
+    def _write_file(
+        self, jobs: _BoundedJobs, packs: PackCache, parent: int, dir_fd: int, name: bytes, node: Node, rel: bytes
+    ) -> int:
         """Runs on the pool: create the file in its directory, write its chunks at their offsets (holes stay
         holes), apply its metadata."""
         assert self._fds is not None
@@ -866,21 +1004,22 @@ class Restorer:
             with self._on_target("create the file", rel):
                 fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
             try:
-                written = self._write_data(fd, node, rel)
+                written = self._write_data(fd, node, rel, packs)
                 self._apply_metadata(fd, node, rel)
             finally:
                 os.close(fd)
         finally:
             self._fds.unpin(parent)
+        faults.point("restore-file-written")
         self.progress.advance(files=1)
         return written
 
-    def _write_data(self, fd: int, node: Node, rel: bytes) -> int:
+    def _write_data(self, fd: int, node: Node, rel: bytes, packs: PackCache) -> int:
         what = f"backup {self.record.backup_id}: file /{os.fsdecode(rel)}"
         chunks = node.get("chunks", ())
         written = 0
         try:
-            for (offset, length, _blob), data in zip(chunks, self._fetch(chunks, what), strict=True):
+            for (offset, length, _blob), data in zip(chunks, self._fetch(chunks, what, packs), strict=True):
                 if len(data) != length:
                     raise IntegrityError(f"{what}: chunk at offset {offset} has {len(data)} bytes, expected {length}")
                 with self._on_target("write", rel):
@@ -904,24 +1043,22 @@ class Restorer:
                 os.ftruncate(fd, node["size"])
         return written
 
-    def _fetch(self, chunks: Sequence[list], what: str) -> Iterator[bytes]:
+    def _fetch(self, chunks: Sequence[list], what: str, packs: PackCache) -> Iterator[bytes]:
         """The chunks' plaintexts in order; for big files a few are fetched ahead on the fetch pool."""
         if len(chunks) <= 1:
             for _offset, _length, blob_hex in chunks:
-                yield self.store.read_blob(bytes.fromhex(blob_hex), what=what, packs=self._packs)
+                yield self.store.read_blob(bytes.fromhex(blob_hex), what=what, packs=packs)
             return
         ahead: deque[Future[bytes]] = deque()
         pending = iter(chunks)
         for _offset, _length, blob_hex in itertools.islice(pending, FETCH_AHEAD):
-            ahead.append(
-                self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(blob_hex), what=what, packs=self._packs)
-            )
+            ahead.append(self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(blob_hex), what=what, packs=packs))
         while ahead:
             data = ahead.popleft().result()
             nxt = next(pending, None)
             if nxt is not None:
                 ahead.append(
-                    self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(nxt[2]), what=what, packs=self._packs)
+                    self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(nxt[2]), what=what, packs=packs)
                 )
             yield data
 
@@ -978,7 +1115,8 @@ class Restorer:
         """Hard links, then symlinks, then directory metadata deepest first (so that setting a
         directory's mtime is the last change inside it)."""
         assert self._fds is not None
-        for (first_parent, first_name), (parent, name), rel in self._plan.hardlinks:
+        assert self._deferred is not None
+        for first_parent, first_name, parent, name, rel in self._deferred.hardlinks():
             first_fd = self._pin(first_parent)
             try:
                 fd = self._pin(parent)
@@ -989,7 +1127,7 @@ class Restorer:
                     self._fds.unpin(parent)
             finally:
                 self._fds.unpin(first_parent)
-        for parent, name, node, rel in self._plan.symlinks:
+        for parent, name, node, rel in self._deferred.symlinks():
             fd = self._pin(parent)
             try:
                 with self._on_target("create the symlink", rel):
@@ -998,14 +1136,12 @@ class Restorer:
                     os.utime(name, ns=(node["mtime_ns"], node["mtime_ns"]), dir_fd=fd, follow_symlinks=False)
             finally:
                 self._fds.unpin(parent)
-        for index in sorted(range(len(self._dirs)), key=lambda i: self._dirs[i].depth, reverse=True):
-            entry = self._dirs[index]
-            if entry.node is not None:
-                fd = self._pin(index)
-                try:
-                    self._apply_metadata(fd, entry.node, entry.rel)
-                finally:
-                    self._fds.unpin(index)
+        for index, node in self._deferred.dirs_deepest_first():
+            fd = self._pin(index)
+            try:
+                self._apply_metadata(fd, node, self._dirs[index].rel)
+            finally:
+                self._fds.unpin(index)
 
     # ---------------------------------------------------------------- errors
     def _on_target(self, action: str, rel: bytes | None) -> _OnTarget:

@@ -50,7 +50,7 @@ class CheckResult:
 
 def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> CheckResult:
     result = CheckResult(region=store.region, read_data=read_data)
-    store.load_index(force=True, record_adopted=False)
+    store.load_index(force=True, record_adopted=False, verify=True)
     for bad_index in store.unreadable_indexes:
         result.errors.append(
             f"{bad_index.message}; the packs it listed were re-read from their own headers, so no data is lost. "
@@ -66,10 +66,10 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
             f"{stale.key}: an unfinished write of a process that was killed ({stale.size} bytes); "
             "garbage collection removes it"
         )
-    indexed = store.index.packs()
+    indexed = store.index.pack_ids()
     present = {pid for pid in store.list_pack_ids()}
     result.packs = len(present)
-    for pack_id in indexed.keys() - present:
+    for pack_id in indexed - present:
         result.errors.append(f"pack {pack_key(pack_id)} is listed in the index but missing from the store")
 
     reach = mark_reachable(store, records, on_error=result.errors.append, track_users=True)
@@ -85,7 +85,7 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
 
     def verify(pack_id: bytes) -> list[str]:
         key = pack_key(pack_id)
-        expected = {e.blob_id: e for e in indexed.get(pack_id, [])}
+        expected = {e.blob_id: e for e in store.index.pack_entries(pack_id)}
         try:
             if not read_data:
                 header = store.read_pack_header(pack_id)

@@ -65,7 +65,7 @@ def collect_garbage(store: Store, *, grace_seconds: int, now: float | None = Non
     """Must run under the store's exclusive lock (no backup, copy or restore of this host using it)."""
     now = time.time() if now is None else now
     result = GcResult()
-    store.load_index(force=True)
+    store.load_index(force=True, verify=True)  # verify: a damaged index object is found and replaced
     result.stale_writes_removed = store.objects.remove_stale_writes(now - grace_seconds)
     records, unreadable = store.load_records_checked()
     if unreadable:
@@ -92,12 +92,11 @@ def collect_garbage(store: Store, *, grace_seconds: int, now: float | None = Non
         if r.lifecycle in IN_PROGRESS:  # its blobs are not referenced yet: keep everything since it began
             cutoff = min(cutoff, r.creation_time.timestamp() - grace_seconds)
 
-    packs = store.index.packs()
     sizes = {info.key: info for info in store.objects.list("data/")}
     obsolete: list[bytes] = []
     to_rewrite: list[PackEntry] = []
     rewritten_ids: set[bytes] = set()
-    for pack_id, entries in packs.items():
+    for pack_id, entries in store.index.iter_packs():  # one pack at a time, from the on-disk index
         info = sizes.get(pack_key(pack_id))
         if info is None:
             continue  # listed by an index but gone: `check` reports it
@@ -136,7 +135,7 @@ def collect_garbage(store: Store, *, grace_seconds: int, now: float | None = Non
     # Unreadable index objects go too: every pack they listed was adopted from its header.
     superseded = set(store.index_keys) | {bad.key for bad in store.unreadable_indexes}
     result.index_objects_replaced = len(superseded)
-    store.write_index(store.index.packs())
+    store.write_consolidated_index()
     faults.point("gc-index-replaced")
     for key in superseded:
         store.objects.delete(key)

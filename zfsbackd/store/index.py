@@ -2,16 +2,16 @@
 
 Persisted as immutable ``index/<id>`` objects. A backup writes checkpoints as
 it goes (so an interrupted backup's packs are known), garbage collection
-replaces them all with one consolidated object. The in-memory form is a dict
-of tuples — compact enough for millions of blobs.
+replaces them all with one consolidated object. This module encodes and
+decodes them; the index a process queries is an on-disk cache of them
+(zfsbackd.store.indexcache), not Python objects.
 """
 
 from __future__ import annotations
 
 import secrets
 import struct
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import zstandard
@@ -38,17 +38,23 @@ def new_index_key() -> str:
     return INDEX_PREFIX + secrets.token_hex(16)
 
 
-def encode_index(packs: dict[bytes, list[PackEntry]], sealer: Sealer) -> bytes:
+def encode_index(packs: Iterable[tuple[bytes, list[PackEntry]]], sealer: Sealer) -> bytes:
+    """Seal the index object for ``packs`` (pairs, streamed: only the compressed body is held)."""
+    compressor = zstandard.ZstdCompressor(level=3).compressobj()
     parts = []
-    for pack_id, entries in packs.items():
-        parts.append(_PACK_HEAD.pack(pack_id, len(entries)))
-        parts.append(encode_entries(entries))
-    raw = zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
-    return sealer.seal(raw, INDEX_AAD)
+    for pack_id, entries in packs:
+        parts.append(compressor.compress(_PACK_HEAD.pack(pack_id, len(entries)) + encode_entries(entries)))
+    parts.append(compressor.flush())
+    return sealer.seal(b"".join(parts), INDEX_AAD)
 
 
 def decode_index(sealed: bytes, sealer: Sealer, *, what: str) -> dict[bytes, list[PackEntry]]:
-    raw = zstandard.ZstdDecompressor().decompress(sealer.open(sealed, INDEX_AAD, what=what))
+    # A stream decompressor: objects written before streaming have a content size in the frame
+    # header, streamed ones (garbage collection's consolidated index) do not.
+    body = zstandard.ZstdDecompressor().decompressobj()
+    raw = body.decompress(sealer.open(sealed, INDEX_AAD, what=what))
+    if not body.eof:
+        raise IntegrityError(f"{what} is truncated (its compressed body ends early)")
     packs: dict[bytes, list[PackEntry]] = {}
     pos = 0
     while pos < len(raw):
@@ -60,48 +66,3 @@ def decode_index(sealed: bytes, sealer: Sealer, *, what: str) -> dict[bytes, lis
         packs[pack_id] = decode_entries(raw[pos:end], what=what)
         pos = end
     return packs
-
-
-class BlobIndex:
-    """Thread-safe in-memory index of every blob in the store."""
-
-    def __init__(self) -> None:
-        self._blobs: dict[bytes, Location] = {}
-        self._packs: dict[bytes, list[PackEntry]] = {}
-        self._lock = threading.Lock()
-
-    def add_pack(self, pack_id: bytes, entries: Iterable[PackEntry]) -> None:
-        entries = list(entries)
-        with self._lock:
-            self._packs[pack_id] = entries
-            for e in entries:
-                self._blobs.setdefault(e.blob_id, Location(pack_id, e.offset, e.length, e.raw_length, e.blob_type))
-
-    def remove_packs(self, pack_ids: Iterable[bytes]) -> None:
-        """Forget packs (after garbage collection deleted them); blobs kept elsewhere stay known."""
-        with self._lock:
-            for pack_id in pack_ids:
-                self._packs.pop(pack_id, None)
-            self._blobs = {}
-            for pack_id, entries in self._packs.items():
-                for e in entries:
-                    self._blobs.setdefault(e.blob_id, Location(pack_id, e.offset, e.length, e.raw_length, e.blob_type))
-
-    def get(self, blob_id: bytes) -> Location | None:
-        return self._blobs.get(blob_id)
-
-    def __contains__(self, blob_id: bytes) -> bool:
-        return blob_id in self._blobs
-
-    def __len__(self) -> int:
-        return len(self._blobs)
-
-    def has_pack(self, pack_id: bytes) -> bool:
-        return pack_id in self._packs
-
-    def packs(self) -> dict[bytes, list[PackEntry]]:
-        with self._lock:
-            return dict(self._packs)
-
-    def blob_ids(self) -> Iterator[bytes]:
-        return iter(list(self._blobs))

@@ -37,11 +37,10 @@ class PackCache:
             if blob_id not in seen:
                 seen.add(blob_id)
                 wanted_bytes[loc.pack_id] += loc.length
-        packs = store.index.packs()
         self._whole = {
             pack_id
             for pack_id, need in wanted_bytes.items()
-            if need >= WHOLE_PACK_SHARE * max(1, sum(e.length for e in packs.get(pack_id, ())))
+            if need >= WHOLE_PACK_SHARE * max(1, store.index.pack_bytes(pack_id))
         }
         self._lock = threading.Lock()
         self._loaded: dict[bytes, Future[bytes]] = {}

@@ -126,6 +126,9 @@ class BackupRecord:
     source_region: str | None = None
     client_request_token: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
+    host_name: str = ""
+    """The host whose zfsbackd made the backup (or requested the copy): several hosts may share one
+    store, and file system ids are per host. Its retention and resumption concern only its own records."""
     #: fields of a newer minor version this reader does not know; written back as they were
     unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -190,6 +193,7 @@ class BackupRecord:
             "Type": self.backup_type.value,
             "CreationTime": iso(self.creation_time),
             "FileSystemId": self.file_system_id,
+            "HostName": self.host_name,
             "Region": self.region,
             "Tags": [{"Key": k, "Value": v} for k, v in sorted(self.tags.items())],
             "ProgressPercent": self.progress_percent,

@@ -1,8 +1,10 @@
 """One region's store: its config object, keys, blob index and backup records.
 
-Opening a store loads every index object and then looks for packs no index
-mentions (left by an interrupted backup or copy) and adds them from their
-headers, so nothing already uploaded is ever uploaded again (DESIGN invariant 2).
+Opening a store brings its blob index (an SQLite cache in ``state_dir``, see
+zfsbackd.store.indexcache) up to date: index objects not seen yet are read,
+vanished ones forgotten, and packs no index mentions (left by an interrupted
+backup or copy) are added from their headers, so nothing already uploaded is
+ever uploaded again (DESIGN invariant 2).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import json
 import secrets
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -24,7 +27,8 @@ from zfsbackd.errors import BackupNotFound, IntegrityError, StoreError, StoreNot
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.store.blobs import BlobCodec, BlobType
 from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys
-from zfsbackd.store.index import INDEX_PREFIX, BlobIndex, Location, decode_index, encode_index, new_index_key
+from zfsbackd.store.index import INDEX_PREFIX, Location, decode_index, encode_index, new_index_key
+from zfsbackd.store.indexcache import BlobIndex, IndexCacheCorrupt, cache_directory
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
 from zfsbackd.store.records import (
     RECORD_PREFIX,
@@ -40,6 +44,8 @@ from zfsbackd.store.records import (
 STORE_FORMAT = 2
 #: how often a read that found its pack gone re-reads the index (garbage collection moved the blob)
 PACK_GONE_RETRIES = 2
+#: index objects read (and decoded) at once while syncing the index cache: bounds the memory of a sync
+_INDEX_READ_BATCH = 4
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +67,11 @@ class UnreadableIndex:
 
     key: str
     message: str
+
+
+def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class PackSource(Protocol):
@@ -169,7 +180,9 @@ class Store:
         self.sealer = Sealer(keys.data_key)
         self.hasher = BlobHasher(keys.id_key)
         self.codec = BlobCodec(self.sealer, self.hasher)
-        self.index = BlobIndex()
+        self._index: BlobIndex | None = None
+        self._index_dir: Path | None = None
+        self._index_create_lock = threading.Lock()
         self.index_keys: set[str] = set()
         self.unreadable_indexes: list[UnreadableIndex] = []
         self._index_loaded = False
@@ -288,8 +301,40 @@ class Store:
         return raw, True
 
     # ------------------------------------------------------------------- index
-    def load_index(self, *, force: bool = False, record_adopted: bool = True) -> None:
-        """Load every index object, then adopt packs that no index lists yet.
+    def use_index_cache(self, state_dir: Path) -> None:
+        """Keep the blob index in ``state_dir/cache/<store id>/`` across opens (the engine calls this).
+
+        Without it the index lives in a private temporary file for this
+        object's lifetime (tools and tests that open a store directly).
+        """
+        with self._index_create_lock:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+            self._index_dir = cache_directory(state_dir, self.store_id)
+            self._index_loaded = False
+
+    @property
+    def index(self) -> BlobIndex:
+        """The blob index (an SQLite cache, see zfsbackd.store.indexcache), opened and validated on first use."""
+        index = self._index
+        if index is None:
+            with self._index_create_lock:
+                if self._index is None:
+                    self._index = BlobIndex(self._index_dir, self.store_id)
+                    self._index.on_reset = self._resync_after_reset
+                index = self._index
+        return index
+
+    def load_index(self, *, force: bool = False, record_adopted: bool = True, verify: bool = False) -> None:
+        """Bring the index up to date with the store: absorb new index objects, adopt packs no index lists.
+
+        Only ``index/`` objects the cache has not seen are read (one transaction
+        each, so a killed process resumes where it stopped). Index objects gone
+        from the store (garbage collection here or on another host replaced
+        them) take with them the packs only they listed, unless the pack is
+        still in ``data/``; packs no index lists are adopted from their headers
+        as before.
 
         ``record_adopted`` writes an index object for adopted packs; readers
         (restore, check, a copy's source) pass False, so that reading a store
@@ -299,7 +344,9 @@ class Store:
         Without ``force`` an already loaded index is kept only while the set of
         index objects is unchanged: garbage collection by another process
         replaces them, and deduplicating against a pack it deleted would make
-        a backup that points at nothing.
+        a backup that points at nothing. ``verify`` (``check``, garbage
+        collection) re-reads every index object, not only new ones, so one
+        damaged after it was cached is found too.
 
         An index object that fails to authenticate or decode is treated like a
         missing one (DESIGN invariant 7): it is remembered in
@@ -308,24 +355,47 @@ class Store:
         from their self-describing headers.
         """
         keys = [info.key for info in self.objects.list(INDEX_PREFIX)]
-        if self._index_loaded and not force and set(keys) == self.index_keys | self._unreadable_index_keys():
+        if (
+            self._index_loaded
+            and not force
+            and not verify
+            and set(keys) == self.index_keys | self._unreadable_index_keys()
+        ):
             return
-        # Built aside and swapped in whole: reader threads never see a half-loaded index.
-        index = BlobIndex()
-        index_keys: set[str] = set()
+        try:
+            with self.index.manual_recovery():
+                self._sync_index(keys, record_adopted=record_adopted, verify=verify)
+        except IndexCacheCorrupt as exc:
+            self.index.reset(f"corrupt ({exc})")
+            with self.index.manual_recovery():
+                self._sync_index(keys, record_adopted=record_adopted, verify=verify)
+        self._index_loaded = True
+
+    def _sync_index(self, keys: list[str], *, record_adopted: bool, verify: bool) -> None:
+        index = self.index
+        seen = index.seen_index_keys()
+        listed = set(keys)
         unreadable: list[UnreadableIndex] = []
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for key, packs in zip(keys, pool.map(self._read_index, keys), strict=True):
-                if isinstance(packs, UnreadableIndex):
-                    unreadable.append(packs)
-                    log.warning("index_unreadable", region=self.region, key=key, error=packs.message)
-                    continue
-                if packs is None:
-                    continue  # replaced by garbage collection since the listing
-                index_keys.add(key)
-                for pack_id, entries in packs.items():
-                    index.add_pack(pack_id, entries)
-        orphans = [pid for pid in self.list_pack_ids() if not index.has_pack(pid)]
+        to_read = keys if verify else [key for key in keys if key not in seen]
+
+        def readable() -> Iterator[tuple[str, dict[bytes, list[PackEntry]]]]:
+            for batch in _batches(to_read, _INDEX_READ_BATCH):  # bounded: a few decoded objects in memory
+                with ThreadPoolExecutor(max_workers=_INDEX_READ_BATCH) as pool:
+                    for key, packs in zip(batch, pool.map(self._read_index, batch), strict=True):
+                        if isinstance(packs, UnreadableIndex):
+                            unreadable.append(packs)
+                            listed.discard(key)
+                            log.warning("index_unreadable", region=self.region, key=key, error=packs.message)
+                        elif packs is None:
+                            listed.discard(key)  # replaced by garbage collection since the listing
+                        else:
+                            yield key, packs
+
+        index.absorb(readable())
+        up_to = index.last_pack_number()  # packs added after this are newer than the listing below
+        present = set(self.list_pack_ids())
+        dropped = index.forget_index_objects(seen - listed, present=present, up_to=up_to)
+        orphans = list(present - index.pack_ids())
         adopted: dict[bytes, list[PackEntry]] = {}
         if orphans:
             with ThreadPoolExecutor(max_workers=8) as pool:
@@ -333,11 +403,12 @@ class Store:
                     if entries is not None:
                         index.add_pack(pack_id, entries)
                         adopted[pack_id] = entries
-        self.index, self.index_keys, self.unreadable_indexes = index, index_keys, unreadable
+        self.index_keys, self.unreadable_indexes = listed, unreadable
+        log.debug("index_synced", region=self.region, read=len(to_read), forgotten=len(seen - listed),
+                  packs_dropped=dropped, packs_adopted=len(adopted))
         if adopted and record_adopted:
-            # Record them so the next open does not have to read their headers again.
+            # Record them so no other host has to read their headers again.
             self.write_index(adopted)
-        self._index_loaded = True
 
     def _unreadable_index_keys(self) -> set[str]:
         return {bad.key for bad in self.unreadable_indexes}
@@ -351,14 +422,24 @@ class Store:
             log.warning("pack_header_unreadable", region=self.region, pack=pack_key(pack_id), error=message)
             return None
 
-    def _refresh_index(self, seen_generation: int | None = None) -> None:
-        """Re-read the index; skipped when another thread re-read it since ``seen_generation``.
+    def _refresh_index(self, seen_generation: int | None = None, *, rebuild: str | None = None) -> None:
+        """Re-sync the index; skipped when another thread re-synced it since ``seen_generation``.
 
-        Many reader threads meet the same moved pack at once; one re-read serves them all.
+        Many reader threads meet the same moved pack at once; one re-sync
+        serves them all. ``rebuild`` (the reason) first empties the cache: it
+        gave a location its pack's authenticated header contradicts.
         """
         with self._reload_lock:
             if seen_generation is not None and seen_generation != self._index_generation:
                 return
+            if rebuild is not None:
+                self.index.reset(rebuild)
+            self.load_index(force=True, record_adopted=False)
+            self._index_generation += 1
+
+    def _resync_after_reset(self) -> None:
+        """The cache was found corrupt in the middle of an operation and emptied: fill it from the store."""
+        with self._reload_lock:
             self.load_index(force=True, record_adopted=False)
             self._index_generation += 1
 
@@ -374,9 +455,27 @@ class Store:
             return UnreadableIndex(key, f"{what} cannot be decoded: {exc}")
 
     def write_index(self, packs: dict[bytes, list[PackEntry]]) -> str:
+        """Write an index object naming ``packs`` (all durable already) and record it in the cache."""
         key = new_index_key()
-        self.objects.put_if_absent(key, encode_index(packs, self.sealer))
+        self.objects.put_if_absent(key, encode_index(packs.items(), self.sealer))
         faults.point("index-written")
+        self.index.add_index_object(key, packs)
+        self.index_keys.add(key)
+        return key
+
+    def write_consolidated_index(self) -> str:
+        """One index object naming every pack the index knows (garbage collection), streamed from the cache."""
+        key = new_index_key()
+        pack_ids: list[bytes] = []
+
+        def packs() -> Iterator[tuple[bytes, list[PackEntry]]]:
+            for pack_id, entries in self.index.iter_packs():
+                pack_ids.append(pack_id)
+                yield pack_id, entries
+
+        self.objects.put_if_absent(key, encode_index(packs(), self.sealer))
+        faults.point("index-written")
+        self.index.record_index_object(key, pack_ids)
         self.index_keys.add(key)
         return key
 
@@ -408,13 +507,21 @@ class Store:
         A pack that is gone when it is read usually means garbage collection (in
         this or another process) rewrote the pack's live blobs into a new one and
         deleted it: collection writes the new pack and index before it deletes,
-        so the index is re-read and the blob fetched from where it lives now. Only
+        so the index is re-synced and the blob fetched from where it lives now. Only
         a blob that is nowhere is an error, and it is an IntegrityError that names
         the file, never a bare "file not found".
+
+        The location comes from a local cache, which is not trusted either: a
+        blob that fails to authenticate is looked up in its pack's authenticated
+        header, and if the header says the cache was wrong the cache is rebuilt
+        from the store and the read tried once more. Real damage stays an
+        IntegrityError.
         """
         generation = self._index_generation
         loc = self.index.get(blob_id)
-        for attempt in range(PACK_GONE_RETRIES + 1):
+        gone_retries = 0
+        cache_rebuilt = False
+        while True:
             if loc is None:
                 self._refresh_index(generation)  # another process (daemon or CLI) may have added it since
                 loc = self.index.get(blob_id)
@@ -425,20 +532,43 @@ class Store:
                     sealed = packs.sealed(loc)
                 else:
                     sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
-                break
             except FileNotFoundError:
                 gone = loc.pack_id
                 self._refresh_index(generation)
                 generation = self._index_generation
                 loc = self.index.get(blob_id)
-                if loc is None or loc.pack_id == gone or attempt == PACK_GONE_RETRIES:
+                gone_retries += 1
+                if loc is None or loc.pack_id == gone or gone_retries > PACK_GONE_RETRIES:
                     raise IntegrityError(
                         f"{what}: pack {pack_key(gone)} holding blob {blob_id.hex()} is missing from the store "
                         f"(region {self.region}); run `zfsbackd check` to see what else it affects"
                     ) from None
-        if len(sealed) != loc.length:
-            raise IntegrityError(f"{what}: pack {pack_key(loc.pack_id)} is truncated")
-        return self.codec.decode(blob_id, sealed, what=f"{what} (blob {blob_id.hex()[:16]})")
+                continue
+            try:
+                if len(sealed) != loc.length:
+                    raise IntegrityError(f"{what}: pack {pack_key(loc.pack_id)} is truncated")
+                return self.codec.decode(blob_id, sealed, what=f"{what} (blob {blob_id.hex()[:16]})")
+            except IntegrityError:
+                if cache_rebuilt or not self._cached_location_is_wrong(blob_id, loc):
+                    raise
+            cache_rebuilt = True
+            self._refresh_index(generation, rebuild=f"blob {blob_id.hex()} is not where the cache says")
+            generation = self._index_generation
+            loc = self.index.get(blob_id)
+
+    def _cached_location_is_wrong(self, blob_id: bytes, loc: Location) -> bool:
+        """Whether the pack's authenticated header contradicts the cached location (False if unreadable)."""
+        try:
+            header = self.read_pack_header(loc.pack_id)
+        except (IntegrityError, FileNotFoundError):
+            return False  # damage of the pack itself: the original error stands
+        entry = next((e for e in header if e.blob_id == blob_id), None)
+        return entry is None or (entry.offset, entry.length, entry.raw_length, entry.blob_type) != (
+            loc.offset,
+            loc.length,
+            loc.raw_length,
+            loc.blob_type,
+        )
 
     def blob_type(self, blob_id: bytes) -> BlobType | None:
         loc = self.index.get(blob_id)

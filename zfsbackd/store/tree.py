@@ -23,8 +23,13 @@ Node fields (absent when not applicable)::
 from __future__ import annotations
 
 import base64
+import heapq
 import json
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from zfsbackd.errors import IntegrityError
 
@@ -85,3 +90,182 @@ def parse_tree(raw: bytes, *, what: str) -> list[Node]:
 def is_safe_name(name: bytes) -> bool:
     """A name that can only ever create an entry directly inside its parent directory."""
     return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
+
+
+#: entries of trees read ahead of a walk and not yet used, at most (beyond it, reading ahead pauses)
+READ_AHEAD_ENTRIES = 20_000
+#: trees being read ahead at once
+READ_AHEAD_WORKERS = 4
+
+_Arg = TypeVar("_Arg")
+_Result = TypeVar("_Result")
+_Position = tuple[int, ...]
+
+
+@dataclass(eq=False)
+class _Ahead(Generic[_Arg, _Result]):
+    """One tree the read-ahead knows of: waiting to be read (no future), being read, or read."""
+
+    tree_id: str
+    arg: _Arg
+    future: Future[_Result] | None = None
+    size: int = 0  # entries it holds once read (counted in ``TreeReadAhead.held_entries``)
+    dropped: bool = False  # the walk went past it: its read is for nothing, its subtrees are not wanted
+
+
+class TreeReadAhead(Generic[_Arg, _Result]):
+    """Reads a backup's trees ahead of a depth-first walk, in the walk's order, within a bound in entries.
+
+    A walk (the archiver over its parent backup's trees, a restore over its backup's)
+    needs one tree per directory, one after another; from S3 a request per directory in
+    a row would dominate it. Reading them ahead on a few threads hides that, but reading
+    *everything* ahead held a whole backup's trees in memory (about 1 KiB per file). So
+    trees are read in the walk's own order — depth first, entries by name, which is the
+    order trees store them in — and reading pauses while the trees read but not yet taken
+    hold more than ``max_entries`` entries (each tree counts at least one, so empty
+    trees are bounded too), plus what the reads under way bring. A tree larger than the
+    bound is still read: a walk cannot do without the directory it is in. Subtrees known
+    but not read yet cost only their id.
+
+    Each tree has a position, the path of child indices from the start trees; positions
+    compare in depth-first order. When the walk takes a tree, everything before it that
+    it did not take (a directory deleted since, or passed over as clean) is dropped, so
+    guessing wrong costs a read, never memory.
+
+    ``read(tree_id, arg)`` reads one tree (on the read-ahead's threads; an exception is
+    raised again by :meth:`take`), ``children(result, arg)`` lists its subtrees as
+    ``(tree_id, arg)`` in walk order and ``size(result)`` its entries.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[str, _Arg], _Result],
+        children: Callable[[_Result, _Arg], Iterable[tuple[str, _Arg]]],
+        size: Callable[[_Result], int],
+        starts: Iterable[tuple[str, _Arg]],
+        *,
+        max_entries: int = READ_AHEAD_ENTRIES,
+        workers: int = READ_AHEAD_WORKERS,
+    ) -> None:
+        self._read, self._children, self._size = read, children, size
+        self.max_entries = max_entries
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zfsbackd-tree")
+        self._lock = threading.Lock()
+        self._known: dict[_Position, _Ahead[_Arg, _Result]] = {}
+        self._order: list[_Position] = []  # heap of known positions (stale ones skipped when popped)
+        self._todo: list[_Position] = []  # heap of positions not submitted yet (stale ones skipped)
+        self._by_id: dict[str, list[_Position]] = {}  # heaps: where each tree id is, first in walk order first
+        self._in_flight = 0
+        self._closed = False
+        self.held_entries = 0
+        """Entries of trees read and not yet taken (what the bound is about)."""
+        self.peak_entries = 0
+        """The most entries held at once: for tests and the benchmark."""
+        with self._lock:
+            for index, (tree_id, arg) in enumerate(starts):
+                self._learn((index,), tree_id, arg)
+            self._top_up()
+
+    def take(self, tree_id: str) -> _Result | None:
+        """The walk's next tree: read ahead (waiting for it if need be), or None if it was not foreseen.
+
+        None means the caller reads the tree itself (a directory new since the parent
+        backup, or one the read-ahead has not reached); an error of the read is raised here.
+        """
+        with self._lock:
+            positions = self._by_id.get(tree_id)
+            if self._closed or not positions:
+                return None
+            position = positions[0]
+            self._drop_before(position)
+            ahead = self._known[position]
+            if ahead.future is None:  # the walk caught up with the read-ahead: this one first
+                self._submit(position, ahead)
+            future = ahead.future
+        assert future is not None
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._forget(position)
+                self._top_up()
+
+    def close(self) -> None:
+        """Stop reading ahead (the walk is over or failed); reads under way are waited for."""
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> TreeReadAhead[_Arg, _Result]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------- lock held
+    def _learn(self, position: _Position, tree_id: str, arg: _Arg) -> None:
+        self._known[position] = _Ahead(tree_id, arg)
+        heapq.heappush(self._order, position)
+        heapq.heappush(self._todo, position)
+        heapq.heappush(self._by_id.setdefault(tree_id, []), position)
+
+    def _forget(self, position: _Position) -> None:
+        ahead = self._known.pop(position, None)
+        if ahead is None:
+            return
+        self.held_entries -= ahead.size
+        ahead.size = 0
+        positions = self._by_id[ahead.tree_id]
+        if positions[0] == position:  # always, as the walk goes forward: taken or dropped, the first one goes
+            heapq.heappop(positions)
+        else:
+            positions.remove(position)
+            heapq.heapify(positions)
+        if not positions:
+            del self._by_id[ahead.tree_id]
+
+    def _drop_before(self, position: _Position) -> None:
+        """Everything before ``position`` in walk order was passed over by the walk."""
+        while self._order and self._order[0] < position:
+            stale = heapq.heappop(self._order)
+            ahead = self._known.get(stale)
+            if ahead is not None:
+                ahead.dropped = True
+                self._forget(stale)
+
+    def _top_up(self) -> None:
+        """Submit the next trees in walk order while the bound and the thread count allow."""
+        while (
+            not self._closed and self._todo and self._in_flight < self._workers and self.held_entries < self.max_entries
+        ):
+            position = heapq.heappop(self._todo)
+            ahead = self._known.get(position)
+            if ahead is not None and ahead.future is None:
+                self._submit(position, ahead)
+
+    def _submit(self, position: _Position, ahead: _Ahead[_Arg, _Result]) -> None:
+        self._in_flight += 1
+        ahead.future = self._pool.submit(self._run, position, ahead)
+
+    # ----------------------------------------------------------- read threads
+    def _run(self, position: _Position, ahead: _Ahead[_Arg, _Result]) -> _Result:
+        """Read one tree; account for it and learn its subtrees before the walk can take it."""
+        try:
+            result = self._read(ahead.tree_id, ahead.arg)
+        except BaseException:
+            with self._lock:
+                self._in_flight -= 1
+                self._top_up()
+            raise
+        children = [] if ahead.dropped else list(self._children(result, ahead.arg))
+        with self._lock:
+            self._in_flight -= 1
+            if not ahead.dropped and self._known.get(position) is ahead:
+                ahead.size = max(1, self._size(result))
+                self.held_entries += ahead.size
+                self.peak_entries = max(self.peak_entries, self.held_entries)
+                for index, (tree_id, arg) in enumerate(children):
+                    self._learn((*position, index), tree_id, arg)
+            self._top_up()
+        return result

@@ -1,0 +1,182 @@
+"""Reading trees ahead of a walk is bounded by entries, not by a count of trees (issue 13, item 1).
+
+The read-ahead (``TreeReadAhead``) is tested on synthetic trees first — many small
+directories, one huge one, directories the walk passes over — then through the
+archiver (an incremental backup over 2,000 parent directories) and the restorer
+(a full restore planned in many small batches). Each asserts the peak number of
+entries held at once, the counter the classes expose for this; memory targets in
+MiB belong to the benchmark (bench/scale.py), not here.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from enginekit import make_config
+from fsfixtures import assert_trees_identical
+
+from zfsbackd.engine import restorer as restorer_module
+from zfsbackd.engine.archiver import Archiver
+from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.engine.restorer import Restorer
+from zfsbackd.snapshot import take_snapshot
+from zfsbackd.snapshot.detect import choose_provider
+from zfsbackd.store.tree import READ_AHEAD_WORKERS, TreeReadAhead
+from zfsbackd.store.writer import PackWriter
+
+# --------------------------------------------------------------- synthetic trees
+#: tree id → (entries that are not directories, subtree ids in walk order)
+Trees = dict[str, tuple[int, list[str]]]
+
+
+def _wide_and_deep(dirs: int, files_per_dir: int) -> Trees:
+    """A root with ``dirs`` subdirectories in groups of 10, each holding ``files_per_dir`` files."""
+    trees: Trees = {}
+    groups = []
+    for g in range(dirs // 10):
+        leaves = [f"leaf-{g}-{i}" for i in range(10)]
+        for leaf in leaves:
+            trees[leaf] = (files_per_dir, [])
+        trees[f"group-{g}"] = (0, leaves)
+        groups.append(f"group-{g}")
+    trees["root"] = (0, groups)
+    return trees
+
+
+class _Synthetic:
+    """A TreeReadAhead over ``trees`` that counts reads; results are (tree id, entries)."""
+
+    def __init__(self, trees: Trees, max_entries: int, fail: str | None = None) -> None:
+        self.trees = trees
+        self.reads = 0
+        self.fail = fail
+        self._lock = threading.Lock()
+        self.ahead: TreeReadAhead[None, tuple[str, int]] = TreeReadAhead(
+            self._read, self._children, lambda result: result[1], [("root", None)], max_entries=max_entries
+        )
+
+    def _read(self, tree_id: str, _arg: None) -> tuple[str, int]:
+        with self._lock:
+            self.reads += 1
+        if tree_id == self.fail:
+            raise OSError(5, "unreadable tree")
+        files, subdirs = self.trees[tree_id]
+        return tree_id, files + len(subdirs)
+
+    def _children(self, result: tuple[str, int], _arg: None) -> list[tuple[str, None]]:
+        return [(child, None) for child in self.trees[result[0]][1]]
+
+    def walk(self, tree_id: str = "root", skip: frozenset[str] = frozenset()) -> list[str]:
+        """Take every tree depth first as a walk would (iteratively), passing over ``skip``; the order taken."""
+        taken = []
+        stack = [tree_id]
+        while stack:
+            current = stack.pop()
+            result = self.ahead.take(current)
+            assert result is not None, f"{current} was not read ahead"
+            assert result[0] == current
+            taken.append(current)
+            stack.extend(reversed([c for c in self.trees[current][1] if c not in skip]))
+        return taken
+
+
+def test_read_ahead_of_2000_directories_stays_within_its_bound() -> None:
+    trees = _wide_and_deep(2000, files_per_dir=30)
+    bound = 200
+    synthetic = _Synthetic(trees, max_entries=bound)
+    with synthetic.ahead:
+        taken = synthetic.walk()
+    assert len(taken) == len(trees) and synthetic.reads == len(trees), "each tree read once, in the walk's order"
+    largest = max(files + len(subdirs) for files, subdirs in trees.values())
+    # Reading pauses at the bound; the reads already under way may each add one tree.
+    assert 0 < synthetic.ahead.peak_entries <= bound + READ_AHEAD_WORKERS * largest
+    assert synthetic.ahead.held_entries == 0
+
+
+def test_one_huge_directory_is_read_alone() -> None:
+    trees: Trees = {"root": (0, ["small-1", "huge", "small-2"]), "small-1": (5, []), "small-2": (5, [])}
+    trees["huge"] = (200_000, [])
+    synthetic = _Synthetic(trees, max_entries=1000)
+    with synthetic.ahead:
+        assert synthetic.walk() == ["root", "small-1", "huge", "small-2"]
+    # The walk cannot do without the directory it is in, however large; nothing beyond it piles up.
+    assert synthetic.ahead.peak_entries <= 200_000 + 1000 + READ_AHEAD_WORKERS * 5
+
+
+def test_directories_the_walk_passes_over_are_let_go() -> None:
+    """Subtrees deleted since the parent backup (or clean under a change list) are never taken: they
+    are dropped when the walk goes past them, so they cannot fill the bound and stall the read-ahead."""
+    trees = _wide_and_deep(500, files_per_dir=20)
+    skipped = frozenset(f"group-{g}" for g in range(0, 50, 2))
+    synthetic = _Synthetic(trees, max_entries=100)
+    with synthetic.ahead:
+        taken = synthetic.walk(skip=skipped)
+    assert not skipped & set(taken)
+    assert synthetic.ahead.held_entries == 0
+    assert synthetic.ahead.peak_entries <= 100 + READ_AHEAD_WORKERS * 20
+
+
+def test_a_tree_that_cannot_be_read_fails_where_the_walk_takes_it() -> None:
+    synthetic = _Synthetic(_wide_and_deep(20, files_per_dir=2), max_entries=50, fail="leaf-1-3")
+    with synthetic.ahead, pytest.raises(OSError, match="unreadable tree"):
+        synthetic.walk()
+
+
+def test_an_unforeseen_tree_is_left_to_the_caller() -> None:
+    synthetic = _Synthetic(_wide_and_deep(20, files_per_dir=2), max_entries=50)
+    with synthetic.ahead:
+        assert synthetic.ahead.take("not-in-the-parent") is None
+        assert synthetic.walk()[0] == "root"
+
+
+# ------------------------------------------------------ archiver and restorer
+DIRS = 2000
+BOUND = 300
+
+
+def _many_directories(root: Path) -> None:
+    for g in range(DIRS // 20):
+        for i in range(20):
+            leaf = root / f"g{g:03d}" / f"d{i:02d}"
+            leaf.mkdir(parents=True)
+            (leaf / "f").write_bytes(f"{g}/{i}\n".encode())
+
+
+def test_incremental_backup_reads_the_parent_ahead_within_the_bound(xfs_dir: Path, tmp_path: Path) -> None:
+    _many_directories(xfs_dir)
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    store = engine.store()
+    fs = engine.config.file_system("fs-src")
+    snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
+    try:
+        with PackWriter(store) as writer:
+            archiver = Archiver(store, writer, snapshot, parent.root_tree, read_ahead_entries=BOUND)
+            root, stats = archiver.run()
+            writer.flush()
+    finally:
+        snapshot.release()
+    assert root == parent.root_tree, "nothing changed: the very same trees, the same root id"
+    assert stats.files_read == 0 and stats.files_unchanged == DIRS
+    # A group directory holds 20 entries, the root 100: the reads under way add at most one tree each.
+    assert 0 < archiver.read_ahead_peak_entries <= BOUND + READ_AHEAD_WORKERS * 100
+
+
+def test_full_restore_streams_trees_and_plans_reads_in_batches(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _many_directories(xfs_dir)
+    (xfs_dir / "g000" / "d00" / "link").hardlink_to(xfs_dir / "g000" / "d00" / "f")
+    (xfs_dir / "g099" / "d19" / "link").hardlink_to(xfs_dir / "g000" / "d00" / "f")  # across batches
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    record = engine.create_backup(BackupRequest("fs-src"))
+    monkeypatch.setattr(restorer_module, "BATCH_FILES", 64)  # ~32 batches: packs are shared between them
+    target = tmp_path / "target"
+    target.mkdir()
+    restorer = Restorer(engine.store(), record, target, read_ahead_entries=BOUND)
+    result = restorer.run()
+    assert_trees_identical(xfs_dir, result.path)
+    assert result.files == DIRS + 2
+    assert 0 < restorer.read_ahead_peak_entries <= BOUND + READ_AHEAD_WORKERS * 100
