@@ -152,3 +152,22 @@ def test_clone_that_finds_the_source_full_reads_the_file_live(
     target.mkdir()
     restored = engine.restore_backup(record.backup_id, target).path
     assert (restored / "big.bin").read_bytes() == big.read_bytes()
+
+
+def test_read_only_source_names_the_unit_setting(small_xfs: LoopFs, tmp_path: Path) -> None:
+    """EROFS on a reflink source (the systemd sandbox, or a read-only mount) says which setting to change."""
+    src = small_xfs.mountpoint / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_xfs.mountpoint)], check=True)
+    try:
+        engine = Engine(make_config(tmp_path, {"src": src}, extra_fs={"allow_copy_snapshots": True}))
+        with pytest.raises(SnapshotError) as raised:
+            engine.create_backup(BackupRequest("fs-src"))
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_xfs.mountpoint)], check=True)
+    message = raised.value.message
+    assert raised.value.code == "SnapshotFailed"
+    assert f"ReadWritePaths={src}" in message and "systemctl edit zfsbackd" in message, message
+    (record,) = engine.describe_backups().records
+    assert record.lifecycle == Lifecycle.FAILED

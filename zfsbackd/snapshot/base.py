@@ -172,6 +172,26 @@ def no_space_error(fs_id: str, path: os.PathLike[str] | str, what: str) -> Snaps
     )
 
 
+def read_only_error(fs_id: str, path: os.PathLike[str] | str, what: str) -> SnapshotError:
+    """The snapshot of *path* cannot be taken because its file system is read-only here (EROFS).
+
+    Reflink clones and btrfs snapshots are written onto the source's own file
+    system. Under the shipped systemd unit that is usually not the mount being
+    read-only but the sandbox: ``ProtectSystem=strict`` makes every path outside
+    the unit's ``ReadWritePaths=`` read-only inside its mount namespace, so the
+    same command works from a shell and fails in the daemon. The raw EROFS says
+    none of that, so name the setting and the command that changes it.
+    """
+    where = os.fspath(path)
+    return SnapshotError(
+        f"file_systems[{fs_id}]: cannot {what}: {where} is read-only here. Under systemd this is the "
+        f"zfsbackd unit's sandbox (ProtectSystem=strict: only its ReadWritePaths= are writable, by default "
+        f"/var/lib/zfsbackd, /srv, /mnt and /data): add `ReadWritePaths={where}` with "
+        f"`systemctl edit zfsbackd`, then `systemctl restart zfsbackd`; otherwise the file system is mounted "
+        f"read-only: remount it read-write (`mount -o remount,rw`)"
+    )
+
+
 def check_name(what: str, value: str) -> str:
     """Refuse ids that would escape the snapshot directory when used as a path component."""
     if not value or "/" in value or "\0" in value or value in (".", ".."):

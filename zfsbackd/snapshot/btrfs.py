@@ -15,6 +15,7 @@ system's superblock st_dev, which differs from the snapshot's own st_dev.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -33,6 +34,7 @@ from zfsbackd.snapshot.base import (
     fs_type,
     fs_type_name,
     no_space_error,
+    read_only_error,
     snapshot_name,
     source_dir,
 )
@@ -64,8 +66,9 @@ def mount_point(path: Path) -> Path:
 def _btrfs(fs_id: str, *args: str | os.PathLike[str], full_path: Path | None = None) -> None:
     """Run ``btrfs ARGS``; a failure is a :class:`SnapshotError` with the command's stderr.
 
-    With *full_path*, a failure because the file system is full says so and how to fix it
-    (:func:`no_space_error`) instead of showing only btrfs-progs' message.
+    With *full_path*, a failure because the file system is full or read-only (the unit's sandbox)
+    says so and how to fix it (:func:`no_space_error`, :func:`read_only_error`) instead of showing
+    only btrfs-progs' message.
     """
     argv = ["btrfs", *map(os.fspath, args)]
     try:
@@ -76,6 +79,9 @@ def _btrfs(fs_id: str, *args: str | os.PathLike[str], full_path: Path | None = N
         if full_path is not None and any(m in proc.stderr for m in _NO_SPACE_MESSAGES):
             what = f"take the btrfs snapshot ({proc.stderr.strip()})"
             raise no_space_error(fs_id, full_path, what)
+        if full_path is not None and os.strerror(errno.EROFS) in proc.stderr:
+            # The snapshot directory already existed (so mkdir did not fail), the snapshot itself did.
+            raise read_only_error(fs_id, full_path, f"take the btrfs snapshot ({proc.stderr.strip()})")
         raise SnapshotError(
             f"file_systems[{fs_id}]: `{' '.join(argv)}` failed with exit status {proc.returncode}: "
             f"{proc.stderr.strip()}"
@@ -118,6 +124,8 @@ class BtrfsProvider(SnapshotProvider):
         except OSError as exc:
             if exc.errno in NO_SPACE_ERRNOS:
                 raise no_space_error(fs.id, src, f"create the snapshot directory {d}") from exc
+            if exc.errno == errno.EROFS:
+                raise read_only_error(fs.id, mnt, f"create the snapshot directory {d}") from exc
             raise SnapshotError(
                 f"file_systems[{fs.id}]: cannot create the snapshot directory {d}: {exc.strerror}"
             ) from exc

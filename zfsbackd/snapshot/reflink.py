@@ -26,6 +26,7 @@ from zfsbackd.snapshot.base import (
     fs_type,
     fs_type_name,
     no_space_error,
+    read_only_error,
     same_version,
     snapshot_name,
     source_dir,
@@ -80,6 +81,10 @@ def reflink_problem(path: os.PathLike[str] | str, *, fs_id: str) -> str | None:
         return None
     if err.errno in NO_SPACE_ERRNOS:
         raise no_space_error(fs_id, path, "take a reflink snapshot (a test clone failed)")
+    if err.errno == errno.EROFS:
+        # Not a reason to fall back to a copy (allow_copy_snapshots): the file system can clone,
+        # it is only not writable here, most often because of the unit's sandbox; say how to fix that.
+        raise read_only_error(fs_id, path, "take a reflink snapshot (clones are made on the source file system)")
     hint = " (created without reflink=1)" if ftype == XFS_MAGIC and err.errno == errno.EOPNOTSUPP else ""
     return f"{fs_type_name(ftype)} without working reflink{hint}: {err.strerror}"
 
