@@ -23,6 +23,8 @@ from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.engine.locks import StoreBusy
 from zfsbackd.errors import IntegrityError
 from zfsbackd.objectstore.base import ObjectStore
+from zfsbackd.store.packs import pack_key
+from zfsbackd.store.tree import node_name, parse_tree
 
 MiB = 1024 * 1024
 
@@ -49,17 +51,33 @@ def _other_host(tmp_path: Path) -> Engine:
     return Engine(load_config(path))
 
 
-def _on_first_pack_read(objects: ObjectStore, action: Callable[[], None]) -> None:
-    """Run ``action`` once, just before the first read of a pack (the restore already planned)."""
+def _pack_of(engine: Engine, backup_id: str, name: bytes) -> str:
+    """The key of the pack holding the first chunk of top-level file ``name`` in ``backup_id``."""
+    store = engine.store()
+    record = store.load_record(backup_id)
+    (top,) = parse_tree(store.read_tree(bytes.fromhex(record.root_tree or ""), what="root"), what="root")
+    nodes = parse_tree(store.read_tree(bytes.fromhex(top["subtree"]), what="top"), what="top")
+    (node,) = [n for n in nodes if node_name(n) == name]
+    loc = store.index.get(bytes.fromhex(node["chunks"][0][2]))
+    assert loc is not None
+    return pack_key(loc.pack_id)
+
+
+def _before_first_read_of(objects: ObjectStore, key: str, action: Callable[[], None]) -> None:
+    """Run ``action`` once, just before the restore first reads pack ``key`` (every other read of
+    that pack waits until it is done), so the race happens at the same point every run."""
+    lock = threading.Lock()
     done = threading.Event()
     for name in ("get", "get_range"):
         original = getattr(objects, name)
 
-        def wrapped(key: str, *args: object, _original: Callable = original) -> bytes:
-            if key.startswith("data/") and not done.is_set():
-                done.set()
-                action()
-            return _original(key, *args)
+        def wrapped(wanted: str, *args: object, _original: Callable = original) -> bytes:
+            if wanted == key and not done.is_set():
+                with lock:
+                    if not done.is_set():
+                        action()
+                        done.set()
+            return _original(wanted, *args)
 
         setattr(objects, name, wrapped)
 
@@ -68,11 +86,13 @@ def test_restore_survives_collection_by_another_host(xfs_dir: Path, tmp_path: Pa
     engine, b1, b2, manifest = _two_backups(xfs_dir, tmp_path)
     other = _other_host(tmp_path)
     results = []
-    _on_first_pack_read(engine.store().objects, lambda: results.append(other.delete_backup(b1)))
+    rewritten = _pack_of(engine, b2, b"keep.bin")  # B1 shares it (gone.bin): collection rewrites it
+    _before_first_read_of(engine.store().objects, rewritten, lambda: results.append(other.delete_backup(b1)))
     target = tmp_path / "restore"
     target.mkdir()
     restored = engine.restore_backup(b2, target).path
     assert results, "collection ran in the middle of the restore"
+    assert not (tmp_path / "host-a" / "store" / rewritten).exists(), "the pack the restore wanted was rewritten"
     assert tree_manifest(restored) == manifest
     assert other.check(read_data=True).errors == []
 
@@ -87,7 +107,7 @@ def test_collection_on_this_host_waits_for_a_restore(xfs_dir: Path, tmp_path: Pa
             same_host.collect_garbage(wait=False)
         attempts.append(busy.value)
 
-    _on_first_pack_read(engine.store().objects, try_collect)
+    _before_first_read_of(engine.store().objects, _pack_of(engine, b2, b"keep.bin"), try_collect)
     target = tmp_path / "restore"
     target.mkdir()
     assert tree_manifest(engine.restore_backup(b2, target).path) == manifest
@@ -99,7 +119,8 @@ def test_collection_on_this_host_waits_for_a_restore(xfs_dir: Path, tmp_path: Pa
 def test_backup_deleted_while_restoring_is_a_clear_error(xfs_dir: Path, tmp_path: Path) -> None:
     engine, _b1, b2, _manifest = _two_backups(xfs_dir, tmp_path)
     other = _other_host(tmp_path)
-    _on_first_pack_read(engine.store().objects, lambda: other.delete_backup(b2))
+    only_b2 = _pack_of(engine, b2, b"new.bin")  # collected with B2
+    _before_first_read_of(engine.store().objects, only_b2, lambda: other.delete_backup(b2))
     target = tmp_path / "restore"
     target.mkdir()
     with pytest.raises(IntegrityError) as raised:

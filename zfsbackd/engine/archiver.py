@@ -363,7 +363,7 @@ class Archiver:
 
     def _read_parent_tree(self, tree_id: str) -> dict[bytes, Node] | None:
         try:
-            raw = self.store.read_blob(bytes.fromhex(tree_id), what=f"parent tree {tree_id[:16]}")
+            raw = self.store.read_tree(bytes.fromhex(tree_id), what=f"parent tree {tree_id[:16]}")
         except Exception as exc:  # a damaged parent only costs a full read, never a wrong backup
             log.warning("parent_tree_unreadable", tree_id=tree_id, error=str(exc))
             return None

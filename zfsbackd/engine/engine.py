@@ -170,6 +170,7 @@ class Engine:
             used_before=None if init else used_before,
         )
         store.use_index_cache(self.config.state_dir)  # the blob index persists in state_dir/cache/<store id>
+        store.use_tree_cache(self.config.state_dir)  # parent trees are read locally, verified by their ids
         if id_key is not None and store.keys.id_key != id_key:
             raise StoreError(
                 f"the store in region {name} ({store.objects.location}) belongs to another deployment "

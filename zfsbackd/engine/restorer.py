@@ -716,7 +716,7 @@ class Restorer:
         """Resolve the ``--path`` selections (None: everything) and note where the walk starts."""
         what = f"backup {self.record.backup_id}"
         root_nodes = parse_tree(
-            self.store.read_blob(bytes.fromhex(self.record.root_tree or ""), what=what), what=f"{what} root"
+            self.store.read_tree(bytes.fromhex(self.record.root_tree or ""), what=what), what=f"{what} root"
         )
         root = next((n for n in root_nodes if n.get("name") == ROOT_NAME), None)
         if root is None or root.get("type") != "dir" or _node_problem(root) is not None:
@@ -764,7 +764,7 @@ class Restorer:
 
     def _read_tree(self, tree_id: str, rel: bytes) -> list[Node]:
         what = f"backup {self.record.backup_id}: directory /{os.fsdecode(rel)}"
-        return parse_tree(self.store.read_blob(bytes.fromhex(tree_id), what=what), what=what)
+        return parse_tree(self.store.read_tree(bytes.fromhex(tree_id), what=what), what=what)
 
     def _check(self, node: Node, parent: bytes) -> None:
         try:

@@ -72,7 +72,7 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
     for pack_id in indexed - present:
         result.errors.append(f"pack {pack_key(pack_id)} is listed in the index but missing from the store")
 
-    reach = mark_reachable(store, records, on_error=result.errors.append, track_users=True)
+    reach = mark_reachable(store, records, on_error=result.errors.append, track_users=True, from_store=True)
     result.blobs = len(reach.blobs)
     for blob_id in reach.blobs:
         if blob_id not in store.index:

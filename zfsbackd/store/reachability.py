@@ -24,13 +24,15 @@ def mark_reachable(
     *,
     on_error: Callable[[str], None] | None = None,
     track_users: bool = False,
+    from_store: bool = False,
 ) -> Reachable:
     """Every blob referenced by ``records``' trees.
 
     A tree shared by several backups is walked once (unchanged directories
     reuse their tree ids, so incremental backups cost little to mark). When
     ``on_error`` is given, unreadable trees are reported and skipped instead
-    of raising.
+    of raising. ``from_store`` reads every tree from the store, never from the
+    local tree cache (``check``: proving the store holds them).
     """
     found = Reachable()
     for record in records:
@@ -46,7 +48,7 @@ def mark_reachable(
                 found.users.setdefault(tree_id, (record.backup_id, path or "/"))
             what = f"backup {record.backup_id}: directory {path or '/'}"
             try:
-                nodes = parse_tree(store.read_blob(tree_id, what=what), what=what)
+                nodes = parse_tree(store.read_tree(tree_id, what=what, cached=not from_store), what=what)
             except Exception as exc:
                 if on_error is None:
                     raise

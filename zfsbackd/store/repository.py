@@ -38,6 +38,8 @@ from zfsbackd.store.records import (
     record_key,
     utc_now,
 )
+from zfsbackd.store.treecache import DEFAULT_MAX_BYTES as DEFAULT_TREE_CACHE_BYTES
+from zfsbackd.store.treecache import TreeCache
 
 #: Format 2 (zfsbackd/store/FORMAT.md) authenticates the whole ``config`` with the key file and keeps
 #: the chunker seed secret. Format 1 (pre-release, never deployed) is refused, not converted.
@@ -182,6 +184,7 @@ class Store:
         self.codec = BlobCodec(self.sealer, self.hasher)
         self._index: BlobIndex | None = None
         self._index_dir: Path | None = None
+        self.tree_cache: TreeCache | None = None
         self._index_create_lock = threading.Lock()
         self.index_keys: set[str] = set()
         self.unreadable_indexes: list[UnreadableIndex] = []
@@ -313,6 +316,33 @@ class Store:
                 self._index = None
             self._index_dir = cache_directory(state_dir, self.store_id)
             self._index_loaded = False
+
+    def use_tree_cache(self, state_dir: Path, *, max_bytes: int = DEFAULT_TREE_CACHE_BYTES) -> None:
+        """Keep tree blobs in ``state_dir/cache/<store id>/trees`` (bounded, verified by id on read),
+        so incremental backups and restores do not fetch the same directories again."""
+        self.tree_cache = TreeCache(
+            cache_directory(state_dir, self.store_id) / "trees", self._is_blob, max_bytes=max_bytes
+        )
+
+    def _is_blob(self, blob_id: bytes, plaintext: bytes) -> bool:
+        return self.hasher.blob_id(plaintext) == blob_id
+
+    def read_tree(self, tree_id: bytes, *, what: str, cached: bool = True) -> bytes:
+        """A tree blob's plaintext: from the local tree cache when it has it (verified by its id),
+        else from the store (then cached). ``cached=False`` always reads the store: ``check``
+        must prove the store holds every tree, not that this host remembers it."""
+        if cached and self.tree_cache is not None:
+            plaintext = self.tree_cache.get(tree_id)
+            if plaintext is not None:
+                return plaintext
+        plaintext = self.read_blob(tree_id, what=what)
+        self.remember_tree(tree_id, plaintext)
+        return plaintext
+
+    def remember_tree(self, tree_id: bytes, plaintext: bytes | memoryview) -> None:
+        """Put a tree this process read or wrote into the tree cache (if there is one)."""
+        if self.tree_cache is not None:
+            self.tree_cache.put(tree_id, bytes(plaintext))
 
     @property
     def index(self) -> BlobIndex:

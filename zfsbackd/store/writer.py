@@ -70,6 +70,8 @@ class PackWriter:
     def add(self, blob_type: BlobType, plaintext: bytes | memoryview) -> tuple[bytes, bool]:
         """Store ``plaintext`` unless it is already stored; returns (blob id, was new)."""
         blob_id = self.store.hasher.blob_id(plaintext)
+        if blob_type == BlobType.TREE:
+            self.store.remember_tree(blob_id, plaintext)  # the next incremental's parent, read locally
         if not self.reserve(blob_id, len(plaintext)):
             return blob_id, False
         sealed = self.store.codec.encode(blob_id, plaintext)

@@ -1,0 +1,179 @@
+"""A local, bounded cache of tree blobs, so an incremental backup does not fetch its parent's trees
+from the object store every time (issue 13: a no-change backup against S3 spent most of its time
+downloading the parent backup's directories).
+
+Trees are immutable and named by their blob id, which is the keyed BLAKE3 of their plaintext, so a
+cached tree is *verified by its id on every read*: a file that was damaged, truncated, or written by
+someone without the store's id key does not hash to its name and is deleted and fetched again, never
+used. What the cache holds is plaintext directory listings of backups, as sensitive as the source
+tree's names: the directory is mode 0700 under ``state_dir`` (root's), like the index cache.
+
+Layout: ``state_dir/cache/<store id>/trees/<2 hex>/<64 hex>``, each file the zstd-compressed tree.
+Writes go to a temporary name and are renamed into place (a crash leaves no partial tree under a
+real name, and temporaries are removed at the next open). The cache is bounded in bytes: when it
+grows past ``max_bytes`` the least recently used files (by modification time, touched on every hit)
+are removed down to 80 % of the bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import zstandard
+
+log = structlog.get_logger(__name__)
+
+#: default bound of one store's tree cache
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+#: what eviction shrinks the cache to, as a share of the bound (so it does not evict on every write)
+EVICT_TO = 0.8
+_TMP_PREFIX = ".tmp-"
+
+
+class TreeCache:
+    """Tree blob id → plaintext, on local disk, verified on read and bounded in size."""
+
+    def __init__(
+        self, directory: Path, verify: Callable[[bytes, bytes], bool], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
+        """``verify(blob_id, plaintext)`` says whether ``plaintext`` is the blob ``blob_id`` names."""
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._verify = verify
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.hits = 0
+        self.misses = 0
+        self._write_failed = False
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._size = self._scan_and_clean()
+
+    def _path(self, blob_id: bytes) -> Path:
+        hex_id = blob_id.hex()
+        return self.directory / hex_id[:2] / hex_id
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "compressor", None)
+        if comp is None:
+            comp = self._local.compressor = zstandard.ZstdCompressor(level=3)
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "decompressor", None)
+        if dec is None:
+            dec = self._local.decompressor = zstandard.ZstdDecompressor()
+        return dec
+
+    # ------------------------------------------------------------------ reads
+    def get(self, blob_id: bytes) -> bytes | None:
+        """The tree's plaintext, or None when it is not cached (or was, but did not verify)."""
+        path = self._path(blob_id)
+        try:
+            packed = path.read_bytes()
+            plaintext = self._decompressor().decompress(packed)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (OSError, zstandard.ZstdError):
+            plaintext = b""  # unreadable: treated like a file that does not verify
+            packed = b""
+        if not plaintext or not self._verify(blob_id, plaintext):
+            log.warning("tree_cache_entry_discarded", path=str(path), reason="does not match its id")
+            self._remove(path, len(packed))
+            self.misses += 1
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently used goes first
+        self.hits += 1
+        return plaintext
+
+    # ----------------------------------------------------------------- writes
+    def put(self, blob_id: bytes, plaintext: bytes) -> None:
+        """Remember a tree that was just verified (read from the store) or written by a backup.
+
+        A failure to write (full or read-only ``state_dir``) only costs the cache: it is logged once
+        per process and the tree is simply not cached.
+        """
+        path = self._path(blob_id)
+        if path.exists():
+            return
+        packed = self._compressor().compress(plaintext)
+        tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            path.parent.mkdir(exist_ok=True, mode=0o700)
+            with open(tmp, "wb") as f:
+                f.write(packed)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("tree_cache_write_failed", directory=str(self.directory), error=str(exc))
+            return
+        with self._lock:
+            self._size += len(packed)
+            over = self._size > self.max_bytes
+        if over:
+            self._evict()
+
+    # -------------------------------------------------------------- bounding
+    def _remove(self, path: Path, size: int) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            with self._lock:
+                self._size -= size
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        entries = []
+        for sub in os.scandir(self.directory):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(sub.path):
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat(follow_symlinks=False)
+                    entries.append((st.st_mtime, st.st_size, Path(entry.path)))
+        return entries
+
+    def _scan_and_clean(self) -> int:
+        """The cache's size on disk; temporaries of a process that was killed mid-write are removed."""
+        total = 0
+        for _mtime, size, path in self._entries():
+            if path.name.startswith(_TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            total += size
+        return total
+
+    def _evict(self) -> None:
+        """Remove the least recently used trees until the cache is at ``EVICT_TO`` of its bound."""
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is evicting
+        try:
+            entries = sorted(e for e in self._entries() if not e[2].name.startswith(_TMP_PREFIX))
+            total = sum(size for _m, size, _p in entries)
+            target = self.max_bytes * EVICT_TO
+            removed = 0
+            for _mtime, size, path in entries:
+                if total <= target:
+                    break
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    total -= size
+                    removed += 1
+            self._size = total
+        finally:
+            self._lock.release()
+        log.info("tree_cache_evicted", directory=str(self.directory), removed=removed, bytes=total)
+
+    @property
+    def size(self) -> int:
+        """Bytes the cache holds on disk (compressed)."""
+        return self._size
