@@ -25,25 +25,35 @@ class BlobType(IntEnum):
     TREE = 1
 
 
-class BlobCodec:
-    """Encode/decode blobs. Thread-safe: zstd contexts are per thread (they are not shareable)."""
+class ZstdPerThread:
+    """zstd compression and decompression contexts, one per thread (a context is not shareable)."""
 
-    def __init__(self, sealer: Sealer, hasher: BlobHasher) -> None:
-        self.sealer = sealer
-        self.hasher = hasher
+    def __init__(self, level: int) -> None:
+        self.level = level
         self._local = threading.local()
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
+    def compressor(self) -> zstandard.ZstdCompressor:
         comp = getattr(self._local, "compressor", None)
         if comp is None:
-            comp = self._local.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+            comp = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
         return comp
 
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
+    def decompressor(self) -> zstandard.ZstdDecompressor:
         dec = getattr(self._local, "decompressor", None)
         if dec is None:
             dec = self._local.decompressor = zstandard.ZstdDecompressor()
         return dec
+
+
+class BlobCodec:
+    """Encode/decode blobs. Thread-safe: zstd contexts are per thread."""
+
+    def __init__(self, sealer: Sealer, hasher: BlobHasher) -> None:
+        self.sealer = sealer
+        self.hasher = hasher
+        self._zstd = ZstdPerThread(_ZSTD_LEVEL)
+        self._compressor = self._zstd.compressor
+        self._decompressor = self._zstd.decompressor
 
     def encode(self, blob_id: bytes, plaintext: bytes | memoryview) -> bytes:
         size = len(plaintext)

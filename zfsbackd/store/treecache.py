@@ -27,6 +27,8 @@ from pathlib import Path
 import structlog
 import zstandard
 
+from zfsbackd.store.blobs import ZstdPerThread
+
 log = structlog.get_logger(__name__)
 
 #: default bound of one store's tree cache
@@ -47,7 +49,7 @@ class TreeCache:
         self.max_bytes = max_bytes
         self._verify = verify
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._zstd = ZstdPerThread(level=3)
         self.hits = 0
         self.misses = 0
         self._write_failed = False
@@ -58,25 +60,13 @@ class TreeCache:
         hex_id = blob_id.hex()
         return self.directory / hex_id[:2] / hex_id
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        comp = getattr(self._local, "compressor", None)
-        if comp is None:
-            comp = self._local.compressor = zstandard.ZstdCompressor(level=3)
-        return comp
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        dec = getattr(self._local, "decompressor", None)
-        if dec is None:
-            dec = self._local.decompressor = zstandard.ZstdDecompressor()
-        return dec
-
     # ------------------------------------------------------------------ reads
     def get(self, blob_id: bytes) -> bytes | None:
         """The tree's plaintext, or None when it is not cached (or was, but did not verify)."""
         path = self._path(blob_id)
         try:
             packed = path.read_bytes()
-            plaintext = self._decompressor().decompress(packed)
+            plaintext = self._zstd.decompressor().decompress(packed)
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -103,7 +93,7 @@ class TreeCache:
         path = self._path(blob_id)
         if path.exists():
             return
-        packed = self._compressor().compress(plaintext)
+        packed = self._zstd.compressor().compress(plaintext)
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         try:
             path.parent.mkdir(exist_ok=True, mode=0o700)
