@@ -28,15 +28,18 @@ class PackCache:
         self.store = store
         self._uses: Counter[bytes] = Counter()  # pack id → reads still to come
         wanted_bytes: Counter[bytes] = Counter()
-        seen: set[bytes] = set()
+        # Looked up once here and served to read_blob, instead of a second index query per blob
+        # (the index is an SQLite file: each lookup costs a query; restores plan in bounded batches).
+        self._locations: dict[bytes, Location] = {}
         for blob_id in wanted:
-            loc = store.index.get(blob_id)
+            loc = self._locations.get(blob_id)
             if loc is None:
-                continue  # read_blob reports it, naming the file
-            self._uses[loc.pack_id] += 1
-            if blob_id not in seen:
-                seen.add(blob_id)
+                loc = store.index.get(blob_id)
+                if loc is None:
+                    continue  # read_blob reports it, naming the file
+                self._locations[blob_id] = loc
                 wanted_bytes[loc.pack_id] += loc.length
+            self._uses[loc.pack_id] += 1
         self._whole = {
             pack_id
             for pack_id, need in wanted_bytes.items()
@@ -44,6 +47,10 @@ class PackCache:
         }
         self._lock = threading.Lock()
         self._loaded: dict[bytes, Future[bytes]] = {}
+
+    def location(self, blob_id: bytes) -> Location | None:
+        """Where the planned blob ``blob_id`` was when the reads were planned (None: not planned)."""
+        return self._locations.get(blob_id)
 
     def sealed(self, loc: Location) -> bytes:
         """The sealed bytes of the blob at ``loc``."""

@@ -77,7 +77,9 @@ def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 class PackSource(Protocol):
-    """Where planned reads get a blob's sealed bytes (see zfsbackd.store.packcache)."""
+    """Where planned reads get a blob's location and sealed bytes (see zfsbackd.store.packcache)."""
+
+    def location(self, blob_id: bytes) -> Location | None: ...
 
     def sealed(self, loc: Location) -> bytes: ...
 
@@ -548,7 +550,9 @@ class Store:
         IntegrityError.
         """
         generation = self._index_generation
-        loc = self.index.get(blob_id)
+        loc = packs.location(blob_id) if packs is not None else None
+        if loc is None:
+            loc = self.index.get(blob_id)
         gone_retries = 0
         cache_rebuilt = False
         while True:
