@@ -115,3 +115,12 @@ def test_host_name_defaults_to_the_system_name_and_is_validated(tmp_path: Path) 
     with pytest.raises(ConfigError) as raised:
         load_config(config)
     assert any("host_name" in e for e in raised.value.errors)
+
+
+def test_a_client_request_token_names_one_hosts_request(xfs_dir: Path, tmp_path: Path) -> None:
+    config_a, config_b, _src_a, _src_b = _two_hosts(xfs_dir, tmp_path)
+    a, b = Engine(load_config(config_a)), Engine(load_config(config_b))
+    mine = a.create_backup(BackupRequest("fs-home", client_request_token="nightly-1"))
+    assert a.create_backup(BackupRequest("fs-home", client_request_token="nightly-1")).backup_id == mine.backup_id
+    theirs = b.create_backup(BackupRequest("fs-home", client_request_token="nightly-1"))
+    assert theirs.backup_id != mine.backup_id and theirs.host_name == "host-b"

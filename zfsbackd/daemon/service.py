@@ -484,11 +484,13 @@ class Daemon:
         destinations = dict.fromkeys((r for r in self.config.regions if r != home), 0)
         in_flight, queued = self.copies.counts()
         oldest_queued = {}
-        for region, store in live.items():
+        for region in live:
             if region != home:
                 pending = self._quietly(
-                    lambda s=store: [
-                        r.creation_time.timestamp() for r in s.load_records() if r.lifecycle == Lifecycle.PENDING
+                    lambda region=region: [
+                        r.creation_time.timestamp()
+                        for r in self.engine.own_records(region)
+                        if r.lifecycle == Lifecycle.PENDING
                     ],
                     [],
                 )

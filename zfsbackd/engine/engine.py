@@ -250,7 +250,7 @@ class Engine:
         if token is None:
             return None
         validate_client_request_token(token)
-        for r in self.store().load_records():
+        for r in self.own_records():  # a token names one host's request: hosts may reuse each other's
             if r.client_request_token != token or r.lifecycle == Lifecycle.FAILED:
                 continue
             same = (r.file_system_id, r.name, r.backup_type) == (
