@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,34 @@ def write_config(
     path = tmp_path / "zfsbackd.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def write_host_config(
+    tmp_path: Path,
+    name: str,
+    sources: dict[str, Path],
+    *,
+    shared: Path | None = None,
+    home: Path | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Host ``name``'s config in ``tmp_path/name`` (its own state_dir), ``host_name: name``.
+
+    ``shared`` is another host's directory: this host uses that host's key
+    file (a fleet shares one) and, unless ``home`` says otherwise, its store
+    as home region ``local``. ``home`` is the path of this host's home store.
+    """
+    host_dir = tmp_path / name
+    host_dir.mkdir()
+    if shared is not None:
+        shutil.copy2(shared / "store.key", host_dir / "store.key")
+    config = write_config(host_dir, sources, **kwargs)
+    data = yaml.safe_load(config.read_text())
+    data["host_name"] = name
+    if home is not None or shared is not None:
+        data["regions"]["local"]["path"] = str(home if home is not None else shared / "store")  # type: ignore[operator]
+    config.write_text(yaml.safe_dump(data))
+    return config
 
 
 def make_config(tmp_path: Path, sources: dict[str, Path], **kwargs: Any) -> Config:

@@ -14,10 +14,11 @@ from enginekit import make_config, run_cli, store_bytes, write_config
 from fsfixtures import assert_trees_identical, populate_sample_tree
 
 from zfsbackd.daemon.client import DaemonClient
+from zfsbackd.daemon.copies import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, CopyScheduler
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import BackupRequest, Engine
-from zfsbackd.errors import BackupBeingCopied, InvalidRegion, SourceBackupUnavailable
-from zfsbackd.store.records import Lifecycle
+from zfsbackd.errors import BackupBeingCopied, BackupNotFound, InvalidRegion, SourceBackupUnavailable, StoreError
+from zfsbackd.store.records import BackupRecord, Lifecycle, record_key
 
 MiB = 1024 * 1024
 
@@ -218,10 +219,67 @@ def test_queued_copies_survive_a_daemon_kill(xfs_dir: Path, tmp_path: Path) -> N
         second.start()
         second.wait_ready()
         deadline = time.monotonic() + 300
-        while not all(engine.get_backup(c, "eu").lifecycle == Lifecycle.AVAILABLE for c in copies):
-            assert time.monotonic() < deadline
+        while True:
+            records = [engine.get_backup(c, "eu") for c in copies]
+            if all(r.lifecycle == Lifecycle.AVAILABLE for r in records):
+                break
+            failed = [(r.backup_id, r.failure_message) for r in records if r.lifecycle == Lifecycle.FAILED]
+            assert not failed, (failed, second.log_text()[-5000:])
+            assert time.monotonic() < deadline, ([r.lifecycle for r in records], second.log_text()[-5000:])
             time.sleep(0.2)
         assert engine.check(region="eu", read_data=True).errors == []
     finally:
         first.close()
         second.close()
+
+
+def test_a_copy_stopped_by_an_unanswering_store_is_tried_again_after_a_pause(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No copy waits for a daemon restart: one whose attempt ended without an outcome is re-queued."""
+    engine = _engine(tmp_path, xfs_dir)
+    (xfs_dir / "f").write_bytes(b"copy me")
+    source = engine.create_backup(BackupRequest("fs-src"))
+    copy = engine.request_copy(source.backup_id, destination_region="eu")
+    real_run_copy = engine.run_copy
+    attempts: list[str] = []
+
+    def run_copy_once_unreachable(record: BackupRecord, **kwargs: object) -> BackupRecord:
+        attempts.append(record.backup_id)
+        if len(attempts) == 1:
+            raise StoreError("store of region eu did not answer")  # before anything was recorded
+        return real_run_copy(record, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "run_copy", run_copy_once_unreachable)
+    finished: list[tuple[str, BaseException | None]] = []
+    done = threading.Event()
+    scheduler = CopyScheduler(
+        lambda: engine, limit=1, on_finished=lambda r, e: (finished.append((r.backup_id, e)), done.set())
+    )
+    try:
+        scheduler.enqueue(copy)
+        assert done.wait(30)
+        assert isinstance(finished[0][1], StoreError)
+        assert engine.get_backup(copy.backup_id, "eu").lifecycle == Lifecycle.PENDING
+        assert scheduler.adopt_unfinished(now=time.monotonic() + 5) == 0, "retried before the pause"
+        done.clear()
+        assert scheduler.adopt_unfinished(now=time.monotonic() + RETRY_FIRST_SECONDS + 1) == 1
+        assert done.wait(30)
+        assert finished[1] == (copy.backup_id, None)
+        assert engine.get_backup(copy.backup_id, "eu").lifecycle == Lifecycle.AVAILABLE
+        assert scheduler.adopt_unfinished(now=time.monotonic() + 10 * RETRY_MAX_SECONDS) == 0
+    finally:
+        scheduler.stop()
+
+
+def test_a_copy_whose_source_was_deleted_fails_instead_of_waiting(xfs_dir: Path, tmp_path: Path) -> None:
+    engine = _engine(tmp_path, xfs_dir)
+    (xfs_dir / "f").write_bytes(b"copy me")
+    source = engine.create_backup(BackupRequest("fs-src"))
+    copy = engine.request_copy(source.backup_id, destination_region="eu")
+    engine.store().objects.delete(record_key(source.backup_id))  # gone entirely, as after a purge by hand
+    with pytest.raises(BackupNotFound):
+        engine.run_copy(copy)
+    failed = engine.get_backup(copy.backup_id, "eu")
+    assert failed.lifecycle == Lifecycle.FAILED
+    assert source.backup_id in (failed.failure_message or "")

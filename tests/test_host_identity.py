@@ -4,12 +4,11 @@ retention touch only its own records (two hosts may both have an ``fs-home``).""
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from enginekit import run_cli, write_config
+from enginekit import run_cli, write_config, write_host_config
 
 from zfsbackd.config import default_host_name, load_config
 from zfsbackd.daemon.service import Daemon
@@ -20,17 +19,7 @@ from zfsbackd.store.records import BackupType, Lifecycle
 
 def _host(tmp_path: Path, name: str, source: Path, shared: Path | None = None, **fs: object) -> Path:
     """A config for host ``name`` with ``fs-home`` backing up ``source``, on ``shared``'s store if given."""
-    host_dir = tmp_path / name
-    host_dir.mkdir()
-    if shared is not None:
-        shutil.copy2(shared / "store.key", host_dir / "store.key")  # the deployment's one key file
-    config = write_config(host_dir, {"home": source}, extra_fs=fs or None)
-    data = yaml.safe_load(config.read_text())
-    data["host_name"] = name
-    if shared is not None:
-        data["regions"]["local"]["path"] = str(shared / "store")
-    config.write_text(yaml.safe_dump(data))
-    return config
+    return write_host_config(tmp_path, name, {"home": source}, shared=shared, extra_fs=fs or None)
 
 
 def _two_hosts(xfs_dir: Path, tmp_path: Path, **fs: object) -> tuple[Path, Path, Path, Path]:

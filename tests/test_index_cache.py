@@ -181,6 +181,30 @@ def test_damaged_or_outdated_cache_is_rebuilt(tmp_path: Path, damage: str, reaso
     assert any(part in why for part in reason.split("|")), why
 
 
+@pytest.mark.parametrize("left", ["zero-bytes", "no-tables"])
+def test_a_cache_whose_maker_was_killed_before_its_schema_is_completed(tmp_path: Path, left: str) -> None:
+    """A process killed between creating the file and committing the schema (a daemon SIGKILLed on its
+    first copy) must not leave a cache that every later process refuses."""
+    ids, path = _filled_cache(tmp_path, 50)
+    path.unlink()
+    if left == "zero-bytes":
+        path.write_bytes(b"")
+    else:
+        sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").fetchall()  # a database with nothing in it
+    store, reads = _reopen(tmp_path)
+    assert reads == len(list(store.objects.list(INDEX_PREFIX)))
+    assert all(b in store.index for b in ids) and len(store.index) == len(ids)
+
+
+def test_a_database_that_is_not_a_cache_is_rebuilt(tmp_path: Path) -> None:
+    ids, path = _filled_cache(tmp_path, 20)
+    path.unlink()
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE something (x)")
+    conn.close()
+    assert "not a cache of this zfsbackd" in _rebuilt(tmp_path, ids)
+
+
 def test_cache_of_another_store_is_not_used(tmp_path: Path) -> None:
     mine = _engine(tmp_path / "a")
     other = _engine(tmp_path / "b")

@@ -20,8 +20,7 @@ from fsfixtures import tree_manifest
 
 from zfsbackd.config import load_config
 from zfsbackd.engine.engine import BackupRequest, Engine
-from zfsbackd.engine.locks import StoreBusy
-from zfsbackd.errors import IntegrityError
+from zfsbackd.errors import IntegrityError, StoreBusy
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.store.packs import pack_key
 from zfsbackd.store.tree import node_name, parse_tree

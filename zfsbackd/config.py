@@ -175,6 +175,8 @@ class GarbageCollectionConfig:
     """Unreferenced packs younger than the grace period are kept so a sweep never races a writer."""
 
     grace_period_seconds: int = 3600
+    lease_seconds: int = 300
+    """A writer's store lease not renewed for this long is expired: its holder is taken as dead."""
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ _COPY_RULE_KEYS = ("region", "copy_tags", "retention_days")
 _DAEMON_KEYS = ("control_socket", "control_group", "metrics_listen", "max_parallel_backups",
                 "stop_timeout_seconds", "check_interval_days")
 _COPIES_KEYS = ("max_in_flight_per_region",)
-_GC_KEYS = ("grace_period_seconds",)
+_GC_KEYS = ("grace_period_seconds", "lease_seconds")
 
 _ENCRYPTION_MISSING = (
     "missing; set encryption.key_file to a key file (create one with "
@@ -1108,7 +1110,9 @@ def parse_config(data: object, source: str = "<config>") -> Config:
     file_systems = _parse_file_systems(top, names, home)
     daemon = _parse_daemon(top)
     copies = top.section("copies", _COPIES_KEYS, "copies: {max_in_flight_per_region: 5}")
-    gc = top.section("garbage_collection", _GC_KEYS, "garbage_collection: {grace_period_seconds: 3600}")
+    gc = top.section(
+        "garbage_collection", _GC_KEYS, "garbage_collection: {grace_period_seconds: 3600, lease_seconds: 300}"
+    )
     config = Config(
         state_dir=state_dir,
         host_name=host_name,
@@ -1120,9 +1124,11 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         copies=CopiesConfig(copies.int_(
             "max_in_flight_per_region", 5, 1, 5,
             "use 1 to 5; further copies to a region wait as PENDING")),
-        garbage_collection=GarbageCollectionConfig(gc.int_(
-            "grace_period_seconds", 3600, 0, 604800,
-            "use a number of seconds from 0 to 604800 (7 days), longer than the longest backup or copy")),
+        garbage_collection=GarbageCollectionConfig(
+            gc.int_("grace_period_seconds", 3600, 0, 604800,
+                    "use a number of seconds from 0 to 604800 (7 days), longer than the longest backup or copy"),
+            gc.int_("lease_seconds", 300, 3, 3600,
+                    "use 3 to 3600 seconds: how long a crashed host's lease holds back garbage collection")),
         source=source,
     )
     if problems:

@@ -81,6 +81,28 @@ class BackupInProgress(ZfsbackdError):
     exit_code = EXIT_CONFLICT
 
 
+class StoreBusy(BackupInProgress):
+    """The store is in use in a way that excludes the request now: a local store lock that could not
+    be taken without waiting, or another host's garbage collection holding the store's GC lease."""
+
+    code = "StoreBusy"
+
+
+class LeaseLost(ZfsbackdError):
+    """This process's store lease lapsed (the store did not take a renewal in time), so garbage
+    collection on another host may have treated it as dead: the work is not committed, and resumes."""
+
+    code = "LeaseLost"
+    exit_code = EXIT_CONFLICT
+
+
+class HostConflict(ZfsbackdError):
+    """Another live process in the fleet uses this host's id or name on the store."""
+
+    code = "HostConflict"
+    exit_code = EXIT_CONFLICT
+
+
 class BackupBeingCopied(ZfsbackdError):
     code = "BackupBeingCopied"
     exit_code = EXIT_CONFLICT

@@ -39,6 +39,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 ENV_VAR = "ZFSBACKD_FAULT_POINT"
 
@@ -55,12 +57,40 @@ _hits = 0
 _lock = threading.Lock()
 
 
+_hooks: dict[str, Callable[[int], None]] = {}
+_hook_hits: dict[str, int] = {}
+
+
 def point(name: str) -> None:
     """Mark one step; SIGKILL the process if this is the armed point's n-th hit."""
     global _hits
+    if _hooks and name in _hooks:
+        _call_hook(name)
     if _armed is None or _armed[0] != name:
         return
     with _lock:
         _hits += 1
         if _hits == _armed[1]:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _call_hook(name: str) -> None:
+    with _lock:
+        _hook_hits[name] = hit = _hook_hits.get(name, 0) + 1
+        callback = _hooks.get(name)
+    if callback is not None:
+        callback(hit)
+
+
+@contextmanager
+def hooked(name: str, callback: Callable[[int], None]) -> Iterator[None]:
+    """In-process tests: call ``callback(n)`` at the n-th hit of point ``name`` in any thread, e.g. to hold
+    a backup still right after its second pack while another host collects garbage."""
+    with _lock:
+        _hooks[name] = callback
+        _hook_hits[name] = 0
+    try:
+        yield
+    finally:
+        with _lock:
+            _hooks.pop(name, None)

@@ -23,15 +23,16 @@ from zfsbackd import __version__
 from zfsbackd.config import Config, load_config
 from zfsbackd.daemon.checks import CheckScheduler
 from zfsbackd.daemon.control import Action, ControlServer, Kind, Param
-from zfsbackd.daemon.copies import CopyScheduler
+from zfsbackd.daemon.copies import ADOPT_EVERY_SECONDS, CopyScheduler
 from zfsbackd.daemon.jobs import BackupJob, JobRunner
 from zfsbackd.daemon.metrics import DaemonMetrics, StateSnapshot
 from zfsbackd.daemon.schedule import automatic_backup_due, expired_backups, next_slot
 from zfsbackd.daemon.sdnotify import Notifier
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import BackupRequest, Engine
-from zfsbackd.engine.locks import SlotWaitCancelled, StoreBusy
-from zfsbackd.errors import ConfigError, ZfsbackdError
+from zfsbackd.engine.locks import SlotWaitCancelled
+from zfsbackd.errors import ConfigError, HostConflict, StoreBusy, ZfsbackdError
+from zfsbackd.store.leases import HeldLease
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle, utc_now
 from zfsbackd.validation import validate_tags
 
@@ -99,6 +100,9 @@ class Daemon:
         self._gc_pending: set[str] = set()  # regions to garbage-collect once no backup runs
         self._store_size_at: float | None = None  # monotonic time of the last size scan; None: scan at once
         self._ready = False
+        self._daemon_lease: HeldLease | None = None
+        self._copies_adopted_at = time.monotonic()  # start() adopts them; then every ADOPT_EVERY_SECONDS
+        self._gc_not_before: dict[str, float] = {}  # region → monotonic time its waiting candidates may be ready
 
     # ------------------------------------------------------------------ control
     def handlers(self) -> dict[str, Action]:
@@ -221,7 +225,11 @@ class Daemon:
                 store = self.engine.store()
                 store.objects.check_reachable()
                 self.state.store_reachable[store.region] = True
+                # One daemon per host id and per host name in the fleet (HostConflict is fatal).
+                self._daemon_lease = store.leases.register_daemon()
                 break
+            except HostConflict:
+                raise
             except ZfsbackdError as exc:
                 self.state.store_reachable[self.config.home_region] = False
                 log.error("store_unreachable", region=self.config.home_region, error=exc.message)
@@ -306,6 +314,8 @@ class Daemon:
             log.error("daemon_stop_timeout", seconds=bound, running=list(self.runner.running()))
         self.runner.shutdown()
         self.copies.stop()
+        if self._daemon_lease is not None:
+            self._daemon_lease.release()
         self.metrics.close()
         log.info("daemon_stopped")
         return 0
@@ -409,14 +419,23 @@ class Daemon:
             for expired in expired_backups(fs, mine, now):
                 self._expire(engine, expired, fs.automatic_backup_retention_days)
         self._expire_copies(engine, now)
+        if time.monotonic() >= self._copies_adopted_at + ADOPT_EVERY_SECONDS:  # reads every region's records
+            self._copies_adopted_at = time.monotonic()
+            self.copies.adopt_unfinished()
         if self._gc_pending and not self.runner.running() and not self.copies.counts()[0]:
             for region in sorted(self._gc_pending):
+                if time.monotonic() < self._gc_not_before.get(region, 0.0):
+                    continue  # its candidates are not ready yet (two-phase collection, zfsbackd.store.gc)
                 try:
-                    engine.collect_garbage(region, wait=False)
+                    result = engine.collect_garbage(region, wait=False)
                 except StoreBusy as exc:
                     log.info("garbage_collection_deferred", region=region, reason=exc.message)
                     continue  # stays pending: the next tick tries again
+                if result.retry_after_seconds is not None:  # stays pending until what it marked is deleted
+                    self._gc_not_before[region] = time.monotonic() + result.retry_after_seconds
+                    continue
                 self._gc_pending.discard(region)
+                self._gc_not_before.pop(region, None)
             self._store_size_at = None
         if days := self.config.daemon.check_interval_days:
             self.checks.start_due(lambda: self.engine, list(self.config.regions), days)

@@ -59,7 +59,7 @@ class Copier:
         stats = CopyStats(blobs_total=len(needed))
         by_pack: dict[bytes, list[bytes]] = defaultdict(list)
         for blob_id in needed:
-            if blob_id not in self.destination.index:
+            if not self.destination.can_deduplicate(blob_id):
                 loc = self.source.index.get(blob_id)
                 if loc is None:
                     raise IntegrityError(

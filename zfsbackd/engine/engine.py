@@ -35,11 +35,14 @@ from zfsbackd.errors import (
     BadRequest,
     IncompatibleParameterError,
     IntegrityError,
+    LeaseLost,
     RestoreError,
     SourceBackupUnavailable,
+    StoreBusy,
     StoreError,
     ZfsbackdError,
 )
+from zfsbackd.identity import HostIdentity
 from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.snapshot import find_or_take_snapshot
 from zfsbackd.snapshot import zfs as zfs_snapshots
@@ -48,6 +51,7 @@ from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.check import CheckResult, check_store
 from zfsbackd.store.crypto import load_key_file
 from zfsbackd.store.gc import GcResult, collect_garbage
+from zfsbackd.store.leases import HeldLease, Operation
 from zfsbackd.store.records import (
     IN_PROGRESS,
     BackupRecord,
@@ -113,6 +117,7 @@ class Engine:
         self.config = config
         self.clock = clock
         self.locks = LockManager(config.state_dir)
+        self.identity = HostIdentity.of(config.host_name, config.state_dir)
         self._stores: dict[str, Store] = {}
         self._stores_lock = threading.RLock()
         self._key_material: bytes | None = None
@@ -156,9 +161,11 @@ class Engine:
 
     def _open_store(self, name: str, *, init: bool) -> Store:
         region = self.config.region(name)
-        # Every region of a deployment shares the home region's id key, so blob ids compare.
+        # A region's new store takes the home region's id key (so blob ids compare) and chunker seed (so
+        # the same data makes the same blobs); stores made before the seed was shared keep their own.
         home = self.config.home_region
-        id_key = None if name == home else self.store(home).keys.id_key
+        like = None if name == home else self.store(home).keys
+        id_key = like.id_key if like else None
         known = KnownStores(self.config.state_dir)
         used_before = known.store_id(name)
         store = Store.open(
@@ -166,9 +173,10 @@ class Engine:
             region=name,
             key_material=self._key(),
             create=init or region.create_if_missing,
-            id_key=id_key,
+            like=like,
             used_before=None if init else used_before,
         )
+        store.use_identity(self.identity, lease_seconds=self.config.garbage_collection.lease_seconds)
         store.use_index_cache(self.config.state_dir)  # the blob index persists in state_dir/cache/<store id>
         store.use_tree_cache(self.config.state_dir)  # parent trees are read locally, verified by their ids
         if id_key is not None and store.keys.id_key != id_key:
@@ -211,9 +219,13 @@ class Engine:
         earlier = self.find_earlier_request(request)
         if earlier is not None:
             return earlier
-        with self.locks.file_system(fs.id), self.locks.store(self.config.home_region, exclusive=False):
+        with (
+            self.locks.file_system(fs.id),
+            self.locks.store(self.config.home_region, exclusive=False),
+            self.store().writing(Operation.BACKUP, fs.id) as lease,
+        ):
             store = self.store()
-            store.load_index()
+            store.load_index()  # after the lease: see Store.writing
             records = [r for r in self.own_records() if r.file_system_id == fs.id]
             record = next((r for r in records if r.lifecycle == Lifecycle.CREATING), None)
             if record is not None:
@@ -237,7 +249,7 @@ class Engine:
             if on_record:
                 on_record(record)
             parent = self._newest_available(records)
-            return self._run_backup(store, fs, record, parent, progress, cancel)
+            return self._run_backup(store, fs, record, parent, progress, cancel, lease)
 
     def find_earlier_request(self, request: BackupRequest) -> BackupRecord | None:
         """The backup an identical earlier request (same client request token) made, if any.
@@ -290,6 +302,7 @@ class Engine:
         parent: BackupRecord | None,
         progress: Progress | None,
         cancel: threading.Event | None,
+        lease: HeldLease,
     ) -> BackupRecord:
         started = time.monotonic()
         progress = progress or Progress()
@@ -348,6 +361,7 @@ class Engine:
             stats.bytes_uploaded, stats.bytes_deduplicated = ws.bytes_uploaded, ws.bytes_deduplicated
             stats.blobs_deduplicated = ws.blobs_deduplicated
             stats.duration_seconds = time.monotonic() - started
+            lease.confirm()  # a lapsed lease may have let another host's collection delete what this used
             record = record.with_changes(
                 lifecycle=Lifecycle.AVAILABLE,
                 root_tree=root_tree,
@@ -371,6 +385,10 @@ class Engine:
             )
         except (BackupCancelled, KeyboardInterrupt):
             log.warning("backup_interrupted", fs_id=record.file_system_id, backup_id=record.backup_id)
+            raise
+        except LeaseLost as exc:  # stays CREATING (and keeps its snapshot): the next run resumes it
+            log.error("backup_not_committed", fs_id=record.file_system_id, backup_id=record.backup_id,
+                      error=exc.message)
             raise
         except Exception as exc:
             record = self._record_failure(store, record, exc)
@@ -466,7 +484,7 @@ class Engine:
         except IntegrityError as exc:
             record = self._tombstone(store, backup_id, exc)
             if collect:
-                self.collect_garbage(region)
+                self._collect_after_delete(store.region)
             return record
         if record.lifecycle == Lifecycle.DELETED:
             raise BackupNotFound(f"backup {backup_id} is already deleted")
@@ -485,8 +503,15 @@ class Engine:
         faults.point("record-deleted")
         log.info("backup_deleted", fs_id=record.file_system_id, backup_id=backup_id, region=store.region)
         if collect:
-            self.collect_garbage(region)
+            self._collect_after_delete(store.region)
         return record
+
+    def _collect_after_delete(self, region: str) -> None:
+        """Free a deleted backup's data now if no other host is collecting; if one is, its next run will."""
+        try:
+            self.collect_garbage(region)
+        except StoreBusy as exc:
+            log.info("garbage_collection_deferred", region=region, reason=exc.message)
 
     def _tombstone(self, store: Store, backup_id: str, exc: IntegrityError) -> BackupRecord:
         """Replace a record that cannot be read with a DELETED one, so garbage collection can run again.
@@ -590,12 +615,17 @@ class Engine:
             self.locks.copy_job(record.backup_id),
             self.locks.store(record.source_region, exclusive=False),
             self.locks.store(record.region, exclusive=False),
+            self.store(record.region).writing(Operation.COPY, record.backup_id) as lease,
         ):
             destination = self.store(record.region)
             record = destination.load_record(record.backup_id)
             if record.lifecycle not in (Lifecycle.PENDING, Lifecycle.COPYING):
                 return record  # done (or deleted) meanwhile
-            source_record = self.get_backup(record.source_backup_id, record.source_region)
+            try:
+                source_record = self.get_backup(record.source_backup_id, record.source_region)
+            except BackupNotFound as exc:  # deleted after the request: retrying cannot help
+                self._copy_failed(destination, record, exc)
+                raise
             record = record.with_changes(lifecycle=Lifecycle.COPYING)
             destination.save_record(record)
             log.info(
@@ -610,8 +640,7 @@ class Engine:
                 log.warning("copy_interrupted", backup_id=record.backup_id, region=record.region)
                 raise
             except Exception as exc:
-                record = self._record_failure(destination, record, exc)
-                log.error("copy_failed", backup_id=record.backup_id, region=record.region, error=record.failure_message)
+                self._copy_failed(destination, record, exc)
                 raise
             record = record.with_changes(
                 lifecycle=Lifecycle.AVAILABLE,
@@ -627,6 +656,11 @@ class Engine:
                     duration_seconds=time.monotonic() - started,
                 ),
             )
+            try:
+                lease.confirm()  # as for backups: a lapsed lease commits nothing
+            except LeaseLost as exc:  # stays COPYING: resumed with a new lease
+                log.error("copy_not_committed", backup_id=record.backup_id, region=record.region, error=exc.message)
+                raise
             destination.save_record(record)
             log.info(
                 "copy_available",
@@ -636,6 +670,10 @@ class Engine:
                 blobs_copied=stats.blobs_copied,
             )
             return record
+
+    def _copy_failed(self, destination: Store, record: BackupRecord, exc: Exception) -> None:
+        record = self._record_failure(destination, record, exc)
+        log.error("copy_failed", backup_id=record.backup_id, region=record.region, error=record.failure_message)
 
     def copy_backup(
         self, source_backup_id: str, *, destination_region: str, cancel: threading.Event | None = None, **kwargs: object

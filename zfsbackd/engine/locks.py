@@ -14,15 +14,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from zfsbackd.errors import BackupInProgress
+from zfsbackd.errors import BackupInProgress, StoreBusy
 
 SLOT_POLL_SECONDS = 0.2
-
-
-class StoreBusy(BackupInProgress):
-    """The store lock could not be taken without waiting."""
-
-    code = "StoreBusy"
 
 
 class SlotWaitCancelled(Exception):

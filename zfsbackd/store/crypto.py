@@ -176,11 +176,13 @@ class StoreKeys:
     chunker_seed: int
 
     @classmethod
-    def generate(cls, *, encrypted: bool, id_key: bytes | None = None) -> StoreKeys:
+    def generate(cls, *, encrypted: bool, like: StoreKeys | None = None) -> StoreKeys:
+        """New keys; ``like`` (the home region's) gives the id key and chunker seed of the deployment, so
+        that the same data makes the same blobs in every region (copies and hosts homed elsewhere dedupe)."""
         return cls(
-            id_key=id_key or secrets.token_bytes(KEY_BYTES),
+            id_key=like.id_key if like else secrets.token_bytes(KEY_BYTES),
             data_key=secrets.token_bytes(KEY_BYTES) if encrypted else None,
-            chunker_seed=new_chunker_seed(),
+            chunker_seed=like.chunker_seed if like else new_chunker_seed(),
         )
 
     @property

@@ -154,6 +154,13 @@ class BlobIndex:
                 wal = Path(f"{self.path}-wal")
                 if size < page_size * pages and not (wal.exists() and wal.stat().st_size > 0):
                     return f"truncated ({size} bytes, {pages} pages of {page_size})"
+                tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not tables:
+                    # Made by a process killed before its schema committed, or being made right now by
+                    # another: either way _create_schema (under the write lock) completes it in place.
+                    return None
+                if "meta" not in tables:
+                    return f"not a cache of this zfsbackd (tables {sorted(tables)})"
                 meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
             finally:
                 conn.close()
@@ -300,6 +307,26 @@ class BlobIndex:
         return self._guarded(
             lambda c: c.execute("SELECT 1 FROM blobs WHERE blob_id = ? LIMIT 1", (blob_id,)).fetchone() is not None
         )
+
+    def keeping_pack(self, blob_id: bytes, avoid: frozenset[bytes]) -> bytes | None:
+        """The pack whose copy of ``blob_id`` garbage collection keeps: the newest outside ``avoid`` (deletion
+        candidates), else the newest. Every other copy is a duplicate its pack need not keep."""
+        rows = self._guarded(
+            lambda c: c.execute(
+                "SELECT p.pack_id FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.blob_id = ? ORDER BY b.pack DESC",
+                (blob_id,),
+            ).fetchall()
+        )
+        return next((pack_id for (pack_id,) in rows if pack_id not in avoid), rows[0][0] if rows else None)
+
+    def stored_outside(self, blob_id: bytes, packs: frozenset[bytes]) -> bool:
+        """Is ``blob_id`` in at least one pack not in ``packs``?"""
+        rows = self._guarded(
+            lambda c: c.execute(
+                "SELECT p.pack_id FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.blob_id = ?", (blob_id,)
+            ).fetchall()
+        )
+        return any(pack_id not in packs for (pack_id,) in rows)
 
     def __len__(self) -> int:
         """Distinct blobs (a scan: for reports and tests, not for hot paths)."""

@@ -15,6 +15,7 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,11 +25,14 @@ import zstandard
 
 from zfsbackd import faults
 from zfsbackd.errors import BackupNotFound, IntegrityError, StoreError, StoreNotInitialized, ZfsbackdError
+from zfsbackd.identity import HostIdentity
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.store.blobs import BlobCodec, BlobType
+from zfsbackd.store.candidates import Candidates
 from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys
 from zfsbackd.store.index import INDEX_PREFIX, Location, decode_index, encode_index, new_index_key
 from zfsbackd.store.indexcache import BlobIndex, IndexCacheCorrupt, cache_directory
+from zfsbackd.store.leases import DEFAULT_LEASE_SECONDS, PROCESS_KEEPER, HeldLease, LeaseBook, Operation
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
 from zfsbackd.store.records import (
     RECORD_PREFIX,
@@ -193,6 +197,11 @@ class Store:
         self._index_loaded = False
         self._index_generation = 0
         self._reload_lock = threading.Lock()
+        self.leases = LeaseBook(objects, self.sealer, region, HostIdentity.anonymous(), PROCESS_KEEPER)
+        self.candidates = Candidates(objects, self.sealer, region)
+        self._excluded_packs: frozenset[bytes] = frozenset()
+        self._writers = 0
+        self._writers_lock = threading.Lock()
 
     # ----------------------------------------------------------------- opening
     #: True when :meth:`open` created the store (``zfsbackd store init`` reports it).
@@ -206,7 +215,7 @@ class Store:
         region: str,
         key_material: bytes | None,
         create: bool = False,
-        id_key: bytes | None = None,
+        like: StoreKeys | None = None,
         used_before: str | None = None,
     ) -> Store:
         """Open the store and authenticate its ``config`` with the key file.
@@ -218,8 +227,8 @@ class Store:
         ``used_before`` is the id of the store this host used in the region
         before (remembered in ``state_dir``): when that store is gone nothing is
         created, and when the region now holds another store it is refused.
-        ``id_key`` (from the home region) is used when a new store is created, so
-        blob ids match across the regions of a deployment.
+        ``like`` (the home region's keys) gives a new store the deployment's id
+        key and chunker seed, so blob ids and chunks match across its regions.
         """
         where = f"the store in region {region} ({objects.location})"
         settings = " and ".join(f"regions.{region}.{key}" for key in objects.location_settings) or f"regions.{region}"
@@ -245,7 +254,7 @@ class Store:
                     f"(is the file system mounted?), then create the store with "
                     f"`zfsbackd store init --region {region}`, or set regions.{region}.create_if_missing: true"
                 )
-            raw, created = cls._create(objects, key_material=key_material, id_key=id_key, where=where,
+            raw, created = cls._create(objects, key_material=key_material, like=like, where=where,
                                        settings=settings)
         cfg = _parse_config(raw, region=region, where=where)
         store_id = str(cfg["store_id"])
@@ -265,7 +274,7 @@ class Store:
 
     @staticmethod
     def _create(
-        objects: ObjectStore, *, key_material: bytes | None, id_key: bytes | None, where: str, settings: str
+        objects: ObjectStore, *, key_material: bytes | None, like: StoreKeys | None, where: str, settings: str
     ) -> tuple[bytes, bool]:
         """Write a new ``config`` unless another process won the race; returns it and whether it is ours.
 
@@ -290,7 +299,7 @@ class Store:
                 )
             raise StoreError(f"{problem}: point {settings} at an empty location")
         store_id = secrets.token_hex(_STORE_ID_LENGTH // 2)
-        keys = StoreKeys.generate(encrypted=key_material is not None, id_key=id_key)
+        keys = StoreKeys.generate(encrypted=key_material is not None, like=like)
         public: dict[str, object] = {
             "format": STORE_FORMAT,
             "store_id": store_id,
@@ -304,6 +313,42 @@ class Store:
             return objects.get(CONFIG_KEY), False  # another process created it first: use theirs
         log.info("store_created", location=objects.location, store_id=store_id, encryption=keys.mode)
         return raw, True
+
+    # ------------------------------------------------------------------- fleet
+    def use_identity(self, identity: HostIdentity, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        """Name this host in the leases it writes (the engine calls this; tools stay anonymous)."""
+        self.leases = LeaseBook(self.objects, self.sealer, self.region, identity, PROCESS_KEEPER, ttl=lease_seconds)
+
+    @contextmanager
+    def writing(self, operation: Operation, subject: str) -> Iterator[HeldLease]:
+        """Hold a writer's lease for a backup or copy into this store, and avoid candidate packs meanwhile.
+
+        The candidate sets are read after the lease is in the store, so any
+        set this writer does not see was written after its lease, and the
+        collection that would execute that set waits for this lease
+        (FORMAT.md, "Garbage collection across hosts"). While any writer of
+        this process runs, packs are only added to the avoided set, never
+        removed: a pack dropped from the sets was deleted, and this process's
+        index may still list it until its next sync. Load the index after
+        entering, not before.
+        """
+        with self.leases.acquire(operation, subject) as lease:
+            with self._writers_lock:
+                avoid = self.candidates.packs()
+                self._excluded_packs = avoid if self._writers == 0 else self._excluded_packs | avoid
+                self._writers += 1
+            try:
+                yield lease
+            finally:
+                with self._writers_lock:
+                    self._writers -= 1
+
+    def can_deduplicate(self, blob_id: bytes) -> bool:
+        """Is ``blob_id`` stored in a pack a writer may point at (one garbage collection will not delete)?"""
+        excluded = self._excluded_packs
+        if not excluded:
+            return blob_id in self.index
+        return self.index.stored_outside(blob_id, excluded)
 
     # ------------------------------------------------------------------- index
     def use_index_cache(self, state_dir: Path) -> None:

@@ -60,7 +60,7 @@ class PackWriter:
     def reserve(self, blob_id: bytes, raw_length: int) -> bool:
         """Claim ``blob_id`` for this writer; False if the store has it or another thread claimed it."""
         with self._lock:
-            if blob_id in self._pending or blob_id in self.store.index:
+            if blob_id in self._pending or self.store.can_deduplicate(blob_id):
                 self.stats.blobs_deduplicated += 1
                 self.stats.bytes_deduplicated += raw_length
                 return False
