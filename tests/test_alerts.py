@@ -348,14 +348,15 @@ def test_per_file_system_gauges_cover_configured_file_systems_only() -> None:
 def test_progress_is_reported_once_while_the_backup_runs() -> None:
     metrics = DaemonMetrics(StateSnapshot)
     progress = Progress(interval=0.0)
-    progress.on_update = lambda p: metrics.observe_progress(
-        "fs-a", **dict(zip(("files", "nbytes"), p.take_unreported(), strict=True))
-    )
+    progress.on_update = lambda p: metrics.observe_progress("fs-a", p.take_unreported())
     progress.advance(files=2, nbytes=100)
+    progress.uploaded(70)  # a pack landed (an upload thread)
     progress.advance(nbytes=50)
-    assert metrics.registry.get_sample_value("zfsbackd_bytes_processed_total", {"file_system_id": "fs-a"}) == 150
-    assert metrics.registry.get_sample_value("zfsbackd_files_processed_total", {"file_system_id": "fs-a"}) == 2
-    assert progress.take_unreported() == (0, 0)
+    sample = metrics.registry.get_sample_value
+    assert sample("zfsbackd_bytes_processed_total", {"file_system_id": "fs-a"}) == 150
+    assert sample("zfsbackd_files_processed_total", {"file_system_id": "fs-a"}) == 2
+    assert sample("zfsbackd_bytes_uploaded_total", {"file_system_id": "fs-a"}) == 70
+    assert progress.take_unreported() == (0, 0, 0)
 
 
 def test_daemon_counts_progress_while_the_backup_runs(tmp_path: Path) -> None:
@@ -365,6 +366,7 @@ def test_daemon_counts_progress_while_the_backup_runs(tmp_path: Path) -> None:
     class HalfwayEngine:
         def create_backup(self, request: BackupRequest, *, progress: Progress, **kwargs: Any) -> BackupRecord:
             kwargs["on_record"](_record(request.file_system_id, 0, Lifecycle.CREATING))
+            progress.uploaded(2500)
             progress.advance(files=3, nbytes=3000)
             proceed.wait(30)
             progress.advance(files=1, nbytes=1000)  # within the half-second throttle: reported at the end
@@ -381,6 +383,7 @@ def test_daemon_counts_progress_while_the_backup_runs(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "no progress counted while the backup runs"
         time.sleep(0.01)
     assert sample("zfsbackd_files_processed_total", {"file_system_id": "fs-src"}) == 3
+    assert sample("zfsbackd_bytes_uploaded_total", {"file_system_id": "fs-src"}) == 2500
     proceed.set()
     assert daemon.runner.wait_idle(10)
     assert sample("zfsbackd_bytes_processed_total", {"file_system_id": "fs-src"}) == 4000

@@ -30,8 +30,11 @@ from zfsbackd.config import load_config
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import StoreBusy
 from zfsbackd.objectstore.local import LocalObjectStore
+from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.leases import PROCESS_KEEPER, Operation
+from zfsbackd.store.packs import pack_key
 from zfsbackd.store.records import BackupRecord, Lifecycle, utc_now
+from zfsbackd.store.writer import PackWriter
 
 MiB = 1024 * 1024
 HOUR = 3600.0
@@ -303,3 +306,40 @@ def test_a_second_daemon_with_this_host_id_or_host_name_is_refused(
         again.close()
     leases = fleet.a.store().leases.leases()
     assert [lease.operation for lease in leases] == [], "a stopped daemon releases its lease"
+
+
+def test_a_copy_in_a_pack_a_killed_collection_deleted_is_never_the_one_kept(
+    xfs_dir: Path, tmp_path: Path, clock: StoreClock
+) -> None:
+    """Found by the fleet soak test. Blobs stored twice, in packs P and K, both deletion candidates; a
+    collection deleted K and was killed before it replaced the index objects naming K. The next
+    collection, on another host, must keep P's copies (the only ones left), not choose K's."""
+    fleet = Fleet(xfs_dir, tmp_path, clock)
+    (fleet.src_a / "a-only.bin").unlink()
+    keep = fleet.a.create_backup(BackupRequest("fs-home"))
+    store = fleet.a.store()
+    store.load_index()
+    (p_file,) = fleet.a_packs()
+    p = bytes.fromhex(p_file.name)
+    entries = store.index.pack_entries(p)
+    copies: list[Path] = []
+    for filler in range(64):  # K holds P's blobs and one more; K's id above P's, so "the greatest id" is K
+        with PackWriter(store) as writer:
+            for e in entries:
+                sealed = store.objects.get_range(pack_key(p), e.offset, e.length)
+                writer.add_sealed(e.blob_type, e.blob_id, sealed, e.raw_length)
+            writer.add(BlobType.DATA, f"filler {filler}".encode())
+            writer.flush()
+        copies = sorted(fleet.a_packs() - {p_file})
+        if copies[-1].name > p_file.name:
+            break
+    assert copies[-1].name > p_file.name
+    store.candidates.write({p, *(bytes.fromhex(c.name) for c in copies)}, store.leases.identity)
+    for copy in copies:
+        copy.unlink()  # the killed collection's work: gone, the index objects naming them still there
+
+    collected = fleet.b.collect_garbage(grace_seconds=0)  # another host, another cache
+    assert collected.packs_deleted == 0 and p_file.exists(), collected
+    assert fleet.b.collect_garbage(grace_seconds=0).packs_waiting == 0
+    assert fleet.a.check(read_data=True).errors == [], "the index still names K"
+    _restores_identical(fleet.a, keep, "local", fleet.src_a, tmp_path / "restored")

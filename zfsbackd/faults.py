@@ -10,7 +10,10 @@ killed; a fault point does not. Set
 in the environment of a zfsbackd process and it SIGKILLs itself the *n*-th time
 (1-based) it reaches ``<point>``, exactly as an OOM kill or a power cut would
 stop it: no cleanup, no ``finally``. Unset (always, in production) it costs one
-comparison per call.
+comparison per call. ``<point>:delay=<seconds>`` instead sleeps that long at
+every hit: a backup of N packs then lasts at least N times as long on any
+machine, so a test that must stop it midway (``systemctl stop``) does not race
+its end.
 
 The points, where they are, and what is durable when they fire:
 
@@ -39,17 +42,21 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 ENV_VAR = "ZFSBACKD_FAULT_POINT"
 
 
-def _parse(value: str | None) -> tuple[str, int] | None:
+def _parse(value: str | None) -> tuple[str, int, float] | None:
+    """(point, n-th hit to die at or 0, seconds to sleep at each hit or 0)."""
     if not value:
         return None
-    name, _, count = value.partition(":")
-    return name, int(count or "1")
+    name, _, arg = value.partition(":")
+    if arg.startswith("delay="):
+        return name, 0, float(arg.removeprefix("delay="))
+    return name, int(arg or "1"), 0.0
 
 
 _armed = _parse(os.environ.get(ENV_VAR))
@@ -67,6 +74,9 @@ def point(name: str) -> None:
     if _hooks and name in _hooks:
         _call_hook(name)
     if _armed is None or _armed[0] != name:
+        return
+    if _armed[2]:
+        time.sleep(_armed[2])
         return
     with _lock:
         _hits += 1

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from zfsbackd import __version__
 from zfsbackd.daemon.checks import CheckState
+from zfsbackd.engine.progress import Unreported
 from zfsbackd.objectstore.base import ObjectStoreMetrics
 from zfsbackd.store.records import BackupRecord, BackupType, Lifecycle
 
@@ -226,7 +227,8 @@ class DaemonMetrics:
         )
         self.bytes_read = Counter("zfsbackd_bytes_read_total", "File bytes read", ["file_system_id"], registry=r)
         self.bytes_uploaded = Counter(
-            "zfsbackd_bytes_uploaded_total", "Bytes written to the object store", ["file_system_id"], registry=r
+            "zfsbackd_bytes_uploaded_total", "Bytes written to the object store by backups, as each pack lands",
+            ["file_system_id"], registry=r,
         )
         self.bytes_deduplicated = Counter(
             "zfsbackd_bytes_deduplicated_total", "Bytes found already stored", ["file_system_id"], registry=r
@@ -298,15 +300,17 @@ class DaemonMetrics:
             for outcome in COPY_OUTCOMES:
                 self.copies_finished.labels(region, outcome)
 
-    def observe_progress(self, fs_id: str, *, files: int, nbytes: int) -> None:
-        """Files and bytes a running backup walked since its last report (throughput while it runs)."""
-        self.files.labels(fs_id).inc(files)
-        self.bytes_processed.labels(fs_id).inc(nbytes)
+    def observe_progress(self, fs_id: str, progress: Unreported) -> None:
+        """Files and bytes a running backup walked and uploaded since its last report (throughput while
+        it runs; uploads count also for a backup that then fails or is interrupted: they were made)."""
+        self.files.labels(fs_id).inc(progress.files)
+        self.bytes_processed.labels(fs_id).inc(progress.nbytes)
+        self.bytes_uploaded.labels(fs_id).inc(progress.uploaded)
 
     def observe_backup(self, record: BackupRecord, outcome: str) -> None:
         """A backup ended: its outcome, and for a success the statistics known only at the end.
 
-        Files and bytes walked were counted while it ran (:meth:`observe_progress`).
+        Files and bytes walked and uploaded were counted while it ran (:meth:`observe_progress`).
         """
         labels = (record.file_system_id, record.backup_type.value)
         self.finished.labels(*labels, outcome).inc()
@@ -316,7 +320,6 @@ class DaemonMetrics:
             st = record.stats
             self.duration.labels(*labels).observe(st.duration_seconds)
             self.bytes_read.labels(record.file_system_id).inc(st.bytes_read)
-            self.bytes_uploaded.labels(record.file_system_id).inc(st.bytes_uploaded)
             self.bytes_deduplicated.labels(record.file_system_id).inc(st.bytes_deduplicated)
             skipped.inc(st.entries_skipped_with_errors)
 

@@ -570,8 +570,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ reports
     def _job_progress(self, job: BackupJob) -> None:
-        files, nbytes = job.progress.take_unreported()
-        self.metrics.observe_progress(job.request.file_system_id, files=files, nbytes=nbytes)
+        self.metrics.observe_progress(job.request.file_system_id, job.progress.take_unreported())
 
     def _job_finished(self, job: BackupJob) -> None:
         self._job_progress(job)  # the last stretch, which on_update's throttle may have held back

@@ -179,6 +179,7 @@ class Engine:
         store.use_identity(self.identity, lease_seconds=self.config.garbage_collection.lease_seconds)
         store.use_index_cache(self.config.state_dir)  # the blob index persists in state_dir/cache/<store id>
         store.use_tree_cache(self.config.state_dir)  # parent trees are read locally, verified by their ids
+        store.use_record_cache(self.config.state_dir)  # records fetched only when their version is new
         if id_key is not None and store.keys.id_key != id_key:
             raise StoreError(
                 f"the store in region {name} ({store.objects.location}) belongs to another deployment "
@@ -334,7 +335,7 @@ class Engine:
             store.save_record(record)
             # Worked out while the walk runs; the walk uses it from the moment it is ready.
             changes = PendingChanges(snapshot, parent.snapshot) if parent else None
-            with PackWriter(store) as writer:
+            with PackWriter(store, on_uploaded=progress.uploaded) as writer:
                 archiver = Archiver(
                     store,
                     writer,

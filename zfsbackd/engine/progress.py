@@ -6,6 +6,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Unreported(NamedTuple):
+    files: int
+    nbytes: int  # file bytes walked (read, or found unchanged)
+    uploaded: int  # bytes written to the object store
 
 
 @dataclass
@@ -15,11 +22,12 @@ class Progress:
     total_bytes: int = 0  # estimate (0 = unknown)
     files: int = 0
     bytes_done: int = 0
+    bytes_uploaded: int = 0  # written to the object store so far (packs, as each one lands)
     started: float = field(default_factory=time.monotonic)
     on_update: Callable[[Progress], None] | None = None
     interval: float = 0.5
     _last: float = 0.0
-    _reported: tuple[int, int] = (0, 0)  # files, bytes_done at the last take_unreported()
+    _reported: Unreported = field(default_factory=lambda: Unreported(0, 0, 0))  # at the last take_unreported()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def advance(self, *, files: int = 0, nbytes: int = 0) -> None:
@@ -33,16 +41,22 @@ class Progress:
         if due and self.on_update is not None:
             self.on_update(self)
 
-    def take_unreported(self) -> tuple[int, int]:
-        """(files, bytes) advanced since the previous call: what a counter (Prometheus) has not seen yet.
+    def uploaded(self, nbytes: int) -> None:
+        """A pack of ``nbytes`` reached the object store (called from upload threads)."""
+        with self._lock:
+            self.bytes_uploaded += nbytes
+
+    def take_unreported(self) -> Unreported:
+        """What advanced since the previous call: what a counter (Prometheus) has not seen yet.
 
         Each advance is handed out exactly once whoever calls, so the daemon
         can report from ``on_update`` while the backup runs and once more when
         it ends without counting anything twice or losing the last stretch.
         """
         with self._lock:
-            (files, nbytes), self._reported = self._reported, (self.files, self.bytes_done)
-            return self.files - files, self.bytes_done - nbytes
+            now = Unreported(self.files, self.bytes_done, self.bytes_uploaded)
+            before, self._reported = self._reported, now
+            return Unreported(now.files - before.files, now.nbytes - before.nbytes, now.uploaded - before.uploaded)
 
     @property
     def percent(self) -> int:

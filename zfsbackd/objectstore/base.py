@@ -20,6 +20,10 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch (creation time for immutable objects)
+    version: str = ""
+    """Changes whenever the object is written again (S3: its ETag; local: inode, mtime in ns, size, as
+    every write is a new file renamed into place); "" where unknown. Lets a cache tell a rewritten
+    record from the one it holds without reading it."""
 
 
 @dataclass

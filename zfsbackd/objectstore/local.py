@@ -198,7 +198,7 @@ class LocalObjectStore(ObjectStore):
             st = self._path(key).stat()
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, st.st_size, st.st_mtime)
+        return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         self.metrics.count("list")
@@ -219,7 +219,7 @@ class LocalObjectStore(ObjectStore):
                     st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key, st.st_size, st.st_mtime)
+                yield ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
 
     def delete(self, key: str) -> None:
         self.metrics.count("delete")
@@ -271,3 +271,8 @@ class LocalObjectStore(ObjectStore):
                 f"the store directory {self.root} is not writable "
                 f"({errno.errorcode.get(errno.EACCES)}); run as root or fix its permissions"
             )
+
+
+def _version(st: os.stat_result) -> str:
+    """Every put writes a new file and renames it into place: a new inode, whatever the clock says."""
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"

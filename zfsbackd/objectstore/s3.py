@@ -570,7 +570,9 @@ class S3ObjectStore(ObjectStore):
         response = self._call("head", full_key, lambda: self._head_full(full_key))
         if response is None:
             return None
-        return ObjectInfo(key, int(response["ContentLength"]), response["LastModified"].timestamp())
+        return ObjectInfo(
+            key, int(response["ContentLength"]), response["LastModified"].timestamp(), response.get("ETag", "")
+        )
 
     def _head_full(self, full_key: str) -> dict[str, Any] | None:
         """One HeadObject: its response, or None if the key is absent."""
@@ -597,7 +599,10 @@ class S3ObjectStore(ObjectStore):
                 lambda token=token: self._client.list_objects_v2(Bucket=self.bucket, Prefix=full_prefix, **token),
             )
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][len(self.prefix):], int(item["Size"]), item["LastModified"].timestamp())
+                yield ObjectInfo(
+                    item["Key"][len(self.prefix):], int(item["Size"]), item["LastModified"].timestamp(),
+                    item.get("ETag", ""),
+                )
             if not page.get("IsTruncated"):
                 return
             next_token = page.get("NextContinuationToken")

@@ -56,7 +56,7 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
             f"{bad_index.message}; the packs it listed were re-read from their own headers, so no data is lost. "
             "`zfsbackd gc` replaces it with a new index"
         )
-    all_records, unreadable = store.load_records_checked()
+    all_records, unreadable = store.load_records_checked(cached=False)  # prove the store holds them
     for bad in unreadable:
         result.errors.append(f"{bad.error.message} (until it is resolved, garbage collection deletes nothing)")
     records = [r for r in all_records if r.lifecycle == Lifecycle.AVAILABLE]

@@ -46,7 +46,7 @@ from zfsbackd import faults
 from zfsbackd.errors import ZfsbackdError
 from zfsbackd.store.candidates import CandidateSet
 from zfsbackd.store.leases import Lease, Operation
-from zfsbackd.store.packs import PackEntry, pack_key
+from zfsbackd.store.packs import PackEntry, pack_id_from_key, pack_key
 from zfsbackd.store.reachability import mark_reachable
 from zfsbackd.store.records import IN_PROGRESS, RECORD_PREFIX, Lifecycle
 from zfsbackd.store.repository import Store
@@ -185,6 +185,7 @@ def _unreferenced_packs(
     ones kept in another pack (a writer that avoided a candidate stored its blobs again: that copy stays).
     Also the packs the index lists that are gone from the store."""
     sizes = {info.key: info for info in store.objects.list("data/")}
+    present = {pack_id for key in sizes if (pack_id := pack_id_from_key(key)) is not None}
     found: dict[bytes, _Unreferenced] = {}
     missing: set[bytes] = set()
     for pack_id, entries in store.index.iter_packs():  # one pack at a time, from the on-disk index
@@ -198,7 +199,8 @@ def _unreferenced_packs(
         used = [
             e
             for e in entries
-            if e.blob_id in referenced and store.index.keeping_pack(e.blob_id, candidates) == pack_id
+            if e.blob_id in referenced
+            and store.index.keeping_pack(e.blob_id, present=present, avoid=candidates) == pack_id
         ]
         if len(used) < len(entries):
             found[pack_id] = _Unreferenced(used, len(entries) - len(used), info.size - sum(e.length for e in used))

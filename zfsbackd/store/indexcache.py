@@ -308,16 +308,27 @@ class BlobIndex:
             lambda c: c.execute("SELECT 1 FROM blobs WHERE blob_id = ? LIMIT 1", (blob_id,)).fetchone() is not None
         )
 
-    def keeping_pack(self, blob_id: bytes, avoid: frozenset[bytes]) -> bytes | None:
-        """The pack whose copy of ``blob_id`` garbage collection keeps: the newest outside ``avoid`` (deletion
-        candidates), else the newest. Every other copy is a duplicate its pack need not keep."""
+    def locations(self, blob_id: bytes) -> list[Location]:
+        """Every location of ``blob_id`` (a blob stored twice has two), in the order :meth:`get` prefers."""
+        rows = self._guarded(lambda c: c.execute(_LOCATE.removesuffix(" LIMIT 1"), (blob_id,)).fetchall())
+        return [Location(p, o, n, r, _BLOB_TYPES[t]) for p, o, n, r, t in rows]
+
+    def keeping_pack(self, blob_id: bytes, *, present: set[bytes], avoid: frozenset[bytes]) -> bytes | None:
+        """The pack whose copy of ``blob_id`` garbage collection keeps; every other copy is a duplicate its
+        pack need not keep.
+
+        Only a pack in ``present`` (the store's listing) counts: the index may
+        still name a pack a killed collection deleted. Of those, one outside
+        ``avoid`` (deletion candidates) if any; then the greatest pack id, an
+        order every host agrees on (pack numbers are this cache's own).
+        """
         rows = self._guarded(
             lambda c: c.execute(
-                "SELECT p.pack_id FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.blob_id = ? ORDER BY b.pack DESC",
-                (blob_id,),
+                "SELECT p.pack_id FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.blob_id = ?", (blob_id,)
             ).fetchall()
         )
-        return next((pack_id for (pack_id,) in rows if pack_id not in avoid), rows[0][0] if rows else None)
+        held = [pack_id for (pack_id,) in rows if pack_id in present]
+        return max(held, key=lambda pack_id: (pack_id not in avoid, pack_id), default=None)
 
     def stored_outside(self, blob_id: bytes, packs: frozenset[bytes]) -> bool:
         """Is ``blob_id`` in at least one pack not in ``packs``?"""

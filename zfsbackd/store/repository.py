@@ -34,6 +34,7 @@ from zfsbackd.store.index import INDEX_PREFIX, Location, decode_index, encode_in
 from zfsbackd.store.indexcache import BlobIndex, IndexCacheCorrupt, cache_directory
 from zfsbackd.store.leases import DEFAULT_LEASE_SECONDS, PROCESS_KEEPER, HeldLease, LeaseBook, Operation
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
+from zfsbackd.store.recordcache import RecordCache
 from zfsbackd.store.records import (
     RECORD_PREFIX,
     BackupRecord,
@@ -199,6 +200,7 @@ class Store:
         self._reload_lock = threading.Lock()
         self.leases = LeaseBook(objects, self.sealer, region, HostIdentity.anonymous(), PROCESS_KEEPER)
         self.candidates = Candidates(objects, self.sealer, region)
+        self.record_cache: RecordCache | None = None
         self._excluded_packs: frozenset[bytes] = frozenset()
         self._writers = 0
         self._writers_lock = threading.Lock()
@@ -363,6 +365,11 @@ class Store:
                 self._index = None
             self._index_dir = cache_directory(state_dir, self.store_id)
             self._index_loaded = False
+
+    def use_record_cache(self, state_dir: Path) -> None:
+        """Keep authenticated records in ``state_dir/cache/<store id>/records``, fetched again only when
+        the listing shows a new version (zfsbackd.store.recordcache)."""
+        self.record_cache = RecordCache(cache_directory(state_dir, self.store_id) / "records")
 
     def use_tree_cache(self, state_dir: Path, *, max_bytes: int = DEFAULT_TREE_CACHE_BYTES) -> None:
         """Keep tree blobs in ``state_dir/cache/<store id>/trees`` (bounded, verified by id on read),
@@ -599,6 +606,7 @@ class Store:
         if loc is None:
             loc = self.index.get(blob_id)
         gone_retries = 0
+        gone_packs: set[bytes] = set()
         cache_rebuilt = False
         while True:
             if loc is None:
@@ -613,11 +621,13 @@ class Store:
                     sealed = self.objects.get_range(pack_key(loc.pack_id), loc.offset, loc.length)
             except FileNotFoundError:
                 gone = loc.pack_id
+                gone_packs.add(gone)
                 self._refresh_index(generation)
                 generation = self._index_generation
-                loc = self.index.get(blob_id)
+                # Another copy, if any: the index may still name a pack a killed collection deleted.
+                loc = next((other for other in self.index.locations(blob_id) if other.pack_id not in gone_packs), None)
                 gone_retries += 1
-                if loc is None or loc.pack_id == gone or gone_retries > PACK_GONE_RETRIES:
+                if loc is None or gone_retries > PACK_GONE_RETRIES:
                     raise IntegrityError(
                         f"{what}: pack {pack_key(gone)} holding blob {blob_id.hex()} is missing from the store "
                         f"(region {self.region}); run `zfsbackd check` to see what else it affects"
@@ -659,6 +669,10 @@ class Store:
         self.objects.put(key, self.sealer.seal(record.to_json(), key.encode()))
 
     def load_record(self, backup_id: str) -> BackupRecord:
+        return self._fetch_record(backup_id)[0]
+
+    def _fetch_record(self, backup_id: str) -> tuple[BackupRecord, bytes]:
+        """The record read from the store and authenticated, and its plaintext."""
         key = record_key(backup_id)
         try:
             raw = self.objects.get(key)
@@ -668,29 +682,51 @@ class Store:
                 "list backups with `zfsbackd describe-backups`"
             ) from None
         what = f"backup record {backup_id} (region {self.region}, object {key})"
-        return BackupRecord.from_json(self.sealer.open(raw, key.encode(), what=what), what=what)
+        plaintext = self.sealer.open(raw, key.encode(), what=what)
+        return BackupRecord.from_json(plaintext, what=what), plaintext
 
-    def load_records_checked(self) -> tuple[list[BackupRecord], list[UnreadableRecord]]:
+    def _cached_record(self, backup_id: str, version: str) -> BackupRecord:
+        """The record at ``version``: from the record cache if this host read that version, else fetched."""
+        cache = self.record_cache
+        if cache is not None:
+            plaintext = cache.get(backup_id, version)
+            if plaintext is not None:
+                what = f"backup record {backup_id} (region {self.region}, cached in {cache.directory})"
+                try:
+                    return BackupRecord.from_json(plaintext, what=what)
+                except (IntegrityError, RecordFormatError):
+                    pass  # a damaged entry, or one an older zfsbackd wrote: read the store's
+        record, plaintext = self._fetch_record(backup_id)
+        if cache is not None:
+            cache.put(backup_id, version, plaintext)
+        return record
+
+    def load_records_checked(self, *, cached: bool = True) -> tuple[list[BackupRecord], list[UnreadableRecord]]:
         """Every record, oldest first, and those that could not be read (DESIGN invariant 7).
 
         One damaged or newer-format record costs only itself: it is returned
         with its error instead of failing the listing. A record deleted while
-        the listing ran is simply left out.
+        the listing ran is simply left out. ``cached=False`` (``check``) reads
+        and authenticates every record in the store, whatever this host read before.
         """
-        ids = [info.key[len(RECORD_PREFIX) :] for info in self.objects.list(RECORD_PREFIX)]
+        listed = {info.key[len(RECORD_PREFIX) :]: info.version for info in self.objects.list(RECORD_PREFIX)}
         records: list[BackupRecord] = []
         unreadable: list[UnreadableRecord] = []
 
         def load(backup_id: str) -> BackupRecord | UnreadableRecord | None:
             try:
-                return self.load_record(backup_id)
+                if not cached:
+                    return self._fetch_record(backup_id)[0]
+                return self._cached_record(backup_id, listed[backup_id])
             except BackupNotFound:
                 return None
             except (IntegrityError, RecordFormatError) as exc:
                 return UnreadableRecord(backup_id, exc)
 
+        if self.record_cache is not None:
+            self.record_cache.keep_only(set(listed))
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for item in pool.map(load, ids):
+            for item in pool.map(load, listed):
                 if isinstance(item, BackupRecord):
                     records.append(item)
                 elif item is not None:

@@ -11,6 +11,7 @@ pack and an index covering them are durable.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,8 +42,11 @@ class PackWriter:
         upload_threads: int = 2,
         max_packs_in_flight: int = 3,
         checkpoint_every: int = 4,
+        on_uploaded: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_uploaded`` is told each pack's size as it lands (a backup's progress: throughput while it runs)."""
         self.store = store
+        self.on_uploaded = on_uploaded
         self.pack_size = pack_size
         self.checkpoint_every = checkpoint_every
         self.stats = WriterStats()
@@ -115,6 +119,8 @@ class PackWriter:
             faults.point("pack-uploaded")
             self.store.index.add_pack(pack_id, entries)
             checkpoint: dict[bytes, list[PackEntry]] | None = None
+            if self.on_uploaded is not None:
+                self.on_uploaded(len(data))
             with self._lock:
                 self.stats.bytes_uploaded += len(data)
                 self.stats.packs_uploaded += 1
