@@ -431,3 +431,36 @@ def test_scheduled_check_result_survives_a_restart_and_a_failed_run_retries_in_a
     run(restarted)  # only "gone" is due
     assert restarted.states(["local", "gone"], 7)["gone"].due == now[0] + 3600
     assert restarted.states(["local"], 0) == {}  # daemon.check_interval_days: 0 exports nothing
+
+
+def test_a_backup_asked_for_right_after_the_previous_one_ended_waits_for_its_cleanup(tmp_path: Path) -> None:
+    """Found by the fleet soak test: the record says AVAILABLE while the job still releases its store
+    lease; a client that saw AVAILABLE and asks for the next backup is served, not refused."""
+    cleanup = threading.Event()
+    committed: dict[str, BackupRecord] = {}
+
+    class CleaningUpEngine:
+        def create_backup(self, request: BackupRequest, *, progress: Progress, **kwargs: Any) -> BackupRecord:
+            kwargs["on_record"](_record(request.file_system_id, 0, Lifecycle.CREATING))
+            committed["fs-src"] = _record(request.file_system_id, 0, Lifecycle.AVAILABLE)  # the store says so
+            cleanup.wait(30)  # releasing the lease through a slow network
+            return committed["fs-src"]
+
+        def get_backup(self, backup_id: str, region: str | None = None) -> BackupRecord:
+            return committed.get("fs-src") or _record("fs-src", 0, Lifecycle.CREATING)
+
+    (tmp_path / "src").mkdir()
+    daemon = Daemon(write_config(tmp_path, {"src": tmp_path / "src"}), serve=False)
+    daemon.engine = CleaningUpEngine()  # type: ignore[assignment]
+    first = daemon.runner.submit(BackupRequest("fs-src", BackupType.USER_INITIATED))
+    first.wait_started()
+    deadline = time.monotonic() + 10
+    while "fs-src" not in committed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    threading.Timer(0.3, cleanup.set).start()
+    second = daemon.runner.submit(BackupRequest("fs-src", BackupType.USER_INITIATED))  # waits, then runs
+    assert first.done.is_set()
+    second.wait_started()
+    assert daemon.runner.wait_idle(10)
+    daemon.runner.shutdown()

@@ -343,3 +343,30 @@ def test_a_copy_in_a_pack_a_killed_collection_deleted_is_never_the_one_kept(
     assert fleet.b.collect_garbage(grace_seconds=0).packs_waiting == 0
     assert fleet.a.check(read_data=True).errors == [], "the index still names K"
     _restores_identical(fleet.a, keep, "local", fleet.src_a, tmp_path / "restored")
+
+
+def test_check_while_another_host_collects_reports_no_false_damage(
+    xfs_dir: Path, tmp_path: Path, clock: StoreClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host B's `check` has read the index when host A deletes a backup and collects its packs: the
+    packs B's index names are gone, but nothing is damaged, so `check` says nothing."""
+    fleet = Fleet(xfs_dir, tmp_path, clock)
+    kept = fleet.a.create_backup(BackupRequest("fs-home"))
+    (fleet.src_a / "a-only.bin").unlink()
+    (fleet.src_a / "soon-gone.bin").write_bytes(random.Random(9).randbytes(2 * MiB))
+    doomed = fleet.a.create_backup(BackupRequest("fs-home"))
+    checking = fleet.b.store()
+    real_listing = checking.list_pack_ids
+    collected = []
+
+    def listing_after_a_collects() -> Iterator[bytes]:
+        if not collected:
+            fleet.a.delete_backup(doomed.backup_id, collect=False)
+            collected.append(fleet.a.collect_garbage(grace_seconds=0))
+        return real_listing()
+
+    monkeypatch.setattr(checking, "list_pack_ids", listing_after_a_collects)
+    result = fleet.b.check(read_data=True)
+    assert collected and collected[0].packs_deleted + collected[0].packs_rewritten >= 1, collected
+    assert result.errors == [], result.errors
+    assert kept.backup_id in {r.backup_id for r in fleet.b.describe_backups(all_hosts=True).records}

@@ -11,7 +11,7 @@ import pytest
 from enginekit import make_config
 
 from zfsbackd.engine.engine import BackupRequest, Engine
-from zfsbackd.errors import LeaseLost, StoreBusy
+from zfsbackd.errors import LeaseLost, StoreBusy, StoreError
 from zfsbackd.identity import HostIdentity, host_id
 from zfsbackd.objectstore.local import LocalObjectStore
 from zfsbackd.store.blobs import BlobType
@@ -140,3 +140,22 @@ def test_a_backup_whose_lease_lapsed_stays_creating_and_resumes(
     assert record.lifecycle == Lifecycle.CREATING
     resumed = engine.create_backup(BackupRequest("fs-src"))
     assert (resumed.backup_id, resumed.lifecycle) == (record.backup_id, Lifecycle.AVAILABLE)
+
+
+def test_a_lease_whose_create_answer_was_lost_is_still_ours(tmp_path: Path) -> None:
+    """Found by the soak test behind the fault proxy: the create landed, its answer was lost, the retry
+    found the object. Ours by content: accepted; anything else under that name: refused."""
+
+    class LostAnswers(LocalObjectStore):
+        def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+            super().put_if_absent(key, data)
+            return False  # what the retried conditional PUT reports
+
+    root = tmp_path / "store"
+    root.mkdir()
+    store = Store.open(LostAnswers(root), region="local", key_material=b"k" * 32, create=True)
+    with store.leases.acquire(Operation.BACKUP, "fs-home") as held:
+        assert [lease.key for lease in store.leases.leases()] == [held.key]
+    store.objects.put("gc/candidates-taken", b"someone else's")
+    with pytest.raises(StoreError, match="other content"):
+        store.objects.create("gc/candidates-taken", b"mine", "test")

@@ -19,13 +19,16 @@ import structlog
 
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.engine.progress import Progress
-from zfsbackd.errors import BackupInProgress, DaemonBusy
-from zfsbackd.store.records import BackupRecord
+from zfsbackd.errors import BackupInProgress, DaemonBusy, ZfsbackdError
+from zfsbackd.store.records import BackupRecord, Lifecycle
 
 log = structlog.get_logger(__name__)
 
 #: how long a request waits for its backup's record to appear
 START_TIMEOUT = 120.0
+#: how long a new request waits for the previous backup of its file system to finish its cleanup
+#: (release its store lease, commit its snapshot) once that backup's record says it ended
+FINISHING_TIMEOUT = 60.0
 
 
 @dataclass
@@ -33,6 +36,7 @@ class BackupJob:
     request: BackupRequest
     cancel: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
     record: BackupRecord | None = None
     error: BaseException | None = None
     future: Future[BackupRecord] | None = None
@@ -83,17 +87,33 @@ class JobRunner:
         if self._on_progress is not None:
             report = self._on_progress
             job.progress.on_update = lambda _progress: report(job)
-        with self._lock:
-            if fs_id in self._running:
-                current = self._running[fs_id]
+        deadline = time.monotonic() + FINISHING_TIMEOUT
+        while True:
+            with self._lock:
+                current = self._running.get(fs_id)
+                if current is None:
+                    self._running[fs_id] = job
+                    break
+            # A backup whose record already says AVAILABLE (or FAILED) is only cleaning up: a client that
+            # saw it end and asks for the next one waits for that instead of getting BackupInProgress.
+            if not self._has_ended(current) or not current.done.wait(max(0.0, deadline - time.monotonic())):
                 which = current.record.backup_id if current.record else "one"
                 raise BackupInProgress(
                     f"a backup of {fs_id} ({which}) is already running; wait for it to finish "
                     f"(`zfsbackd describe-backups --filter file-system-id={fs_id}`)"
                 )
-            self._running[fs_id] = job
         job.future = self._pool.submit(self._run, job)
         return job
+
+    def _has_ended(self, job: BackupJob) -> bool:
+        """Does the store say ``job``'s backup ended (it may still release its lease and snapshot)?"""
+        if job.record is None:
+            return False
+        try:
+            stored = self._engine_of().get_backup(job.record.backup_id, job.record.region)
+        except ZfsbackdError:
+            return False
+        return stored.lifecycle in (Lifecycle.AVAILABLE, Lifecycle.FAILED)
 
     def _run(self, job: BackupJob) -> BackupRecord:
         def on_record(record: BackupRecord) -> None:
@@ -113,6 +133,7 @@ class JobRunner:
             job.started.set()
             with self._lock:
                 self._running.pop(job.request.file_system_id, None)
+            job.done.set()
             if self._on_finished is not None:
                 try:
                     self._on_finished(job)

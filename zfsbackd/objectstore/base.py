@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from zfsbackd.errors import StoreError
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -66,6 +68,21 @@ class ObjectStore(ABC):
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
         """Create ``key`` atomically; return False (and write nothing) if it already exists."""
+
+    def create(self, key: str, data: bytes | memoryview, what: str) -> None:
+        """Create ``key`` (a random name of ours) with ``data``; StoreError if something else is there.
+
+        An answer lost on the network makes the retried create find the object
+        the first attempt wrote: that is success, told by its content.
+        """
+        if self.put_if_absent(key, data):
+            return
+        try:
+            existing = self.get(key)
+        except FileNotFoundError:
+            existing = None
+        if existing != bytes(data):
+            raise StoreError(f"{what}: {key} already exists in {self.location} with other content")
 
     @abstractmethod
     def put(self, key: str, data: bytes | memoryview) -> None:

@@ -81,8 +81,8 @@ class Candidates:
             "host_id": identity.host_id,
             "packs": sorted(p.hex() for p in packs),
         }
-        if not self.objects.put_if_absent(key, self.sealer.seal(json.dumps(data).encode(), key.encode())):
-            raise StoreError(f"{key} already exists in region {self.region} (random keys collided?)")
+        sealed = self.sealer.seal(json.dumps(data).encode(), key.encode())
+        self.objects.create(key, sealed, f"garbage collection candidates of region {self.region}")
         info = self.objects.head(key)
         if info is None:
             raise StoreError(f"{key} vanished right after it was written to region {self.region}")

@@ -278,8 +278,7 @@ class LeaseBook:
         key = f"{LOCKS_PREFIX}{self.identity.host_id}-{secrets.token_hex(8)}"
         began = time.monotonic()
         held = HeldLease(self, key, operation, subject, began)
-        if not self.objects.put_if_absent(key, self.sealer.seal(held.body(), key.encode())):
-            raise StoreError(f"lease {key} already exists in region {self.region} (random keys collided?)")
+        self.objects.create(key, self.sealer.seal(held.body(), key.encode()), f"lease of region {self.region}")
         info = self.objects.head(key)
         held.started = info.mtime if info is not None else self.store_now()
         self.keeper.hold(held)
