@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from fsfixtures import assert_trees_identical
 
 from zfsbackd import faults
 from zfsbackd.config import load_config
+from zfsbackd.daemon.client import DaemonClient
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import StoreBusy
 from zfsbackd.objectstore.local import LocalObjectStore
@@ -340,8 +342,9 @@ def test_a_copy_in_a_pack_a_killed_collection_deleted_is_never_the_one_kept(
 
     collected = fleet.b.collect_garbage(grace_seconds=0)  # another host, another cache
     assert collected.packs_deleted == 0 and p_file.exists(), collected
-    assert fleet.b.collect_garbage(grace_seconds=0).packs_waiting == 0
-    assert fleet.a.check(read_data=True).errors == [], "the index still names K"
+    again = fleet.b.collect_garbage(grace_seconds=0)
+    assert again.packs_waiting == 0, again
+    assert fleet.a.check(read_data=True).errors == [], ("the index still names K", collected, again)
     _restores_identical(fleet.a, keep, "local", fleet.src_a, tmp_path / "restored")
 
 
@@ -370,3 +373,86 @@ def test_check_while_another_host_collects_reports_no_false_damage(
     assert collected and collected[0].packs_deleted + collected[0].packs_rewritten >= 1, collected
     assert result.errors == [], result.errors
     assert kept.backup_id in {r.backup_id for r in fleet.b.describe_backups(all_hosts=True).records}
+
+
+@pytest.mark.parametrize("b_writes", ["backup", "copy"])
+def test_the_reproduction_through_a_daemon_and_the_cli(
+    xfs_dir: Path, tmp_path: Path, clock: StoreClock, monkeypatch: pytest.MonkeyPatch, b_writes: str
+) -> None:
+    """Issue 12's reproduction with real processes and the default grace period: host B's daemon writes
+    into the store (a backup, or a copy) and is held right after a pack (a fault point in pause mode)
+    while host A's CLI deletes X and collects, then collects again hours later by the store's clock
+    (a clock file every process reads), B's lease renewed meanwhile. B ends AVAILABLE and restores."""
+    store_clock = tmp_path / "store-clock"
+    store_clock.write_text("0")
+    monkeypatch.setenv("ZFSBACKD_TEST_STORE_CLOCK_FILE", str(store_clock))
+    fleet = Fleet(xfs_dir, tmp_path, clock, b_home="shared" if b_writes == "backup" else "eu")
+    data = yaml.safe_load(fleet.config_b.read_text())
+    data["garbage_collection"]["lease_seconds"] = 6  # renewed every 2 s
+    data["file_systems"][0]["automatic_backup_retention_days"] = 0  # no automatic backup at start
+    fleet.config_b.write_text(yaml.safe_dump(data))
+    x = fleet.a.create_backup(BackupRequest("fs-home"))
+    source = fleet.b.create_backup(BackupRequest("fs-home")) if b_writes == "copy" else None  # in S2
+    for pack in fleet.a_packs():  # X is yesterday's backup
+        os.utime(pack, (pack.stat().st_mtime - 3 * HOUR,) * 2)
+    x_packs = fleet.a_packs()
+
+    hold = tmp_path / "release-b"
+    monkeypatch.setenv(faults.ENV_VAR, f"pack-uploaded:{2 if b_writes == 'backup' else 1}:pause={hold}")
+    daemon_b = DaemonProcess(fleet.config_b, tmp_path / "host-b")
+    daemon_b.start()
+    monkeypatch.delenv(faults.ENV_VAR)
+    try:
+        daemon_b.wait_ready()
+        with DaemonClient(tmp_path / "host-b" / "control.sock") as client:
+            if b_writes == "backup":
+                written = client.call("CreateBackup", FileSystemId="fs-home")["Backup"]
+            else:
+                assert source is not None
+                written = client.call("CopyBackup", SourceBackupId=source.backup_id, DestinationRegion="shared")
+                written = written["Backup"]
+        deadline = time.monotonic() + 120
+        while not Path(f"{hold}.paused").exists():
+            assert time.monotonic() < deadline, daemon_b.log_text()[-3000:]
+            time.sleep(0.05)
+
+        deleted = run_cli(fleet.config_a, "delete-backup", "--backup-id", x.backup_id)
+        assert deleted.returncode == 0, deleted.stderr
+        assert x_packs <= fleet.a_packs()
+        store = fleet.a.store()
+
+        def b_renewed_after(shift: float) -> None:
+            store_clock.write_text(str(shift))
+            now = store.leases.store_now()
+            deadline = time.monotonic() + 30
+            while not [le for le in store.leases.leases() if le.host_name == "host-b" and le.renewed > now - 5]:
+                assert time.monotonic() < deadline, "host-b's keeper did not renew its lease"
+                time.sleep(0.2)
+
+        b_renewed_after(2 * HOUR)  # the candidates are past the grace period; B still works
+        held = run_cli(fleet.config_a, "gc")
+        assert held.returncode == 0, held.stderr
+        result = held.json["GarbageCollection"]
+        assert (result["PacksDeleted"], result["PacksRewritten"]) == (0, 0) and result["PacksWaiting"] > 0, result
+        assert x_packs <= fleet.a_packs()
+
+        hold.touch()
+        region = "local" if b_writes == "backup" else "shared"
+        deadline = time.monotonic() + 300
+        while (record := fleet.b.get_backup(written["BackupId"], region)).lifecycle != Lifecycle.AVAILABLE:
+            assert record.lifecycle in (Lifecycle.CREATING, Lifecycle.PENDING, Lifecycle.COPYING), record
+            assert time.monotonic() < deadline, daemon_b.log_text()[-3000:]
+            time.sleep(0.2)
+        assert record.stats.bytes_uploaded < 44 * MiB, "B did not deduplicate against X: the race was not tested"
+
+        store_clock.write_text(str(4 * HOUR))
+        freed = run_cli(fleet.config_a, "gc")
+        assert freed.returncode == 0, freed.stderr
+        assert freed.json["GarbageCollection"]["BytesFreed"] >= 4 * MiB, freed.json
+        _restores_identical(fleet.b, record, region, fleet.src_b, tmp_path / "restored-b")
+        assert fleet.a.check(read_data=True).errors == []
+        daemon_b.signal(signal.SIGTERM)
+        assert daemon_b.wait_exit(60) == 0
+    finally:
+        hold.touch()
+        daemon_b.close()

@@ -13,7 +13,9 @@ stop it: no cleanup, no ``finally``. Unset (always, in production) it costs one
 comparison per call. ``<point>:delay=<seconds>`` instead sleeps that long at
 every hit: a backup of N packs then lasts at least N times as long on any
 machine, so a test that must stop it midway (``systemctl stop``) does not race
-its end.
+its end. ``<point>:<n>:pause=<path>`` holds the thread that reaches the n-th
+hit: it creates ``<path>.paused`` and waits until ``<path>`` exists (a test
+holds a daemon's backup after its second pack while another host collects).
 
 The points, where they are, and what is durable when they fire:
 
@@ -45,18 +47,31 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 ENV_VAR = "ZFSBACKD_FAULT_POINT"
 
 
-def _parse(value: str | None) -> tuple[str, int, float] | None:
-    """(point, n-th hit to die at or 0, seconds to sleep at each hit or 0)."""
+@dataclass(frozen=True)
+class _Armed:
+    name: str
+    kill_at: int = 0  # the n-th hit SIGKILLs the process (0: never)
+    delay: float = 0.0  # seconds slept at every hit
+    pause_at: int = 0  # the n-th hit waits for ``pause_path`` (0: never)
+    pause_path: str = ""
+
+
+def _parse(value: str | None) -> _Armed | None:
     if not value:
         return None
     name, _, arg = value.partition(":")
     if arg.startswith("delay="):
-        return name, 0, float(arg.removeprefix("delay="))
-    return name, int(arg or "1"), 0.0
+        return _Armed(name, delay=float(arg.removeprefix("delay=")))
+    count, _, mode = arg.partition(":")
+    if mode.startswith("pause="):
+        return _Armed(name, pause_at=int(count or "1"), pause_path=mode.removeprefix("pause="))
+    return _Armed(name, kill_at=int(count or "1"))
 
 
 _armed = _parse(os.environ.get(ENV_VAR))
@@ -73,15 +88,20 @@ def point(name: str) -> None:
     global _hits
     if _hooks and name in _hooks:
         _call_hook(name)
-    if _armed is None or _armed[0] != name:
+    if _armed is None or _armed.name != name:
         return
-    if _armed[2]:
-        time.sleep(_armed[2])
+    if _armed.delay:
+        time.sleep(_armed.delay)
         return
     with _lock:
         _hits += 1
-        if _hits == _armed[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
+        hit = _hits
+    if hit == _armed.kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if hit == _armed.pause_at:
+        Path(f"{_armed.pause_path}.paused").touch()
+        while not os.path.exists(_armed.pause_path):
+            time.sleep(0.05)
 
 
 def _call_hook(name: str) -> None:

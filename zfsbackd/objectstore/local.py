@@ -47,7 +47,9 @@ class LocalObjectStore(ObjectStore):
 
     clock_shift: float = 0.0
     """Tests only: seconds added to the time stamped on every object written, a store clock that runs
-    ahead, so that packs, candidate sets and leases age without waiting (0, and untouched, in production)."""
+    ahead, so that packs, candidate sets and leases age without waiting (0, and untouched, in production).
+    ``$ZFSBACKD_TEST_STORE_CLOCK_FILE`` (a file holding seconds) does the same for every process of a
+    test at once (daemons, CLI), read at each write."""
 
     def __init__(
         self, root: Path | str, *, region: str | None = None, create: bool = False, store_marker: str | None = None
@@ -116,8 +118,9 @@ class LocalObjectStore(ObjectStore):
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if self.clock_shift:
-                stamp = time.time() + self.clock_shift
+            shift = self.clock_shift + _shared_clock_shift()
+            if shift:
+                stamp = time.time() + shift
                 os.utime(fd, (stamp, stamp))
             os.fsync(fd)
         except BaseException:
@@ -276,3 +279,14 @@ class LocalObjectStore(ObjectStore):
 def _version(st: os.stat_result) -> str:
     """Every put writes a new file and renames it into place: a new inode, whatever the clock says."""
     return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+def _shared_clock_shift() -> float:
+    """Tests only: the store clock shift every process of a test shares (see ``clock_shift``)."""
+    path = os.environ.get("ZFSBACKD_TEST_STORE_CLOCK_FILE")
+    if not path:
+        return 0.0
+    try:
+        return float(Path(path).read_text() or 0)
+    except (OSError, ValueError):
+        return 0.0

@@ -33,11 +33,12 @@ while one exists nothing is deleted (the run says why and how to fix it); a
 live backup's directory that cannot be read likewise stops the sweep. Index
 objects that cannot be read are replaced (their packs were re-read from their
 headers when the index was loaded), and temporary files of writers that were
-killed are removed once they are older than the grace period.
+killed are removed once they are older than the grace period and an hour.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -54,6 +55,8 @@ from zfsbackd.store.writer import PackWriter
 
 log = structlog.get_logger(__name__)
 
+STALE_WRITE_MIN_AGE_SECONDS = 3600
+"""Leftovers of interrupted writes are removed only once at least this old, whatever the grace period."""
 ORDER_MARGIN_SECONDS = 60.0
 """A writer whose lease was first written less than this after a candidate set may have listed the
 sets before that set was in the store (an upload's duration plus timestamp resolution): it counts as
@@ -120,7 +123,10 @@ def _collect(store: Store, grace_seconds: int) -> GcResult:
     _take_over_expired(store, store.leases.leases(), now)
     writers = [lease for lease in store.leases.live(now) if lease.writes]  # before the records: see above
     store.load_index(force=True, verify=True)  # verify: a damaged index object is found and replaced
-    result.stale_writes_removed = store.objects.remove_stale_writes(now - grace_seconds)
+    # A temporary file of a writer on another host may be young even with grace 0: at least an hour,
+    # by the older of the two clocks (a local store's temporaries carry the writer's clock).
+    stale_before = min(now, time.time()) - max(grace_seconds, STALE_WRITE_MIN_AGE_SECONDS)
+    result.stale_writes_removed = store.objects.remove_stale_writes(stale_before)
     records_seen = _record_objects(store)  # a commit changes a record's key set or size (lifecycle, tree)
     records, unreadable = store.load_records_checked()
     if unreadable:
