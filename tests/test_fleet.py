@@ -333,7 +333,7 @@ def test_a_copy_in_a_pack_a_killed_collection_deleted_is_never_the_one_kept(
             writer.add(BlobType.DATA, f"filler {filler}".encode())
             writer.flush()
         copies = sorted(fleet.a_packs() - {p_file})
-        if copies[-1].name > p_file.name:
+        if copies[-1].name > p_file.name and len(copies) >= 3:  # several copies gone: each is tried once
             break
     assert copies[-1].name > p_file.name
     store.candidates.write({p, *(bytes.fromhex(c.name) for c in copies)}, store.leases.identity)

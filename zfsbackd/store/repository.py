@@ -624,10 +624,13 @@ class Store:
                 gone_packs.add(gone)
                 self._refresh_index(generation)
                 generation = self._index_generation
-                # Another copy, if any: the index may still name a pack a killed collection deleted.
-                loc = next((other for other in self.index.locations(blob_id) if other.pack_id not in gone_packs), None)
+                # Another copy, if any: the index may still name packs a killed collection deleted. Each
+                # copy is tried once; the bound is for a store that keeps moving the blob (a collection
+                # running on another host between every attempt).
+                copies = self.index.locations(blob_id)
+                loc = next((other for other in copies if other.pack_id not in gone_packs), None)
                 gone_retries += 1
-                if loc is None or gone_retries > PACK_GONE_RETRIES:
+                if loc is None or gone_retries > PACK_GONE_RETRIES + len(copies):
                     raise IntegrityError(
                         f"{what}: pack {pack_key(gone)} holding blob {blob_id.hex()} is missing from the store "
                         f"(region {self.region}); run `zfsbackd check` to see what else it affects"
