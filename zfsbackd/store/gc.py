@@ -221,7 +221,7 @@ def _take_over_expired(store: Store, leases: list[Lease], now: float) -> None:
     collection does from here on cannot undo its work.
     """
     for lease in leases:
-        if lease.expired(now) and lease.renewed != float("-inf"):
+        if lease.expired(now):
             log.warning("lease_taken_over", region=store.region, lease=lease.describe(),
                         silent_seconds=round(now - lease.renewed))
             store.objects.delete(lease.key)

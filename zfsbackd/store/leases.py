@@ -214,7 +214,9 @@ class LeaseBook:
         for info in self.objects.list(LOCKS_PREFIX):
             if info.key.startswith(CLOCK_PREFIX):
                 continue
-            found.append(self._read(info.key, info.mtime))
+            lease = self._read(info.key, info.mtime)
+            if lease is not None:
+                found.append(lease)
         return sorted(found, key=lambda lease: (lease.started, lease.key))
 
     def live(self, store_now: float | None = None) -> list[Lease]:
@@ -233,7 +235,8 @@ class LeaseBook:
         self.objects.delete(lease.key)
         return True
 
-    def _read(self, key: str, renewed: float) -> Lease:
+    def _read(self, key: str, renewed: float) -> Lease | None:
+        """The lease at ``key``; None if it was released since the listing."""
         what = f"lease {key} (region {self.region})"
         try:
             data = json.loads(self.sealer.open(self.objects.get(key), key.encode(), what=what))
@@ -249,8 +252,8 @@ class LeaseBook:
                 renewed=renewed,
                 ttl=float(data["ttl_seconds"]),
             )
-        except FileNotFoundError:  # released since the listing: as good as expired
-            return Lease(key, "", "", "", "", "", 0, renewed, float("-inf"), 0.0)
+        except FileNotFoundError:
+            return None
         except (IntegrityError, ValueError, KeyError, TypeError) as exc:
             # Not authenticated, so nothing in it is believed; but someone may be working: it counts as a
             # writer that started when it was last written, until it expires by the reader's lease time.
