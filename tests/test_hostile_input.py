@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -172,6 +173,50 @@ def test_unreadable_config_as_an_unprivileged_user(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     answer = _as_nobody(lambda: repr(load_config(path)))
     assert answer.startswith("ConfigError: ") and str(path) in answer and "permission denied" in answer, answer
+
+
+def _describe_error(config: Path) -> dict[str, str]:
+    from zfsbackd.config import load_config as load
+    from zfsbackd.engine.engine import Engine
+    from zfsbackd.errors import ZfsbackdError
+
+    try:
+        Engine(load(config)).describe_backups()
+    except ZfsbackdError as exc:
+        return exc.to_dict()["Error"]
+    return {}
+
+
+@pytest.mark.parametrize("state_dir_exists", [True, False], ids=["existing", "to-be-made"])
+def test_a_state_dir_of_another_user_is_a_classified_error(state_dir_exists: bool) -> None:
+    """Another user's ``state_dir`` (or a parent it cannot write) is StateDirectoryUnusable, exit 2, naming
+    the directory and the fix; ``config validate`` needs no state_dir at all."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:  # pytest's tmp_path is not reachable by others
+        os.chmod(top, 0o755)
+        _state_dir_of_another_user(Path(top), state_dir_exists)
+
+
+def _state_dir_of_another_user(tmp_path: Path, state_dir_exists: bool) -> None:
+    config = write_config(tmp_path, {"src": tmp_path}, encrypted=False)
+    state_dir = tmp_path / "state"
+    if state_dir_exists:
+        assert run_cli(config, "describe-backups").returncode == 0  # root made it, with its host id
+        assert (state_dir / "host-id").exists()
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        os.chmod(path, os.stat(path).st_mode | (0o005 if path.is_dir() else 0o004))
+
+    def describe() -> str:
+        return str(cli.main(["describe-backups", "--config", str(config)]))
+
+    if state_dir_exists:  # readable by others: a read-only command needs nothing written
+        assert _as_nobody(describe) == "0"
+        os.chmod(state_dir, 0o700)
+    answer = _as_nobody(describe)
+    assert answer == "2", answer
+    error = _as_nobody(lambda: json.dumps(_describe_error(config)))
+    assert '"StateDirectoryUnusable"' in error and str(state_dir) in error and "uid 65534" in error, error
+    as_nobody = _as_nobody(lambda: str(cli.main(["config", "validate", "--config", str(config)])))
+    assert as_nobody == "0", as_nobody
 
 
 # ----------------------------------------------------------------------------- daemon reload

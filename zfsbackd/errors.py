@@ -59,6 +59,14 @@ class KeyFileError(ZfsbackdError):
     exit_code = EXIT_BAD_REQUEST
 
 
+class StateDirUnusable(ZfsbackdError):
+    """``state_dir`` cannot be created, read or written by this process (another user, a read-only
+    or full file system): nothing can run without its locks, host id and caches."""
+
+    code = "StateDirectoryUnusable"
+    exit_code = EXIT_BAD_REQUEST
+
+
 class FileSystemNotFound(ZfsbackdError):
     code = "FileSystemNotFound"
     exit_code = EXIT_NOT_FOUND

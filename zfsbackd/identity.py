@@ -17,6 +17,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from zfsbackd.statedir import ensure_state_dir, unusable
+
 HOST_ID_FILE = "host-id"
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -51,12 +53,22 @@ class HostIdentity:
 
 
 def host_id(state_dir: Path) -> str:
-    """This host's id, made on first use (32 hex digits; a lost ``state_dir`` makes a new host)."""
+    """This host's id, made on first use (32 hex digits; a lost ``state_dir`` makes a new host).
+
+    A ``state_dir`` this process cannot use is StateDirUnusable, naming it.
+    """
+    try:
+        return _host_id(state_dir)
+    except OSError as exc:
+        raise unusable(state_dir, exc) from exc
+
+
+def _host_id(state_dir: Path) -> str:
     path = state_dir / HOST_ID_FILE
     existing = _read_host_id(path)
     if existing is not None:
         return existing
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_state_dir(state_dir)
     temp = path.with_name(f".{HOST_ID_FILE}.{os.getpid()}")
     temp.write_text(secrets.token_hex(16) + "\n")
     try:

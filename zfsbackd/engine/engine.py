@@ -117,11 +117,19 @@ class Engine:
         self.config = config
         self.clock = clock
         self.locks = LockManager(config.state_dir)
-        self.identity = HostIdentity.of(config.host_name, config.state_dir)
+        self._identity: HostIdentity | None = None
         self._stores: dict[str, Store] = {}
         self._stores_lock = threading.RLock()
         self._key_material: bytes | None = None
         self._key_loaded = False
+
+    @property
+    def identity(self) -> HostIdentity:
+        """This host in the fleet; made on first use, so that commands which never open a store
+        (``config validate``, ``key generate``) do not need a writable ``state_dir``."""
+        if self._identity is None:
+            self._identity = HostIdentity.of(self.config.host_name, self.config.state_dir)
+        return self._identity
 
     # ------------------------------------------------------------------ stores
     def _key(self) -> bytes | None:
@@ -161,6 +169,7 @@ class Engine:
 
     def _open_store(self, name: str, *, init: bool) -> Store:
         region = self.config.region(name)
+        identity = self.identity  # first: an unusable state_dir is the error to report, not the store's
         # A region's new store takes the home region's id key (so blob ids compare) and chunker seed (so
         # the same data makes the same blobs); stores made before the seed was shared keep their own.
         home = self.config.home_region
@@ -176,7 +185,7 @@ class Engine:
             like=like,
             used_before=None if init else used_before,
         )
-        store.use_identity(self.identity, lease_seconds=self.config.garbage_collection.lease_seconds)
+        store.use_identity(identity, lease_seconds=self.config.garbage_collection.lease_seconds)
         store.use_index_cache(self.config.state_dir)  # the blob index persists in state_dir/cache/<store id>
         store.use_tree_cache(self.config.state_dir)  # parent trees are read locally, verified by their ids
         store.use_record_cache(self.config.state_dir)  # records fetched only when their version is new

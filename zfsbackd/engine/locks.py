@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from zfsbackd.errors import BackupInProgress, StoreBusy
+from zfsbackd.statedir import unusable
 
 SLOT_POLL_SECONDS = 0.2
 
@@ -25,11 +26,15 @@ class SlotWaitCancelled(Exception):
 
 class LockManager:
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.directory = state_dir / "locks"
 
     def _open(self, name: str) -> int:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return os.open(self.directory / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return os.open(self.directory / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # another user's state_dir, a read-only or full file system
+            raise unusable(self.state_dir, exc) from exc
 
     def _try(self, name: str) -> int | None:
         """An fd holding ``name`` exclusively, or None if someone else holds it."""
