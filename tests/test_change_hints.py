@@ -12,9 +12,11 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from enginekit import make_config
 from fsfixtures import populate_sample_tree
 
+from zfsbackd.engine import archiver as archiver_module
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.snapshot import take_snapshot
@@ -90,3 +92,43 @@ def test_empty_change_set_reuses_the_parent_root(xfs_dir: Path, tmp_path: Path) 
     root, stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths([]))
     assert root == parent.root_tree
     assert stats.files == parent.stats.files and stats.files_read == 0  # type: ignore[attr-defined]
+
+
+def test_unchanged_directories_keep_the_parents_trees_without_writing_them(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full walk (no change list) serializes only the trees of directories on the path of a change:
+    every other directory's tree id is taken from the parent backup as it is, and the result is the
+    same tree, id for id, as serializing every directory again."""
+    populate_sample_tree(xfs_dir)
+    deep = xfs_dir / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    for i in range(5):
+        (deep / f"f{i}").write_text(f"file {i}\n")
+        (xfs_dir / f"side{i}").mkdir()
+        (xfs_dir / f"side{i}" / "x").write_text("x\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    serialized: list[int] = []
+    real = archiver_module.serialize_tree
+
+    def counting(nodes: list[dict[str, object]]) -> bytes:
+        serialized.append(len(nodes))
+        return real(nodes)
+
+    monkeypatch.setattr(archiver_module, "serialize_tree", counting)
+
+    root, stats = _archive(engine, parent.root_tree or "", None)
+    assert root == parent.root_tree and stats.files_read == 0  # type: ignore[attr-defined]
+    assert len(serialized) == 1  # the root node's own tree; every directory's tree was reused
+
+    (deep / "f3").write_text("changed\n")
+    serialized.clear()
+    root, stats = _archive(engine, parent.root_tree or "", None)
+    assert root != parent.root_tree and stats.files_read == 1  # type: ignore[attr-defined]
+    assert len(serialized) == 5  # a/b/c, a/b, a, the top directory, the root node
+
+    monkeypatch.setattr(Archiver, "_same_tree_as_before", lambda _self, _frame: False)
+    serialized.clear()
+    every_tree_root, _ = _archive(engine, parent.root_tree or "", None)
+    assert every_tree_root == root and len(serialized) > 10

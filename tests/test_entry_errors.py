@@ -85,12 +85,17 @@ class Faults:
         self.mp.setattr(os, "scandir", scandir)
 
     def _path_call(self, name: str, path: Path, err: int) -> None:
+        """Calls of ``os.<name>`` on *path*, or on an fd of its inode (the archiver reads a live
+        file's attributes through the fd it read the file with), fail with *err*."""
         real = getattr(os, name)
         target = os.fsencode(path)
+        inode = path.lstat().st_ino
 
         def call(p: Any, *args: Any, **kwargs: Any) -> Any:
             if isinstance(p, (bytes, str)) and os.fsencode(p) == target:
                 self._raise(err, p)
+            if isinstance(p, int) and os.fstat(p).st_ino == inode:
+                self._raise(err, target)
             return real(p, *args, **kwargs)
 
         self.mp.setattr(os, name, call)

@@ -352,6 +352,13 @@ class Store:
             return blob_id in self.index
         return self.index.stored_outside(blob_id, excluded)
 
+    def deduplicable(self, blob_ids: list[bytes]) -> set[bytes]:
+        """Those of ``blob_ids`` that :meth:`can_deduplicate`, asked for many blobs at once."""
+        found = self.index.present(blob_ids)
+        if self._excluded_packs:
+            found = {blob_id for blob_id in found if self.can_deduplicate(blob_id)}
+        return found
+
     # ------------------------------------------------------------------- index
     def use_index_cache(self, state_dir: Path) -> None:
         """Keep the blob index in ``state_dir/cache/<store id>/`` across opens (the engine calls this).

@@ -61,10 +61,13 @@ class PackWriter:
         self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ adding
-    def reserve(self, blob_id: bytes, raw_length: int) -> bool:
-        """Claim ``blob_id`` for this writer; False if the store has it or another thread claimed it."""
+    def reserve(self, blob_id: bytes, raw_length: int, *, stored: bool | None = None) -> bool:
+        """Claim ``blob_id`` for this writer; False if the store has it or another thread claimed it.
+
+        ``stored`` is the store's answer when the caller asked it already (for many blobs at once).
+        """
         with self._lock:
-            if blob_id in self._pending or self.store.can_deduplicate(blob_id):
+            if blob_id in self._pending or (self.store.can_deduplicate(blob_id) if stored is None else stored):
                 self.stats.blobs_deduplicated += 1
                 self.stats.bytes_deduplicated += raw_length
                 return False
@@ -81,6 +84,18 @@ class PackWriter:
         sealed = self.store.codec.encode(blob_id, plaintext)
         self.add_sealed(blob_type, blob_id, sealed, len(plaintext))
         return blob_id, True
+
+    def add_many(self, blob_type: BlobType, plaintexts: list[bytes]) -> list[tuple[bytes, bool]]:
+        """:meth:`add` for many small blobs: the store is asked about all of them in one lookup."""
+        ids = [self.store.hasher.blob_id(plaintext) for plaintext in plaintexts]
+        stored = self.store.deduplicable(ids)
+        added = []
+        for blob_id, plaintext in zip(ids, plaintexts, strict=True):
+            new = self.reserve(blob_id, len(plaintext), stored=blob_id in stored)
+            if new:
+                self.add_sealed(blob_type, blob_id, self.store.codec.encode(blob_id, plaintext), len(plaintext))
+            added.append((blob_id, new))
+        return added
 
     def add_sealed(self, blob_type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
         """Append an already-sealed blob (reserved by the caller); used by copies and repacking too."""
