@@ -77,6 +77,23 @@ def _reopen(tmp_path: Path, state: str = "state") -> tuple[Store, int]:
 
 
 # ------------------------------------------------------------ the index itself
+def test_lookups_of_many_blobs_at_once_answer_as_one_at_a_time(tmp_path: Path) -> None:
+    """``get_many`` and ``present`` (one query per 500 ids) give what ``get`` and ``in`` give per blob,
+    also for a blob stored in two packs (the same copy as ``get``) and for ids the index lacks."""
+    index = BlobIndex(tmp_path / "cache", "store-id")
+    rng = random.Random(7)
+    ids = [rng.randbytes(32) for _ in range(1_203)]
+    index.add_pack(b"\x01" * 32, [PackEntry(BlobType.DATA, b, i * 10, 10, 9) for i, b in enumerate(ids[:700])])
+    index.add_pack(b"\x02" * 32, [PackEntry(BlobType.TREE, b, i * 5, 5, 4) for i, b in enumerate(ids[600:1_100])])
+    asked = ids + [rng.randbytes(32) for _ in range(50)]  # 103 stored nowhere
+    located = index.get_many(asked)
+    assert located == {b: index.get(b) for b in asked if index.get(b) is not None}
+    assert len(located) == 1_100 and located[ids[650]].pack_id == b"\x01" * 32
+    assert index.present(asked) == set(ids[:1_100]) == {b for b in asked if b in index}
+    assert index.get_many([]) == {} and index.present([]) == set()
+    index.close()
+
+
 def test_concurrent_lookups_and_inserts(tmp_path: Path) -> None:
     index = BlobIndex(tmp_path / "cache", "0" * 32)
     rng = random.Random(7)

@@ -30,16 +30,14 @@ class PackCache:
         wanted_bytes: Counter[bytes] = Counter()
         # Looked up once here and served to read_blob, instead of a second index query per blob
         # (the index is an SQLite file: each lookup costs a query; restores plan in bounded batches).
-        self._locations: dict[bytes, Location] = {}
-        for blob_id in wanted:
+        reads = list(wanted)
+        self._locations: dict[bytes, Location] = store.index.get_many(list(dict.fromkeys(reads)))
+        for loc in self._locations.values():
+            wanted_bytes[loc.pack_id] += loc.length
+        for blob_id in reads:
             loc = self._locations.get(blob_id)
-            if loc is None:
-                loc = store.index.get(blob_id)
-                if loc is None:
-                    continue  # read_blob reports it, naming the file
-                self._locations[blob_id] = loc
-                wanted_bytes[loc.pack_id] += loc.length
-            self._uses[loc.pack_id] += 1
+            if loc is not None:  # else read_blob reports it, naming the file
+                self._uses[loc.pack_id] += 1
         self._whole = {
             pack_id
             for pack_id, need in wanted_bytes.items()
