@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 # systemd: systemd-analyze verifies the unit; prometheus: promtool checks the alert rules; zsh: the
-# generated zsh completion is loaded by a real zsh.
-for pkg in xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv systemd prometheus zsh; do
+# generated zsh completion is loaded by a real zsh; man-db: the generated man page is rendered by man.
+for pkg in xfsprogs btrfs-progs attr acl e2fsprogs util-linux python3-venv systemd prometheus zsh man-db; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

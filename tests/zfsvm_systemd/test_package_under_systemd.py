@@ -381,3 +381,39 @@ def test_watchdog_pings_reach_systemd() -> None:
     time.sleep(25)  # longer than WatchdogSec: a daemon that stopped pinging would be killed by now
     assert run("systemctl", "is-active", UNIT).stdout.strip() == "active"
     assert show("NRestarts") == restarts
+
+
+def test_purge_keeps_backups_and_keys_and_a_reinstall_restores_them(tmp_path: Path) -> None:
+    """``apt-get purge`` removes the package, its unit, its enablement and its config, and nothing an
+    administrator cannot recreate: the store, the state directory and the key file stay, so the same
+    package installed again (with the config written again) restores the backups made before."""
+    _, out = cli("describe-backups")
+    before = {b["BackupId"]: b["Lifecycle"] for b in out["Backups"]}
+    plain = [b for b in out["Backups"] if b["FileSystemId"] == "fs-big" and b["Lifecycle"] == "AVAILABLE"]
+    assert plain, out
+
+    run("apt-get", "purge", "-y", "zfsbackd")
+    status = run("dpkg-query", "-W", "-f", "${Status}", "zfsbackd", check=False).stdout
+    assert status in ("", "unknown ok not-installed"), status
+    assert run("systemctl", "is-active", UNIT, check=False).stdout.strip() in ("inactive", "unknown")
+    gone = [
+        Path(ZFSBACKD),
+        Path("/lib/systemd/system/zfsbackd.service"),
+        Path("/etc/systemd/system/multi-user.target.wants/zfsbackd.service"),
+        CONFIG,
+        Path("/opt/zfsbackd"),
+    ]
+    assert [p for p in gone if p.exists()] == []
+    kept = [Path("/etc/zfsbackd/store.key"), Path("/var/lib/zfsbackd/store/config"), Path("/var/lib/zfsbackd/host-id")]
+    assert [p for p in kept if not p.exists()] == []
+
+    run("apt-get", "install", "-y", "--no-install-recommends", os.environ["ZFSBACKD_TEST_DEB"])
+    write_config(BASE_CONFIG)
+    run("systemctl", "enable", "--now", UNIT)
+    _, out = cli("describe-backups")
+    assert {b["BackupId"]: b["Lifecycle"] for b in out["Backups"]} == before
+    target = Path("/var/tmp/after-purge")
+    target.mkdir()
+    _, restored = cli("restore-backup", "--backup-id", plain[0]["BackupId"], "--target", str(target))
+    path = Path(restored["Restore"]["Path"])
+    assert run("diff", "-r", "/srv/big", str(path)).returncode == 0
