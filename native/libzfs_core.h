@@ -164,3 +164,6 @@ int lzc_send_space(const char *, const char *, enum lzc_send_flags, uint64_t *);
 int lzc_receive(const char *, nvlist_t *, const char *, boolean_t, boolean_t, int);
 int lzc_rollback(const char *, char *, int);
 int lzc_destroy(const char *);
+/* 0.8+: a Lua program run in syncing context (one txg) or, _nosync, read-only in open context. */
+int lzc_channel_program(const char *, const char *, uint64_t, uint64_t, nvlist_t *, nvlist_t **);
+int lzc_channel_program_nosync(const char *, const char *, uint64_t, uint64_t, nvlist_t *, nvlist_t **);

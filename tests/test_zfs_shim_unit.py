@@ -844,3 +844,49 @@ def test_restore_target_recreates_children_and_refuses_paths_outside(monkeypatch
     for bad in outside:
         with pytest.raises(RestoreError, match="outside p/new2"):
             zfs_snapshots.create_restore_target("p/new2", {}, [bad])
+
+
+@pytest.mark.parametrize(
+    ("ret", "output", "expected"),
+    [
+        (errno.ENOENT, {}, "PoolNotFound"),
+        (errno.ETIME, {}, "ZCPTimeout"),
+        (errno.ENOMEM, {}, "ZCPMemoryError"),
+        (errno.ENOSPC, {}, "ZCPSpaceError"),
+        (errno.EPERM, {}, "ZCPPermissionError"),
+        (errno.ECHRNG, {b"error": b"[string] boom"}, "ZCPRuntimeError"),
+        (errno.EINVAL, {b"error": b"[string] near <eof>"}, "ZCPSyntaxError"),
+        (errno.EINVAL, {}, "ZCPLimitInvalid"),
+        (errno.EIO, {}, "ZIOError"),
+        (errno.EDOM, {}, "ZFSGenericError"),
+    ],
+)
+def test_channel_program_errors_as_pyzfs(
+    fake: FakeBackend, ret: int, output: dict[bytes, bytes], expected: str
+) -> None:
+    """pyzfs's translation (lzc_channel_program_translate_error): EINVAL is a syntax error when the
+    program says why, else invalid limits; the Lua message is kept in ``details``."""
+    fake.results["channel_program"] = (ret, output)
+    with pytest.raises(exceptions.ZFSError) as info:
+        lzc.lzc_channel_program(b"tank", b"return 1")
+    assert type(info.value).__name__ == expected
+    if b"error" in output:
+        assert info.value.details == output[b"error"]  # type: ignore[attr-defined]
+
+
+def test_channel_program_arguments_and_result(fake: FakeBackend) -> None:
+    fake.results["channel_program"] = (0, {b"return": {b"a": 1}})
+    assert lzc.lzc_channel_program(b"tank", b"return {a=1}", params=[b"x"]) == {b"a": 1}
+    assert lzc.lzc_channel_program_nosync(b"tank", b"return {a=1}") == {b"a": 1}
+    first, second = fake.calls
+    assert first == (
+        "channel_program",
+        ("lzc_channel_program", b"tank", b"return {a=1}", 10_000_000, 10 * 1024 * 1024, {b"argv": [b"x"]}),
+    )
+    assert second[1][0] == "lzc_channel_program_nosync" and second[1][-1] == {b"argv": None}
+    fake.results["channel_program"] = (0, {})
+    assert lzc.lzc_channel_program(b"tank", b"local x = 1") is None
+    with pytest.raises(exceptions.NameInvalid):
+        lzc.lzc_channel_program(b"ta\0nk", b"return 1")
+    with pytest.raises(ValueError, match="NUL"):
+        lzc.lzc_channel_program(b"tank", b"return 1\0")

@@ -425,3 +425,51 @@ def test_library_found_by_soname(shim: ModuleType) -> None:
     """Record which shared objects the shim opened (the sonames differ across OpenZFS releases)."""
     maps = Path("/proc/self/maps").read_text()
     assert "libzfs_core.so" in maps and "libnvpair.so" in maps
+
+
+def scenario_channel_programs(lzc: ModuleType, root: bytes, rec: Recorder) -> None:
+    pool = root.split(b"/")[0]
+    lzc.lzc_create(root + b"/fs")
+    rec("number", lzc.lzc_channel_program, pool, b"return 1 + 41")
+    rec("table", lzc.lzc_channel_program, pool, b'return {a = 1, b = "x", c = {true}}')
+    rec("nothing", lzc.lzc_channel_program, pool, b"local x = 1")
+    rec("argv", lzc.lzc_channel_program, pool, b'return (...)["argv"]', params={b"k": b"v", b"n": 7})
+    rec("argv-list", lzc.lzc_channel_program, pool, b'return (...)["argv"]', params=[b"a", b"b"])
+    snap = root + b"/fs@by-program"
+    rec("sync-snapshot", lzc.lzc_channel_program, pool, b'return zfs.sync.snapshot((...)["argv"][1])', params=[snap])
+    rec("snapshot-made", lzc.lzc_exists, snap)
+    bookmark = root + b"/fs#by-program"
+    rec("sync-bookmark", lzc.lzc_channel_program, pool, b"local a = (...)['argv'] return zfs.sync.bookmark(a[1], a[2])",
+        params=[snap, bookmark])
+    rec("bookmark-made", lzc.lzc_get_bookmarks, root + b"/fs")
+    rec("sync-destroy-busy", lzc.lzc_channel_program, pool, b'return zfs.sync.destroy((...)["argv"][1])',
+        params=[root + b"/fs"])
+    rec("nosync-read", lzc.lzc_channel_program_nosync, pool,
+        b'return zfs.get_prop((...)["argv"][1], "type")', params=[root + b"/fs"])
+    rec("nosync-refuses-sync", lzc.lzc_channel_program_nosync, pool, b'return zfs.sync.destroy((...)["argv"][1])',
+        params=[snap])
+    rec("snapshot-still-there", lzc.lzc_exists, snap)
+    rec("syntax-error", lzc.lzc_channel_program, pool, b"return (")
+    rec("runtime-error", lzc.lzc_channel_program, pool, b'error("boom")')
+    rec("no-such-pool", lzc.lzc_channel_program, b"nosuchpool" + pool[-4:], b"return 1")
+    rec("limit-invalid", lzc.lzc_channel_program, pool, b"return 1", instrlimit=0)
+    rec("timeout", lzc.lzc_channel_program, pool, b"while true do end", instrlimit=1000)
+    rec("memory", lzc.lzc_channel_program, pool, b'local t = {} for i = 1, 1e7 do t[i] = "x" .. i end',
+        memlimit=64 * 1024)
+    rec("is_supported", lzc.is_supported, lzc.lzc_channel_program)
+    rec("defaults", lambda: (lzc.ZCP_DEFAULT_INSTRLIMIT, lzc.ZCP_DEFAULT_MEMLIMIT))
+
+
+def test_channel_programs(shim: ModuleType, pyzfs: ModuleType, dataset: str) -> None:
+    rec = run_both(shim, pyzfs, dataset, scenario_channel_programs)
+    ok(rec, "number", 42)
+    ok(rec, "snapshot-made", True)
+    ok(rec, "snapshot-still-there", True)
+    raised(rec, "syntax-error", "ZCPSyntaxError")
+    raised(rec, "runtime-error", "ZCPRuntimeError")
+    raised(rec, "nosync-refuses-sync", "ZCPRuntimeError")
+    raised(rec, "no-such-pool", "PoolNotFound")
+    raised(rec, "limit-invalid", "ZCPLimitInvalid")
+    raised(rec, "timeout", "ZCPTimeout")
+    raised(rec, "memory", "ZCPSpaceError")
+    ok(rec, "is_supported", True)

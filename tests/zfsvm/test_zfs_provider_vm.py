@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -239,3 +242,62 @@ def _target(dataset: str) -> str:
     if not _lzc_exists(name.encode()):
         sh("zfs", "create", name)
     return name
+
+
+def _synced_txg(pool: str) -> int:
+    """The newest transaction group the pool committed (/proc/spl/kstat/zfs/POOL/txgs, state C)."""
+    rows = Path(f"/proc/spl/kstat/zfs/{pool}/txgs").read_text().splitlines()[1:]
+    return max(int(row.split()[0]) for row in rows if row.split()[2] == "C")
+
+
+def test_commit_is_one_channel_program_and_shares_its_txg(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup's commit (bookmark the new snapshot, destroy the older one and its bookmark, release the
+    hold) is one channel program with the release and the bookmark destruction beside it: it costs one or
+    two transaction groups instead of one per step, and leaves what the step-by-step commit left."""
+    from zfsbackd.snapshot import zfs as zfs_provider
+
+    root = _mnt(dataset)
+    (root / "f").write_text("1\n")
+    engine = _engine(tmp_path, dataset)
+    engine.create_backup(BackupRequest("fs-zfs"))
+    pool = dataset.split("/")[0]
+    calls: list[str] = []
+    timings: dict[str, tuple[float, int]] = {}
+    real_commit = zfs_provider.ZfsSnapshot.commit
+
+    def timed_commit(self: zfs_provider.ZfsSnapshot) -> None:
+        before, started = _synced_txg(pool), time.monotonic()
+        real_commit(self)
+        timings[label] = (time.monotonic() - started, _synced_txg(pool) - before)
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(zfs_provider.lzc, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("lzc_channel_program", "lzc_bookmark", "lzc_destroy_snaps"):
+        monkeypatch.setattr(zfs_provider.lzc, name, counted(name))
+    monkeypatch.setattr(zfs_provider.ZfsSnapshot, "commit", timed_commit)
+
+    label = "program"
+    second = engine.create_backup(BackupRequest("fs-zfs"))
+    assert calls == ["lzc_channel_program"]
+    assert _ours(dataset) == [f"zfsbackd-{second.backup_id}"]
+    bookmarks = sh("zfs", "list", "-H", "-t", "bookmark", "-o", "name", "-r", dataset).split()
+    assert bookmarks == [f"{dataset}#zfsbackd-{second.backup_id}"]
+    assert sh("zfs", "holds", "-H", f"{dataset}@zfsbackd-{second.backup_id}").strip() == ""
+
+    label = "one-by-one"
+    monkeypatch.setattr(zfs_provider.lzc, "is_supported", lambda _f: False)
+    calls.clear()
+    third = engine.create_backup(BackupRequest("fs-zfs"))
+    assert calls == ["lzc_bookmark", "lzc_destroy_snaps"]
+    assert _ours(dataset) == [f"zfsbackd-{third.backup_id}"]
+    print(f"commit: {timings}")  # (seconds, transaction groups synced meanwhile) of each way
+    assert timings["program"][1] <= 2, timings

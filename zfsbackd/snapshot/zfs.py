@@ -9,7 +9,8 @@ call), marked ours with the user property ``zfsbackd:backup-id``, and holds it
 When the backup is AVAILABLE its snapshot becomes the base of the next
 incremental: the hold is released, a bookmark ``#zfsbackd-<backup id>`` is
 made, and older snapshots of ours are destroyed — never anyone else's, and
-never one that someone holds. The next backup asks ``zfs diff`` between the
+never one that someone holds — together, in about one transaction group (a
+channel program beside two concurrent calls; see ``ZfsSnapshot.commit``). The next backup asks ``zfs diff`` between the
 base and its own snapshot and reads only what changed. A missing base costs a
 full walk (metadata comparison against the parent backup), never a wrong backup.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,21 @@ from zfsbackd.zfs.exceptions import (
 log = structlog.get_logger(__name__)
 
 HOLD_TAG = b"zfsbackd"
+#: A backup's commit as one ZFS channel program (one transaction group): argv.bookmarks maps each new
+#: bookmark to its snapshot, argv.destroy names the older snapshots. Returns {name: errno} of what failed.
+_COMMIT_PROGRAM = b"""
+local argv = (...)["argv"]
+local failed = {}
+for bookmark, snapshot in pairs(argv["bookmarks"]) do
+    local err = zfs.sync.bookmark(snapshot, bookmark)
+    if err ~= 0 then failed[bookmark] = err end
+end
+for snapshot, _ in pairs(argv["destroy"]) do
+    local err = zfs.sync.destroy(snapshot)
+    if err ~= 0 then failed[snapshot] = err end
+end
+return failed
+"""
 #: dataset properties a restore to a new dataset sets again (recorded with each backup)
 RESTORE_PROPERTIES = (
     "recordsize",
@@ -304,36 +321,77 @@ class ZfsSnapshot(Snapshot):
             log.warning("zfs_snapshot_not_destroyed", fs_id=self.fs_id, snapshot=self.name, error=str(exc))
 
     def commit(self) -> None:
-        """The backup is AVAILABLE: keep this snapshot (unheld) and a bookmark as the next base; prune older ones."""
-        super().close()
-        self._release_hold()
-        try:
-            lzc.lzc_bookmark({_b(f"{d}#{self.name}"): _b(f"{d}@{self.name}") for d in self.datasets})
-        except ZFSError as exc:  # bookmarks are a convenience; the snapshot is what incrementals use
-            log.warning("zfs_bookmark_failed", fs_id=self.fs_id, snapshot=self.name, error=str(exc))
-        self._prune()
+        """The backup is AVAILABLE: keep this snapshot (unheld) and a bookmark as the next base; drop older ones.
 
-    def _prune(self) -> None:
-        for dataset in self.datasets:
-            for snap in command.list_snapshots(dataset):
-                if snap.backup_id is None or snap.snapname == self.name:
-                    continue  # not ours, or the new base
-                name = _b(snap.name)
-                if lzc.lzc_get_holds(name):
-                    log.info("zfs_snapshot_kept_held", fs_id=self.fs_id, snapshot=snap.name)
-                    continue
-                try:
-                    lzc.lzc_destroy_snaps([name], defer=False)
-                except SnapshotDestructionFailure as exc:
-                    log.warning("zfs_snapshot_not_destroyed", fs_id=self.fs_id, snapshot=snap.name, error=str(exc))
-        stale = [
+        Each of these changes waits for a transaction group to sync (about a second each under load,
+        most of a no-change backup's time). So they are issued together: the bookmark and the
+        destruction of the older snapshots in one channel program (one txg; ZFS has no channel-program
+        call for holds or for destroying bookmarks), the hold's release and the older bookmarks'
+        destruction beside it on their own threads, where they join the same txg.
+        """
+        super().close()
+        old_snapshots = self._older_snapshots()
+        old_bookmarks = [
             _b(f"{dataset}#") + name
             for dataset in self.datasets
             for name in lzc.lzc_get_bookmarks(_b(dataset))
             if name.startswith(b"zfsbackd-") and name != _b(self.name)
         ]
-        if stale:
-            lzc.lzc_destroy_bookmarks(stale)
+        bookmarks = {_b(f"{d}#{self.name}"): _b(f"{d}@{self.name}") for d in self.datasets}
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-zfs-commit") as pool:
+            side = [pool.submit(self._release_hold)]
+            if old_bookmarks:
+                side.append(pool.submit(lzc.lzc_destroy_bookmarks, old_bookmarks))
+            self._bookmark_and_destroy(bookmarks, old_snapshots)
+            for future in side:
+                future.result()
+
+    def _older_snapshots(self) -> list[bytes]:
+        """Our snapshots other than this one that nobody holds (a held one is someone's: it stays)."""
+        older = []
+        for dataset in self.datasets:
+            for snap in command.list_snapshots(dataset):
+                if snap.backup_id is None or snap.snapname == self.name:
+                    continue  # not ours, or the new base
+                if lzc.lzc_get_holds(_b(snap.name)):
+                    log.info("zfs_snapshot_kept_held", fs_id=self.fs_id, snapshot=snap.name)
+                    continue
+                older.append(_b(snap.name))
+        return older
+
+    def _bookmark_and_destroy(self, bookmarks: dict[bytes, bytes], snapshots: list[bytes]) -> None:
+        """Make ``bookmarks`` (new -> snapshot) and destroy ``snapshots``: in one channel program when the
+        pool runs them (OpenZFS 2.0+), else one call after the other. A failure is logged, never raised:
+        bookmarks are a convenience (the snapshot is the next base) and a snapshot left over goes next time."""
+        pool = _b(self.datasets[0].split("/", 1)[0])
+        failed: dict[bytes, int] | None = None
+        if lzc.is_supported(lzc.lzc_channel_program):
+            try:
+                answer = lzc.lzc_channel_program(
+                    pool, _COMMIT_PROGRAM, params={b"bookmarks": bookmarks, b"destroy": dict.fromkeys(snapshots, 1)}
+                )
+                failed = {name: int(err) for name, err in (answer or {}).items()}
+            except ZFSError as exc:  # e.g. a pool without zfs.sync.bookmark: the calls one by one
+                log.info("zfs_commit_program_not_run", fs_id=self.fs_id, error=str(exc))
+        if failed is None:
+            failed = self._bookmark_and_destroy_one_by_one(bookmarks, snapshots)
+        for name, err in failed.items():
+            event = "zfs_bookmark_failed" if b"#" in name else "zfs_snapshot_not_destroyed"
+            log.warning(event, fs_id=self.fs_id, name=name.decode(errors="replace"), error=os.strerror(err))
+
+    @staticmethod
+    def _bookmark_and_destroy_one_by_one(bookmarks: dict[bytes, bytes], snapshots: list[bytes]) -> dict[bytes, int]:
+        failed: dict[bytes, int] = {}
+        try:
+            lzc.lzc_bookmark(bookmarks)
+        except ZFSError as exc:
+            failed.update(dict.fromkeys(bookmarks, exc.errno or 0))
+        for name in snapshots:
+            try:
+                lzc.lzc_destroy_snaps([name], defer=False)
+            except SnapshotDestructionFailure as exc:
+                failed[name] = exc.errno or 0
+        return failed
 
 
 class ZfsProvider(SnapshotProvider):

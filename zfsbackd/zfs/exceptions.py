@@ -378,3 +378,51 @@ def generic_error(err: int, name: bytes | None, message: str) -> ZFSError:
     if cls is not None:
         return cls(name)
     return ZFSGenericError(err, name, message)
+
+
+class ZCPError(ZFSError):
+    """A channel program (``lzc_channel_program``) failed; the subclass says how."""
+
+    errno: int | None = None
+    message: str | None = None
+
+
+class ZCPSyntaxError(ZCPError):
+    errno = errno.EINVAL
+    message = "Channel program contains syntax errors"
+
+    def __init__(self, details: bytes | None) -> None:
+        self.details = details
+
+
+class ZCPRuntimeError(ZCPError):
+    errno = errno.ECHRNG
+    message = "Channel programs encountered a runtime error"
+
+    def __init__(self, details: bytes | None) -> None:
+        self.details = details
+
+
+class ZCPLimitInvalid(ZCPError):
+    errno = errno.EINVAL
+    message = "Channel program called with invalid limits"
+
+
+class ZCPTimeout(ZCPError):
+    errno = errno.ETIME
+    message = "Channel program timed out"
+
+
+class ZCPSpaceError(ZCPError):
+    errno = errno.ENOSPC
+    message = "Channel program exhausted the memory limit"
+
+
+class ZCPMemoryError(ZCPError):
+    errno = errno.ENOMEM
+    message = "Channel program return value too large"
+
+
+class ZCPPermissionError(ZCPError):
+    errno = errno.EPERM
+    message = "Channel programs must be run as root"

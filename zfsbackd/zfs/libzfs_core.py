@@ -91,8 +91,12 @@ _DATASET_TYPES = {"zfs": "LZC_DATSET_TYPE_ZFS", "zvol": "LZC_DATSET_TYPE_ZVOL"}
 
 __all__ = [
     "MAXNAMELEN",
+    "ZCP_DEFAULT_INSTRLIMIT",
+    "ZCP_DEFAULT_MEMLIMIT",
     "is_supported",
     "lzc_bookmark",
+    "lzc_channel_program",
+    "lzc_channel_program_nosync",
     "lzc_create",
     "lzc_destroy",
     "lzc_destroy_bookmarks",
@@ -245,6 +249,12 @@ class _Native:
 
     def destroy(self, name: bytes) -> int:
         return self._lzc.lzc_destroy(name)
+
+    def channel_program(
+        self, function: str, pool: bytes, program: bytes, instrlimit: int, memlimit: int, args: Mapping[bytes, Any]
+    ) -> tuple[int, dict[bytes, Any]]:
+        with self._nv.nvlist_in(args) as nvl:
+            return self._with_errlist(getattr(self._lzc, function), pool, program, instrlimit, memlimit, nvl)
 
 
 def _load() -> _Native:
@@ -777,6 +787,71 @@ def lzc_destroy(name: bytes) -> None:
     if ret == errno.ENOENT:
         raise exc.FilesystemNotFound(name)
     raise generic_error(ret, name, "Failed to destroy dataset")
+
+
+ZCP_DEFAULT_INSTRLIMIT = 10 * 1000 * 1000
+"""Lua instructions a channel program may run by default (``zfs program -t``)."""
+ZCP_DEFAULT_MEMLIMIT = 10 * 1024 * 1024
+"""Bytes of memory a channel program may use by default (``zfs program -m``)."""
+
+
+def lzc_channel_program(
+    poolname: bytes,
+    program: bytes,
+    instrlimit: int = ZCP_DEFAULT_INSTRLIMIT,
+    memlimit: int = ZCP_DEFAULT_MEMLIMIT,
+    params: Any = None,
+) -> Any:
+    """Run the Lua ``program`` on pool ``poolname`` in syncing context: everything it changes (its
+    ``zfs.sync.*`` calls) happens in one transaction group, or nothing does if it fails.
+
+    ``params`` reaches the program as ``argv`` of its argument table; returns
+    what the program returned (a Lua table becomes a dict), or None.
+    """
+    return _channel_program("lzc_channel_program", poolname, program, instrlimit, memlimit, params)
+
+
+def lzc_channel_program_nosync(
+    poolname: bytes,
+    program: bytes,
+    instrlimit: int = ZCP_DEFAULT_INSTRLIMIT,
+    memlimit: int = ZCP_DEFAULT_MEMLIMIT,
+    params: Any = None,
+) -> Any:
+    """:func:`lzc_channel_program` read-only, in open context: no txg is waited for, ``zfs.sync.*`` fails."""
+    return _channel_program("lzc_channel_program_nosync", poolname, program, instrlimit, memlimit, params)
+
+
+def _channel_program(
+    function: str, poolname: bytes, program: bytes, instrlimit: int, memlimit: int, params: Any
+) -> Any:
+    ret, output = _lib().channel_program(
+        function, _c_name(poolname), _c_string(program), instrlimit, memlimit, {b"argv": params}
+    )
+    if ret == 0:
+        return output.get(b"return")
+    error = output.get(b"error")
+    simple: dict[int, Callable[[], ZFSError]] = {
+        errno.ENOENT: lambda: exc.PoolNotFound(poolname),
+        errno.ETIME: lambda: exc.ZCPTimeout(),
+        errno.ENOMEM: lambda: exc.ZCPMemoryError(),
+        errno.ENOSPC: lambda: exc.ZCPSpaceError(),
+        errno.EPERM: lambda: exc.ZCPPermissionError(),
+        errno.ECHRNG: lambda: exc.ZCPRuntimeError(error),
+        errno.EINVAL: lambda: exc.ZCPLimitInvalid() if error is None else exc.ZCPSyntaxError(error),
+    }
+    if ret in simple:
+        raise simple[ret]()
+    raise generic_error(ret, poolname, "Failed to execute channel program")
+
+
+def _c_string(value: Any) -> bytes:
+    """A bytes argument that C reads up to its first NUL (so it must hold none)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, not {type(value).__name__}")
+    if b"\0" in value:
+        raise ValueError("embedded NUL byte")
+    return value
 
 
 def is_supported(func: Callable[..., Any]) -> bool:
