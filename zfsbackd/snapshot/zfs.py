@@ -9,8 +9,8 @@ call), marked ours with the user property ``zfsbackd:backup-id``, and holds it
 When the backup is AVAILABLE its snapshot becomes the base of the next
 incremental: the hold is released, a bookmark ``#zfsbackd-<backup id>`` is
 made, and older snapshots of ours are destroyed — never anyone else's, and
-never one that someone holds — together, in about one transaction group (a
-channel program beside two concurrent calls; see ``ZfsSnapshot.commit``). The next backup asks ``zfs diff`` between the
+never one that someone holds — with their transaction-group waits overlapping
+(a channel program beside two concurrent calls; see ``ZfsSnapshot.commit``). The next backup asks ``zfs diff`` between the
 base and its own snapshot and reads only what changed. A missing base costs a
 full walk (metadata comparison against the parent backup), never a wrong backup.
 """
@@ -51,7 +51,8 @@ log = structlog.get_logger(__name__)
 
 HOLD_TAG = b"zfsbackd"
 #: A backup's commit as one ZFS channel program (one transaction group): argv.bookmarks maps each new
-#: bookmark to its snapshot, argv.destroy names the older snapshots. Returns {name: errno} of what failed.
+#: bookmark to its snapshot, argv.destroy names the older snapshots (keys; the values are true: channel
+#: programs refuse uint64 arguments). Returns {name: errno} of what failed.
 _COMMIT_PROGRAM = b"""
 local argv = (...)["argv"]
 local failed = {}
@@ -324,10 +325,10 @@ class ZfsSnapshot(Snapshot):
         """The backup is AVAILABLE: keep this snapshot (unheld) and a bookmark as the next base; drop older ones.
 
         Each of these changes waits for a transaction group to sync (about a second each under load,
-        most of a no-change backup's time). So they are issued together: the bookmark and the
-        destruction of the older snapshots in one channel program (one txg; ZFS has no channel-program
-        call for holds or for destroying bookmarks), the hold's release and the older bookmarks'
-        destruction beside it on their own threads, where they join the same txg.
+        most of a no-change backup's time), and they used to wait one after the other. Now the
+        bookmark and the destruction of the older snapshots are one channel program (one txg; ZFS has
+        no channel-program call for holds or for destroying bookmarks), and the hold's release and the
+        older bookmarks' destruction run beside it on their own threads: the waits overlap.
         """
         super().close()
         old_snapshots = self._older_snapshots()
@@ -368,7 +369,7 @@ class ZfsSnapshot(Snapshot):
         if lzc.is_supported(lzc.lzc_channel_program):
             try:
                 answer = lzc.lzc_channel_program(
-                    pool, _COMMIT_PROGRAM, params={b"bookmarks": bookmarks, b"destroy": dict.fromkeys(snapshots, 1)}
+                    pool, _COMMIT_PROGRAM, params={b"bookmarks": bookmarks, b"destroy": dict.fromkeys(snapshots, True)}
                 )
                 failed = {name: int(err) for name, err in (answer or {}).items()}
             except ZFSError as exc:  # e.g. a pool without zfs.sync.bookmark: the calls one by one
