@@ -13,7 +13,9 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from enginekit import REPO, make_config, write_config
@@ -26,7 +28,7 @@ from zfsbackd.store.gc import collect_garbage
 from zfsbackd.store.index import INDEX_PREFIX
 from zfsbackd.store.indexcache import CACHE_FILE, BlobIndex, cache_directory
 from zfsbackd.store.packs import PackEntry, pack_key
-from zfsbackd.store.repository import Store
+from zfsbackd.store.repository import DATA_LISTING_INTERVAL, Store
 from zfsbackd.store.writer import PackWriter
 
 KiB = 1024
@@ -366,6 +368,53 @@ def test_pack_vanished_without_index_change_is_dropped(tmp_path: Path) -> None:
     (tmp_path / "store" / pack_key(loc.pack_id)).unlink()
     again, _ = _reopen(tmp_path)
     assert blob_id not in again.index
+
+
+def _data_listings(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The prefixes ``store`` lists from now on, with ``data/`` ones counted."""
+    prefixes: list[str] = []
+    real = store.objects.list
+
+    def listing(prefix: str = "") -> Any:
+        prefixes.append(prefix)
+        return real(prefix)
+
+    monkeypatch.setattr(store.objects, "list", listing)
+    return prefixes
+
+
+def test_a_sync_lists_data_only_when_that_can_find_something(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing ``data/`` costs one request per 1,000 packs and a set of every pack id: a sync does it on
+    a cache's first sync, for a resumed writer (``adopt``), and once a day; an ordinary open lists
+    ``index/`` only, and a pack no index names (another host's killed writer) waits for one of those."""
+    a = _engine(tmp_path, "state-a").store()
+    a.load_index()
+    _fill(a, 32)
+    b = _engine(tmp_path, "state-b").store()
+    first = _data_listings(b, monkeypatch)
+    b.load_index()
+    assert any(p.startswith("data/") for p in first)  # its first sync
+
+    with PackWriter(a, pack_size=8 * KiB, checkpoint_every=100) as writer:  # A is killed before its index
+        orphan, _ = writer.add(BlobType.DATA, random.Random(6).randbytes(16 * KiB))
+    b = _engine(tmp_path, "state-b").store()
+    ordinary = _data_listings(b, monkeypatch)
+    b.load_index()
+    assert ordinary == ["index/"] and orphan not in b.index
+    b.load_index(force=True, adopt=True)
+    assert orphan in b.index
+
+    c = _engine(tmp_path, "state-c").store()
+    c.load_index()
+    with PackWriter(a, pack_size=8 * KiB, checkpoint_every=100) as writer:
+        later, _ = writer.add(BlobType.DATA, random.Random(7).randbytes(16 * KiB))
+    c.index.set_data_listed_at(time.time() - DATA_LISTING_INTERVAL - 1)
+    c = _engine(tmp_path, "state-c").store()
+    daily = _data_listings(c, monkeypatch)
+    c.load_index()
+    assert any(p.startswith("data/") for p in daily) and later in c.index
 
 
 def test_cache_found_corrupt_while_in_use_is_rebuilt(tmp_path: Path) -> None:

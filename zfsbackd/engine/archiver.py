@@ -62,6 +62,9 @@ CHUNKS_AHEAD = 6  # chunks of one file in flight on the chunk pool (bounds memor
 #: small files of one directory read by one read-pool job: a job per file cost more in futures,
 #: semaphores and thread hand-offs (GIL and futex traffic) than reading a 4 KiB file does
 FILES_PER_JOB = 64
+#: ... or fewer, once their sizes add up to this: what a job holds in memory stays small, and a directory
+#: of medium-sized files is still spread over the read threads
+BYTES_PER_JOB = 1024 * 1024
 #: threads reading files: more only fight over the GIL (1M small files, cold: 2 threads 20 s, 3 22 s, 8 27 s)
 READ_WORKERS = 2
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
@@ -154,6 +157,7 @@ class _DirFrame:
     node_before: Node | None = None  # the parent backup's node of this directory, if its metadata is unchanged
     reused: int = 0  # nodes taken as they were from ``previous``
     batch: list[_FileJob] = field(default_factory=list)  # small files not yet given to the read pool
+    batch_bytes: int = 0  # their sizes, as listed
 
 
 @dataclass
@@ -473,7 +477,8 @@ class Archiver:
                     unchanged_bytes += st.st_size
                 elif st.st_size <= self.small_file:
                     frame.batch.append((child, name))
-                    if len(frame.batch) >= FILES_PER_JOB:
+                    frame.batch_bytes += st.st_size
+                    if len(frame.batch) >= FILES_PER_JOB or frame.batch_bytes >= BYTES_PER_JOB:
                         self._submit_reads(frame)
                 else:  # alone: its chunks keep the chunk pool busy while other jobs read on
                     self._submit_reads(frame, [(child, name)])
@@ -524,7 +529,7 @@ class Archiver:
     def _submit_reads(self, frame: _DirFrame, jobs: list[_FileJob] | None = None) -> None:
         """Give *jobs* (by default the frame's batch of small files) to the read pool as one job."""
         if jobs is None:
-            jobs, frame.batch = frame.batch, []
+            jobs, frame.batch, frame.batch_bytes = frame.batch, [], 0
         if not jobs:
             return
         self._jobs.acquire()

@@ -54,7 +54,7 @@ class Copier:
 
     def run(self) -> CopyStats:
         self.source.load_index(record_adopted=False)
-        self.destination.load_index()
+        self.destination.load_index(adopt=True)  # a resumed copy's packs, uploaded before it stopped
         needed = mark_reachable(self.source, [self.record]).blobs
         stats = CopyStats(blobs_total=len(needed))
         by_pack: dict[bytes, list[bytes]] = defaultdict(list)

@@ -240,6 +240,7 @@ class Engine:
             record = next((r for r in records if r.lifecycle == Lifecycle.CREATING), None)
             if record is not None:
                 log.info("backup_resuming", fs_id=fs.id, backup_id=record.backup_id, region=store.region)
+                store.load_index(force=True, adopt=True)  # the packs it uploaded before it stopped
             else:
                 record = BackupRecord(
                     backup_id=new_backup_id(),

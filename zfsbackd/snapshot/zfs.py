@@ -10,9 +10,10 @@ When the backup is AVAILABLE its snapshot becomes the base of the next
 incremental: the hold is released, a bookmark ``#zfsbackd-<backup id>`` is
 made, and older snapshots of ours are destroyed — never anyone else's, and
 never one that someone holds — with their transaction-group waits overlapping
-(a channel program beside two concurrent calls; see ``ZfsSnapshot.commit``). The next backup asks ``zfs diff`` between the
-base and its own snapshot and reads only what changed. A missing base costs a
-full walk (metadata comparison against the parent backup), never a wrong backup.
+(a channel program beside two concurrent calls; see ``ZfsSnapshot.commit``).
+The next backup asks ``zfs diff`` between the base and its own snapshot and
+reads only what changed. A missing base costs a full walk (metadata
+comparison against the parent backup), never a wrong backup.
 """
 
 from __future__ import annotations

@@ -518,6 +518,16 @@ class BlobIndex:
         self._guarded(lambda c: self._write(write))
 
     # --------------------------------------------------- index-object bookkeeping
+    def data_listed_at(self) -> float | None:
+        """When (unix seconds) a sync last listed the store's ``data/`` through this cache, if ever."""
+        row = self._guarded(lambda c: c.execute("SELECT value FROM meta WHERE name = 'data_listed_at'").fetchone())
+        return float(row[0]) if row else None
+
+    def set_data_listed_at(self, when: float) -> None:
+        self._guarded(lambda c: self._write(
+            lambda w: w.execute("INSERT OR REPLACE INTO meta VALUES ('data_listed_at', ?)", (repr(when),))
+        ))
+
     def seen_index_keys(self) -> set[str]:
         return self._guarded(lambda c: {row[0] for row in c.execute("SELECT key FROM index_objects")})
 

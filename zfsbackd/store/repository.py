@@ -13,6 +13,7 @@ import json
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,6 +53,8 @@ STORE_FORMAT = 2
 #: how often a read that found its pack gone re-reads the index (garbage collection moved the blob)
 PACK_GONE_RETRIES = 2
 #: index objects read (and decoded) at once while syncing the index cache: bounds the memory of a sync
+#: longest time between two listings of ``data/`` by an index sync that has no other reason to list it
+DATA_LISTING_INTERVAL = 24 * 3600
 _INDEX_READ_BATCH = 4
 
 log = structlog.get_logger(__name__)
@@ -417,7 +420,9 @@ class Store:
                 index = self._index
         return index
 
-    def load_index(self, *, force: bool = False, record_adopted: bool = True, verify: bool = False) -> None:
+    def load_index(
+        self, *, force: bool = False, record_adopted: bool = True, verify: bool = False, adopt: bool = False
+    ) -> None:
         """Bring the index up to date with the store: absorb new index objects, adopt packs no index lists.
 
         Only ``index/`` objects the cache has not seen are read (one transaction
@@ -439,6 +444,15 @@ class Store:
         collection) re-reads every index object, not only new ones, so one
         damaged after it was cached is found too.
 
+        ``data/`` is listed (one LIST per 1,000 packs on S3, and a set of every
+        pack id in memory) only when something may be there that no index
+        object names: with ``verify`` or ``adopt`` (a resumed backup or copy,
+        whose durable packs come back this way), on the first sync of a cache,
+        when index objects went away or are unreadable, and otherwise once per
+        DATA_LISTING_INTERVAL (another host's killed writer: until then its
+        packs are only not deduplicated against). The rest of the time a sync
+        costs one listing of ``index/``.
+
         An index object that fails to authenticate or decode is treated like a
         missing one (DESIGN invariant 7): it is remembered in
         ``unreadable_indexes`` (``check`` reports it, garbage collection
@@ -455,14 +469,14 @@ class Store:
             return
         try:
             with self.index.manual_recovery():
-                self._sync_index(keys, record_adopted=record_adopted, verify=verify)
+                self._sync_index(keys, record_adopted=record_adopted, verify=verify, adopt=adopt)
         except IndexCacheCorrupt as exc:
             self.index.reset(f"corrupt ({exc})")
             with self.index.manual_recovery():
-                self._sync_index(keys, record_adopted=record_adopted, verify=verify)
+                self._sync_index(keys, record_adopted=record_adopted, verify=verify, adopt=adopt)
         self._index_loaded = True
 
-    def _sync_index(self, keys: list[str], *, record_adopted: bool, verify: bool) -> None:
+    def _sync_index(self, keys: list[str], *, record_adopted: bool, verify: bool, adopt: bool) -> None:
         index = self.index
         seen = index.seen_index_keys()
         listed = set(keys)
@@ -483,9 +497,18 @@ class Store:
                             yield key, packs
 
         index.absorb(readable())
+        forgotten = seen - listed
+        listed_at = index.data_listed_at()
+        now = time.time()
+        if not (verify or adopt or not seen or forgotten or unreadable or listed_at is None
+                or not 0 <= now - listed_at < DATA_LISTING_INTERVAL):
+            self.index_keys, self.unreadable_indexes = listed, unreadable
+            log.debug("index_synced", region=self.region, read=len(to_read), data_listed=False)
+            return
         up_to = index.last_pack_number()  # packs added after this are newer than the listing below
         present = set(self.list_pack_ids())
-        dropped = index.forget_index_objects(seen - listed, present=present, up_to=up_to)
+        index.set_data_listed_at(now)
+        dropped = index.forget_index_objects(forgotten, present=present, up_to=up_to)
         orphans = list(present - index.pack_ids())
         adopted: dict[bytes, list[PackEntry]] = {}
         if orphans:
@@ -495,8 +518,8 @@ class Store:
                         index.add_pack(pack_id, entries)
                         adopted[pack_id] = entries
         self.index_keys, self.unreadable_indexes = listed, unreadable
-        log.debug("index_synced", region=self.region, read=len(to_read), forgotten=len(seen - listed),
-                  packs_dropped=dropped, packs_adopted=len(adopted))
+        log.debug("index_synced", region=self.region, read=len(to_read), data_listed=True,
+                  forgotten=len(forgotten), packs_dropped=dropped, packs_adopted=len(adopted))
         if adopted and record_adopted:
             # Record them so no other host has to read their headers again.
             self.write_index(adopted)
