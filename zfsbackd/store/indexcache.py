@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -89,7 +89,7 @@ _LOCATE_MANY = (
     "SELECT b.blob_id, p.pack_id, b.offset, b.length, b.raw_length, b.type FROM blobs b "
     "JOIN packs p ON p.id = b.pack WHERE b.blob_id IN ({}) ORDER BY b.pack"
 )
-#: blob ids per ``IN (...)`` query of :meth:`BlobIndex.present` (SQLite allows 32,766 parameters)
+#: blob ids per ``IN (...)`` query of :meth:`BlobIndex.get_many` and :meth:`BlobIndex.present` (SQLite allows 32,766)
 _IN_BATCH = 500
 
 #: BlobType by value without the enum call (a measurable share of a lookup)
@@ -340,25 +340,22 @@ class BlobIndex:
     def get_many(self, blob_ids: list[bytes]) -> dict[bytes, Location]:
         """:meth:`get` for many blobs, in a few queries (a restore plans its reads with it)."""
         found: dict[bytes, Location] = {}
-        for start in range(0, len(blob_ids), _IN_BATCH):
-            part = blob_ids[start : start + _IN_BATCH]
-            query = _LOCATE_MANY.format(",".join("?" * len(part)))
-            for blob_id, pack_id, offset, length, raw_length, blob_type in self._guarded(
-                lambda c, q=query, a=part: c.execute(q, a).fetchall()
-            ):
-                if blob_id not in found:  # rows come in get()'s order of preference
-                    found[blob_id] = Location(pack_id, offset, length, raw_length, _BLOB_TYPES[blob_type])
+        for blob_id, pack_id, offset, length, raw_length, blob_type in self._rows_for(_LOCATE_MANY, blob_ids):
+            if blob_id not in found:  # rows come in get()'s order of preference
+                found[blob_id] = Location(pack_id, offset, length, raw_length, _BLOB_TYPES[blob_type])
         return found
 
     def present(self, blob_ids: list[bytes]) -> set[bytes]:
         """Which of ``blob_ids`` the index has: one query (one read transaction) for many blobs, where
         ``in`` per blob took a read lock each (two ``fcntl`` calls) and most of a small file's lookup time."""
-        found: set[bytes] = set()
+        return {row[0] for row in self._rows_for("SELECT blob_id FROM blobs WHERE blob_id IN ({})", blob_ids)}
+
+    def _rows_for(self, template: str, blob_ids: list[bytes]) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``template`` (an ``IN ({})`` query) for ``blob_ids``, _IN_BATCH ids per query."""
         for start in range(0, len(blob_ids), _IN_BATCH):
             part = blob_ids[start : start + _IN_BATCH]
-            query = f"SELECT blob_id FROM blobs WHERE blob_id IN ({','.join('?' * len(part))})"
-            found.update(row[0] for row in self._guarded(lambda c, q=query, a=part: c.execute(q, a).fetchall()))
-        return found
+            query = template.format(",".join("?" * len(part)))
+            yield from self._guarded(lambda c, q=query, a=part: c.execute(q, a).fetchall())
 
     def stored_outside(self, blob_id: bytes, packs: frozenset[bytes]) -> bool:
         """Is ``blob_id`` in at least one pack not in ``packs``?"""

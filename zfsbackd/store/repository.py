@@ -52,9 +52,9 @@ from zfsbackd.store.treecache import TreeCache
 STORE_FORMAT = 2
 #: how often a read that found its pack gone re-reads the index (garbage collection moved the blob)
 PACK_GONE_RETRIES = 2
-#: index objects read (and decoded) at once while syncing the index cache: bounds the memory of a sync
 #: longest time between two listings of ``data/`` by an index sync that has no other reason to list it
 DATA_LISTING_INTERVAL = 24 * 3600
+#: index objects read (and decoded) at once while syncing the index cache: bounds the memory of a sync
 _INDEX_READ_BATCH = 4
 
 log = structlog.get_logger(__name__)
