@@ -26,7 +26,7 @@ from zfsbackd import cli
 from zfsbackd.config import MAX_CONFIG_BYTES, MAX_EXPANDED_NODES, MAX_NESTING, load_config
 from zfsbackd.daemon.jobs import BackupJob
 from zfsbackd.daemon.service import Daemon
-from zfsbackd.engine.engine import BackupRequest
+from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import (
     EXIT_BAD_REQUEST,
     EXIT_CONFLICT,
@@ -35,6 +35,7 @@ from zfsbackd.errors import (
     EXIT_STORE,
     ConfigError,
     DaemonBusy,
+    ZfsbackdError,
 )
 
 ENCRYPTION = "encryption: {mode: none}\n"
@@ -176,12 +177,8 @@ def test_unreadable_config_as_an_unprivileged_user(tmp_path: Path) -> None:
 
 
 def _describe_error(config: Path) -> dict[str, str]:
-    from zfsbackd.config import load_config as load
-    from zfsbackd.engine.engine import Engine
-    from zfsbackd.errors import ZfsbackdError
-
     try:
-        Engine(load(config)).describe_backups()
+        Engine(load_config(config)).describe_backups()
     except ZfsbackdError as exc:
         return exc.to_dict()["Error"]
     return {}

@@ -20,6 +20,7 @@ from zfsbackd.config import load_config
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import SnapshotError
+from zfsbackd.snapshot import zfs as zfs_provider
 from zfsbackd.snapshot.zfs import ZfsProvider
 from zfsbackd.store.writer import PackWriter
 from zfsbackd.zfs import command
@@ -257,8 +258,6 @@ def test_commit_is_one_channel_program_and_shares_its_txg(
     """A backup's commit (bookmark the new snapshot, destroy the older one and its bookmark, release the
     hold) is one channel program with the release and the bookmark destruction beside it, instead of four
     calls that each wait for their own transaction group in turn, and leaves what they left."""
-    from zfsbackd.snapshot import zfs as zfs_provider
-
     root = _mnt(dataset)
     (root / "f").write_text("1\n")
     engine = _engine(tmp_path, dataset)

@@ -387,20 +387,21 @@ class ZCPError(ZFSError):
     message: str | None = None
 
 
-class ZCPSyntaxError(ZCPError):
+class _ZCPDetailedError(ZCPError):
+    """A channel-program failure the kernel explains: Lua's message is kept in ``details``."""
+
+    def __init__(self, details: bytes | None) -> None:
+        self.details = details
+
+
+class ZCPSyntaxError(_ZCPDetailedError):
     errno = errno.EINVAL
     message = "Channel program contains syntax errors"
 
-    def __init__(self, details: bytes | None) -> None:
-        self.details = details
 
-
-class ZCPRuntimeError(ZCPError):
+class ZCPRuntimeError(_ZCPDetailedError):
     errno = errno.ECHRNG
     message = "Channel programs encountered a runtime error"
-
-    def __init__(self, details: bytes | None) -> None:
-        self.details = details
 
 
 class ZCPLimitInvalid(ZCPError):
