@@ -218,6 +218,7 @@ class Timers:
         self.changes_fallback = False
         self.changes_stopped = False  # the walk finished first and stopped `zfs diff`
         self.archiver_s = 0.0
+        self.stream = {"seconds": 0.0, "objects": 0, "stream_bytes": 0, "records": 0}  # send-stream change lists
         self.calls: dict[str, list[float]] = {}  # "zfs get", "lzc_snapshot", "Store.save_record": [count, seconds]
 
     def _wrap(self, owner: Any, name: str, key: Any) -> None:
@@ -297,6 +298,19 @@ class Timers:
                 timers.diff_cpu_s += (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
         command.diff = diff
+        from zfsbackd.zfs import sendstream
+
+        orig_stream = sendstream.incremental_objects
+
+        def incremental_objects(*a: Any, **kw: Any) -> Any:
+            summary = orig_stream(*a, **kw)
+            timers.stream["seconds"] += summary.seconds
+            timers.stream["objects"] += len(summary.objects)
+            timers.stream["stream_bytes"] += summary.stream_bytes
+            timers.stream["records"] += sum(summary.records.values())
+            return summary
+
+        sendstream.incremental_objects = incremental_objects
         orig_archiver = engine_mod.Archiver
 
         class TimedArchiver(orig_archiver):  # type: ignore[misc, valid-type]
@@ -402,6 +416,10 @@ class Bench:
         path = work / "zfsbackd.yaml"
         path.write_text(yaml.safe_dump(config))
         self.timers.install()
+        if self.args.change_list == "zfs-diff":  # no object map: every change list comes from `zfs diff`
+            from zfsbackd.snapshot.zfs import ZfsProvider
+
+            ZfsProvider._objmap = lambda self, fs: None  # type: ignore[method-assign]
         self.engine = Engine(load_config(path))
 
     def zfsbackd_backup(self, label: str) -> tuple[Result, Any]:
@@ -453,6 +471,7 @@ class Bench:
                 "zfs_diff_s": round(t.diff_s, 3),
                 "zfs_diff_cpu_s": round(t.diff_cpu_s, 3),
                 "zfs_diff_lines": t.diff_lines,
+                "send_stream": {k: round(v, 3) for k, v in t.stream.items()},
                 "change_list_fallback_full_walk": t.changes_fallback,
                 "change_list_stopped_by_walk": t.changes_stopped,
                 "entries_not_examined": s.entries_not_examined,
@@ -497,7 +516,7 @@ class Bench:
             stats.bytes_read,
             ws.bytes_uploaded,
             detail={
-                "same_root_tree_as_zfs_diff": root == expect_root,
+                "same_root_tree_as_change_list": root == expect_root,
                 "root_tree": root,
                 "blobs_new": ws.blobs_new,
                 "stats": asdict(stats),
@@ -575,8 +594,8 @@ class Bench:
     # ----------------------------------------------------------------- steps
     def step(self, name: str, prev: Any) -> Any:
         os.sync()
-        log(f"{name}: zfsbackd (zfs diff)")
-        diff_res, record = self.zfsbackd_backup("zfsbackd zfs diff")
+        log(f"{name}: zfsbackd ({self.args.change_list})")
+        diff_res, record = self.zfsbackd_backup("zfsbackd change list")
         d = diff_res.detail
         log(
             f"  {diff_res.wall_s:.1f} s, files read {diff_res.files_read}, {d['change_list_paths']} "
@@ -589,7 +608,7 @@ class Bench:
         walk_res = self.full_walk(record.backup_id, prev.root_tree, record.root_tree)
         log(
             f"  {walk_res.wall_s:.1f} s, files read {walk_res.files_read}, same root tree: "
-            f"{walk_res.detail['same_root_tree_as_zfs_diff']}"
+            f"{walk_res.detail['same_root_tree_as_change_list']}"
         )
         os.sync()
         log(f"{name}: restic of the same snapshot")
@@ -654,9 +673,15 @@ def _count(v: int | None) -> str:
     return "–" if v is None else f"{v:,}"
 
 
+def _stream_cell(stream: dict[str, float] | None) -> str:
+    if not stream or not stream["records"]:
+        return "–"
+    return f"{stream['seconds']:.2f} / {int(stream['objects']):,} / {stream['stream_bytes'] / MiB:,.1f}"
+
+
 def all_same_trees(doc: dict[str, Any]) -> bool:
     return all(
-        step["zfsbackd full walk"]["detail"]["same_root_tree_as_zfs_diff"]
+        step["zfsbackd full walk"]["detail"]["same_root_tree_as_change_list"]
         for step in doc["steps"].values()
         if "zfsbackd full walk" in step
     )
@@ -684,32 +709,32 @@ def render(doc: dict[str, Any]) -> str:
             )
     out += [
         "",
-        f"| step | restic / zfs-diff wall | restic / zfs-diff CPU | target ≥ {TARGET_RATIO:g}× (wall) "
-        "| full walk / zfs-diff wall | full walk / zfs-diff, tree work only¹ | full walk = zfs-diff tree |",
+        f"| step | restic / change-list wall | restic / change-list CPU | target ≥ {TARGET_RATIO:g}× (wall) "
+        "| full walk / change-list wall | full walk / change-list, tree work only¹ | full walk = change-list tree |",
         "| --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for step, methods in doc["steps"].items():
         if "zfsbackd full walk" not in methods:
             continue
-        z, w, r = methods["zfsbackd zfs diff"], methods["zfsbackd full walk"], methods["restic"]
+        z, w, r = methods["zfsbackd change list"], methods["zfsbackd full walk"], methods["restic"]
         ratio = r["wall_s"] / z["wall_s"]
         tree_work = z["detail"]["change_list_s"] + z["detail"]["archiver_s"]
         out.append(
             f"| {step} | {ratio:.1f}× | {r['cpu_s'] / max(z['cpu_s'], 1e-9):.1f}× | "
             f"{'met' if ratio >= TARGET_RATIO else 'NOT met'} | {w['wall_s'] / z['wall_s']:.2f}× | "
             f"{w['wall_s'] / max(tree_work, 1e-9):.1f}× | "
-            f"{'yes' if w['detail']['same_root_tree_as_zfs_diff'] else 'NO'} |"
+            f"{'yes' if w['detail']['same_root_tree_as_change_list'] else 'NO'} |"
         )
     out += [
         "",
         "¹ the full-walk row times only the archiver; this column divides it by the zfs-diff path's change list + "
-        "archiver time, leaving out the snapshot/record/commit work only the zfs-diff row pays.",
+        "archiver time, leaving out the snapshot/record/commit work only the change-list row pays.",
         "",
-        "zfs-diff path, where the wall time went (s):",
+        f"Change-list path ({doc['args'].get('change_list', 'zfs-diff')}), where the wall time went (s):",
         "",
-        "| step | total | change list | of which `zfs diff` (CPU s) | diff lines / changed paths | archiver "
-        "| snapshot, records, commit | slowest calls (count×, s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| step | total | change list | of which `zfs diff` (CPU s) | diff lines / changed paths | send stream s "
+        "/ objects / MiB | archiver | snapshot, records, commit | slowest calls (count×, s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for step, methods in doc["steps"].items():
         z = next(v for k, v in methods.items() if k.startswith("zfsbackd") and k != "zfsbackd full walk")
@@ -721,7 +746,7 @@ def render(doc: dict[str, Any]) -> str:
         out.append(
             f"| {step} | {_fmt(z['wall_s'], 2)} | {_fmt(d['change_list_s'], 2)} | "
             f"{_fmt(d.get('zfs_diff_s'), 2)} ({_fmt(d.get('zfs_diff_cpu_s'), 2)}) | "
-            f"{d.get('zfs_diff_lines', '–')} / {paths} | "
+            f"{d.get('zfs_diff_lines', '–')} / {paths} | {_stream_cell(d.get('send_stream'))} | "
             f"{_fmt(d['archiver_s'], 2)} | {_fmt(d['other_s'], 2)} | {calls} |"
         )
     if doc.get("churn"):
@@ -745,6 +770,12 @@ def main() -> int:
         help="extra hard links (default 0: a changed hard-linked file makes zfsbackd walk everything)",
     )
     p.add_argument("--rounds", type=int, default=1, help="no-change + churn rounds (default 1)")
+    p.add_argument(
+        "--change-list",
+        choices=("send-stream", "zfs-diff"),
+        default="send-stream",
+        help="where zfsbackd's incremental change lists come from (default send-stream; zfs-diff: no object map)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default="/var/tmp", help="where the sparse pool file goes (default /var/tmp)")
     p.add_argument("--pool-gib", type=int, default=8, help="largest pool size in GiB (default 8; capped by free space)")

@@ -27,7 +27,8 @@ from zfsbackd.zfs import command
 from zfsbackd.zfs.libzfs_core import lzc_exists as _lzc_exists
 
 
-def _engine(tmp_path: Path, dataset: str, *, recursive: bool = False) -> Engine:
+def _config(tmp_path: Path, dataset: str, *, recursive: bool = False) -> Path:
+    """A configuration file backing up ``dataset`` as file system ``fs-zfs``."""
     config = write_config(tmp_path, {})
     data = yaml.safe_load(config.read_text())
     source: dict[str, object] = {"zfs": dataset}
@@ -35,7 +36,11 @@ def _engine(tmp_path: Path, dataset: str, *, recursive: bool = False) -> Engine:
         source["recursive"] = True
     data["file_systems"] = [{"id": "fs-zfs", "source": source}]
     config.write_text(yaml.safe_dump(data))
-    return Engine(load_config(config))
+    return config
+
+
+def _engine(tmp_path: Path, dataset: str, *, recursive: bool = False) -> Engine:
+    return Engine(load_config(_config(tmp_path, dataset, recursive=recursive)))
 
 
 def _mnt(dataset: str) -> Path:
@@ -97,7 +102,17 @@ def test_zfs_diff_incremental_reads_only_changed_files(dataset: str, tmp_path: P
     assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
 
 
-def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes(dataset: str, tmp_path: Path) -> None:
+@pytest.fixture(params=["send-stream", "zfs-diff"])
+def change_list(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where incremental change lists come from: the send stream (with the object map), or zfs diff (without)."""
+    if request.param == "zfs-diff":
+        monkeypatch.setattr(ZfsProvider, "_objmap", lambda self, fs: None)
+    return str(request.param)
+
+
+def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes(
+    dataset: str, tmp_path: Path, change_list: str
+) -> None:
     root = _mnt(dataset)
     (root / "keep").mkdir()
     (root / "keep" / "a").write_text("a\n")

@@ -455,7 +455,12 @@ class Archiver:
             before = previous.get(name)
             if changes is None and self._pending is not None:
                 changes = self._change_set()  # ready now? then the rest of this directory is skipped too
-            if before is not None and changes is not None and changes.is_clean(child):
+            if (
+                before is not None
+                and changes is not None
+                and changes.is_clean(child)
+                and entry.inode() == before.get("inode")  # a name now of another object is not clean
+            ):
                 nodes.append(before)  # unchanged since the parent's snapshot: not even stat'ed
                 frame.reused += 1
                 self._count_reused(before)
@@ -568,6 +573,7 @@ class Archiver:
         try:
             child_frame = self._enter_dir(child, before.get("subtree") if before else None, st.st_dev, node)
         except OSError as exc:
+            self.snapshot.directory_archived(child, node, None)
             self._entry_problem(child, "list the directory", exc)
             return None
         if _unchanged(before, "dir", st):
@@ -588,6 +594,7 @@ class Archiver:
         totals = _Totals()
         for node in nodes:
             totals.add_node(node)
+        self.snapshot.directory_archived(frame.rel, frame.node, nodes)
         if self._same_tree_as_before(frame):
             return frame.tree_before, totals  # type: ignore[return-value]
         tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))

@@ -331,7 +331,7 @@ class Engine:
         progress.on_update = on_update
         snapshot = None
         try:
-            provider = choose_provider(fs)  # type: ignore[arg-type]
+            provider = choose_provider(fs, self.config.state_dir)  # type: ignore[arg-type]
             # Hooks run around a snapshot taken now, not around one a resumed attempt finds again.
             snapshot = find_or_take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
             record = record.with_changes(
@@ -398,8 +398,9 @@ class Engine:
             log.warning("backup_interrupted", fs_id=record.file_system_id, backup_id=record.backup_id)
             raise
         except LeaseLost as exc:  # stays CREATING (and keeps its snapshot): the next run resumes it
-            log.error("backup_not_committed", fs_id=record.file_system_id, backup_id=record.backup_id,
-                      error=exc.message)
+            log.error(
+                "backup_not_committed", fs_id=record.file_system_id, backup_id=record.backup_id, error=exc.message
+            )
             raise
         except Exception as exc:
             record = self._record_failure(store, record, exc)

@@ -22,11 +22,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from zfsbackd.errors import SnapshotError
+
+if TYPE_CHECKING:
+    from zfsbackd.store.tree import Node
 
 log = structlog.get_logger(__name__)
 
@@ -289,7 +292,9 @@ class ChangeSet:
     modified or renamed (both names); ``dirty_dirs`` are their ancestors. A
     directory that is neither is not even listed: its parent-backup node,
     subtree included, is reused as it is — which is exactly what a full walk
-    would have produced for an unchanged directory.
+    would have produced for an unchanged directory. The archiver reuses a clean
+    name's node only while the name still has the node's inode number: a send
+    stream's list names objects, so a name given to a new object is not in it.
     """
 
     touched: frozenset[bytes]
@@ -424,6 +429,15 @@ class Snapshot(ABC):
     def commit(self) -> None:
         """The backup made from this snapshot is AVAILABLE. ZFS keeps it as the next incremental's base."""
         self.release()
+
+    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None) -> None:
+        """The archiver archived the directory *rel* (its *node*; None for the root): *nodes* are its
+        entries, or None when it could not be listed.
+
+        ZFS keeps each object's names and ctime from these (its send-stream change list needs
+        them); other providers need nothing.
+        """
+        return None
 
     def source_properties(self) -> dict[str, str]:
         """Properties of the source a restore should recreate (ZFS dataset properties); none elsewhere."""

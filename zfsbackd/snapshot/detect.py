@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import (
@@ -19,13 +20,14 @@ from zfsbackd.snapshot.reflink import ReflinkProvider, reflink_problem
 from zfsbackd.snapshot.zfs import ZfsProvider
 
 
-def choose_provider(fs: FileSystemSource) -> SnapshotProvider:
+def choose_provider(fs: FileSystemSource, state_dir: Path | None = None) -> SnapshotProvider:
     """ZFS dataset → ZFS snapshot; btrfs subvolume → atomic snapshot; XFS/btrfs with reflink → per-file clones;
     anything else → plain copy, but only if the configuration allows it explicitly,
-    because such a backup is not point-in-time.
+    because such a backup is not point-in-time. ``state_dir`` holds what a provider keeps
+    between backups (ZFS: the object maps of its send-stream change lists).
     """
     if fs.source_zfs is not None:
-        return ZfsProvider()
+        return ZfsProvider(state_dir)
     src = source_dir(fs)
     if fs_type(src) == BTRFS_MAGIC and os.stat(src).st_ino == BTRFS_SUBVOLUME_INO:
         return BtrfsProvider()

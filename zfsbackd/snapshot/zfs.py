@@ -37,7 +37,9 @@ from zfsbackd.snapshot.base import (
     SnapshotProvider,
     snapshot_name,
 )
-from zfsbackd.zfs import command
+from zfsbackd.snapshot.zfs_objmap import ObjectMap
+from zfsbackd.store.tree import Node, node_name
+from zfsbackd.zfs import command, sendstream
 from zfsbackd.zfs import libzfs_core as lzc
 from zfsbackd.zfs.exceptions import (
     HoldExists,
@@ -51,6 +53,11 @@ from zfsbackd.zfs.exceptions import (
 log = structlog.get_logger(__name__)
 
 HOLD_TAG = b"zfsbackd"
+#: A change list with more paths than this is not worth it: the walk is cheaper than examining that
+#: many names one by one (and the list stays bounded in memory).
+MAX_CHANGED_PATHS = 500_000
+#: regular files of one bonus layout stat'ed (at most) to decide whether the layout is trusted
+LAYOUT_SAMPLES = 8
 #: A backup's commit as one ZFS channel program (one transaction group): argv.bookmarks maps each new
 #: bookmark to its snapshot, argv.destroy names the older snapshots (keys; the values are true: channel
 #: programs refuse uint64 arguments). Returns {name: errno} of what failed.
@@ -201,7 +208,7 @@ class ZfsSnapshot(Snapshot):
     provider = "zfs"
     atomic = True
 
-    def __init__(self, fs_id: str, name: str, layout: Layout) -> None:
+    def __init__(self, fs_id: str, name: str, layout: Layout, objmap: ObjectMap | None = None) -> None:
         top, children = layout.members[0], layout.members[1:]
         super().__init__(name, top.snapshot_root(name), grafts={m.rel: m.snapshot_root(name) for m in children})
         self.fs_id = fs_id
@@ -209,6 +216,12 @@ class ZfsSnapshot(Snapshot):
         self.datasets = layout.datasets
         self.members = layout.members
         self.mountpoint = top.mountpoint
+        self._objmap = objmap
+        self._by_rel = {m.rel: m for m in layout.members}
+        self._map_complete = True
+        """False once a directory could not be listed: its names in the map may then be stale."""
+        self._layouts: dict[tuple[str, int], bool] = {}
+        """(dataset, SA layout number) -> whether its bonus buffers are read (see :meth:`_layout_trusted`)."""
 
     def snapshots(self) -> list[bytes]:
         return [_b(f"{d}@{self.name}") for d in self.datasets]
@@ -244,15 +257,112 @@ class ZfsSnapshot(Snapshot):
     def changes_since(
         self, parent_snapshot: dict[str, object], stop: threading.Event | None = None
     ) -> ChangeSet | None:
-        """``zfs diff`` of every member against the parent backup's snapshot, as one change set.
+        """What changed since the parent backup's snapshot: from the incremental send stream when
+        the object map describes that snapshot, else from ``zfs diff``.
 
-        None (the archiver then compares metadata with the parent backup, still
-        reading only changed files) when a base snapshot is gone, or hard links
-        changed (``zfs diff`` names one link of an inode, not all of them).
+        None (the archiver then compares metadata with the parent backup, still reading only
+        changed files) when a base snapshot is gone, when there is an object map but not of
+        the base (the walk lists every directory, and so makes the map whole again), when too
+        much changed, or when ``zfs diff`` meets a changed hard link (it names one link of an
+        inode, not all of them; the map knows them all).
         """
         base = parent_snapshot.get("Name")
         if parent_snapshot.get("Provider") != "zfs" or not isinstance(base, str):
             return None
+        if self._objmap is not None:
+            if not self._objmap.describes(base):
+                log.info("zfs_object_map_not_of_base", fs_id=self.fs_id, base=base, path=str(self._objmap.path))
+                return None
+            try:
+                return self._stream_changes(base, stop)
+            except sendstream.TooManyChanges as exc:
+                log.info("zfs_change_list_too_long", fs_id=self.fs_id, reason=str(exc))
+                return None
+            except (sendstream.StreamFormatError, ZFSError, OSError) as exc:
+                log.warning("zfs_send_stream_change_list_failed", fs_id=self.fs_id, error=str(exc))
+        return self._diff_changes(base, stop)
+
+    def _stream_changes(self, base: str, stop: threading.Event | None) -> ChangeSet | None:
+        """The send stream of every member from its base (snapshot, else bookmark), through the object map."""
+        assert self._objmap is not None
+        paths: set[bytes] = set()
+        for member in self.members:
+            origin = _b(f"{member.dataset}@{base}")
+            if not lzc.lzc_exists(origin):
+                origin = _b(f"{member.dataset}#{base}")
+                if not lzc.lzc_exists(origin):
+                    log.warning("zfs_base_snapshot_missing", fs_id=self.fs_id, snapshot=f"{member.dataset}@{base}")
+                    return None
+            graft = member.rel + b"/" if member.rel else b""
+            root_object = os.stat(member.mountpoint).st_ino
+            with sendstream.incremental_stream(_b(f"{member.dataset}@{self.name}"), origin, stop) as stream:
+                for batch in stream.batches():
+                    changed = self._objmap.changed_paths(member.dataset, batch.objects, self._ctimes(member, batch))
+                    paths.update(graft + p for p in changed)
+                    if member.rel and root_object in batch.objects:
+                        paths.add(member.rel)  # a child's root changed: its mount point node changes
+                    if len(paths) > MAX_CHANGED_PATHS:
+                        raise sendstream.TooManyChanges(f"more than {MAX_CHANGED_PATHS} changed paths")
+            summary = stream.summary
+            log.info(
+                "zfs_change_list_from_send_stream",
+                fs_id=self.fs_id,
+                dataset=member.dataset,
+                objects=summary.objects,
+                changed_paths=len(paths),
+                stream_bytes=summary.stream_bytes,
+                records=summary.records,
+                seconds=round(summary.seconds, 3),
+            )
+        return ChangeSet.from_paths(paths)
+
+    def _ctimes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, int]:
+        """The ctime of each object in *batch* whose dnode alone was sent, where its bonus layout is trusted.
+
+        A dnode block is sent whole when any of its 32 dnodes changed; comparing each one's ctime
+        with the map's tells the changed ones from their neighbours without a stat.
+        """
+        return {
+            obj: attributes.ctime_ns
+            for obj, attributes in batch.attributes.items()
+            if obj not in batch.data_objects and self._layout_trusted(member, attributes.layout, batch)
+        }
+
+    def _layout_trusted(self, member: Member, layout: int, batch: sendstream.ObjectBatch) -> bool:
+        """Whether the bonus buffers of *layout* are in zfs_mknode's order: a regular file of that layout,
+        found through the map, must have exactly the mode, size, owner, times and links its bonus says.
+        Undecided (no such file in this batch) counts as no, until a later batch decides."""
+        key = (member.dataset, layout)
+        verdict = self._layouts.get(key)
+        if verdict is None:
+            verdict = self._check_layout(member, layout, batch)
+            if verdict is None:
+                return False
+            self._layouts[key] = verdict
+            if not verdict:
+                log.warning("zfs_bonus_layout_not_trusted", fs_id=self.fs_id, dataset=member.dataset, layout=layout)
+        return verdict
+
+    def _check_layout(self, member: Member, layout: int, batch: sendstream.ObjectBatch) -> bool | None:
+        assert self._objmap is not None
+        root = member.snapshot_root(self.name)
+        samples = [
+            (obj, attributes)
+            for obj, attributes in batch.attributes.items()
+            if attributes.layout == layout and stat.S_ISREG(attributes.mode)
+        ]
+        for obj, attributes in samples[:LAYOUT_SAMPLES]:
+            for rel in self._objmap.paths(member.dataset, [obj]):
+                try:
+                    st = os.lstat(root / os.fsdecode(rel))
+                except OSError:
+                    continue
+                if st.st_ino == obj:
+                    return attributes.matches(st)
+        return None
+
+    def _diff_changes(self, base: str, stop: threading.Event | None) -> ChangeSet | None:
+        """``zfs diff`` of every member against the base snapshot, as one change set."""
         for member in self.members:
             if not lzc.lzc_exists(_b(f"{member.dataset}@{base}")):
                 log.warning("zfs_base_snapshot_missing", fs_id=self.fs_id, snapshot=f"{member.dataset}@{base}")
@@ -298,6 +408,20 @@ class ZfsSnapshot(Snapshot):
                 paths.add(graft + path[len(mount) + 1 :])
         return paths
 
+    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None) -> None:
+        """Keep the directory's names by object number (inode number = object number on ZFS), with their ctime."""
+        if self._objmap is None:
+            return
+        if nodes is None:
+            self._map_complete = False
+            return
+        prefix, _ = self.split(rel)
+        member = self._by_rel[prefix]
+        parent = 0 if rel == prefix or node is None else int(node["inode"])
+        self._objmap.archived(
+            member.dataset, parent, [(node_name(n), int(n["inode"]), int(n.get("ctime_ns", -1))) for n in nodes]
+        )
+
     # ------------------------------------------------------------ lifecycle
     def hold(self) -> None:
         try:
@@ -312,6 +436,12 @@ class ZfsSnapshot(Snapshot):
         except HoldReleaseFailure as exc:
             if not all(isinstance(e, HoldNotFound) for e in exc.errors):
                 raise
+
+    def close(self) -> None:
+        """Interrupted: the snapshot stays for the resumed run; what the walk told the object map does not."""
+        if self._objmap is not None:
+            self._objmap.rollback()
+        super().close()
 
     def release(self) -> None:
         """The backup failed: drop the hold and destroy this snapshot."""
@@ -332,6 +462,8 @@ class ZfsSnapshot(Snapshot):
         older bookmarks' destruction run beside it on their own threads: the waits overlap.
         """
         super().close()
+        if self._objmap is not None:
+            self._objmap.commit(self.name if self._map_complete else None)
         old_snapshots = self._older_snapshots()
         old_bookmarks = [
             _b(f"{dataset}#") + name
@@ -399,9 +531,14 @@ class ZfsSnapshot(Snapshot):
 class ZfsProvider(SnapshotProvider):
     name = "zfs"
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
         # find() then take() for one backup would run the same zfs/zpool commands twice.
         self._checked: dict[str, Layout] = {}
+        self._state_dir = state_dir
+        """Where each file system's object map lives (``zfs/<id>.objmap``); None: no map, ``zfs diff`` only."""
+
+    def _objmap(self, fs: FileSystemSource) -> ObjectMap | None:
+        return None if self._state_dir is None else ObjectMap(self._state_dir / "zfs" / f"{fs.id}.objmap")
 
     def _layout(self, fs: FileSystemSource) -> Layout:
         if fs.id not in self._checked:
@@ -450,7 +587,7 @@ class ZfsProvider(SnapshotProvider):
             )
         except ZFSError as exc:
             raise SnapshotError(f"file_systems[{fs.id}]: cannot snapshot {layout.dataset}: {exc}") from exc
-        snap = ZfsSnapshot(fs.id, name, layout)
+        snap = ZfsSnapshot(fs.id, name, layout, self._objmap(fs))
         snap.hold()
         return snap
 
@@ -459,6 +596,6 @@ class ZfsProvider(SnapshotProvider):
         layout = self._layout(fs).having(name)
         if layout is None:
             return None
-        snap = ZfsSnapshot(fs.id, name, layout)
+        snap = ZfsSnapshot(fs.id, name, layout, self._objmap(fs))
         snap.hold()
         return snap

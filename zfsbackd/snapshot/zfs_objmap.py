@@ -1,0 +1,228 @@
+"""Each ZFS object's names and ctime as of the last committed backup: the map that turns a send
+stream's object numbers into the paths the archiver must look at again.
+
+Inside a ZFS file system an inode number is the object number, so the map costs no system
+call of its own: the archiver reports every directory it archives with its nodes (name, inode,
+ctime: :meth:`ObjectMap.archived`), and the rows of that directory are replaced by them. The
+ctime tells an object whose dnode the stream sent only because it shares a dnode block with a
+changed one (same ctime) from a changed one. A backup that skips an unchanged directory keeps its rows
+from the map of the parent backup's snapshot, which is therefore only used when it describes
+exactly that snapshot (``meta.snapshot``) and was complete (every directory listed at least
+once since it was started).
+
+One SQLite file per configured file system in ``state_dir/zfs``, a cache and nothing more:
+rows are ``(member, parent, name) -> (object, ctime)`` (``parent`` 0 for a member's root directory:
+object 0 is the meta-dnode, never a directory), with an index by object. A backup writes in
+one transaction that commits with the backup (:meth:`commit`) and is rolled back otherwise;
+readers (the change list, on its own thread) use their own connection and see the committed
+map of the parent's snapshot, never half of the new one (WAL). A file that cannot be read
+is deleted and rebuilt by the next full walk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+MAP_FORMAT = 1
+#: object numbers per IN (...) query (SQLite's default limit on host parameters is 32766)
+_IN_BATCH = 500
+#: a chain of parents longer than this is a corrupt map, not a directory tree
+_MAX_DEPTH = 4096
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    member TEXT NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL, object INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    PRIMARY KEY (member, parent, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_object ON entries (member, object);
+"""
+
+
+class ObjectMap:
+    """Names by object number for one file system's datasets (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._broken = False
+
+    # ----------------------------------------------------------------- reading
+    def describes(self, snapshot: str) -> bool:
+        """Whether the committed map is complete and exactly that of ``snapshot`` (by name)."""
+        meta = self._read(lambda conn: dict(conn.execute("SELECT name, value FROM meta").fetchall()))
+        return meta is not None and meta.get("format") == str(MAP_FORMAT) and meta.get("snapshot") == snapshot
+
+    def paths(self, member: str, objects: Iterable[int]) -> set[bytes]:
+        """Every name (relative to the member's root) that the committed map gives ``objects``."""
+        return self.changed_paths(member, objects, {})
+
+    def changed_paths(self, member: str, objects: Iterable[int], ctimes: Mapping[int, int]) -> set[bytes]:
+        """The names of ``objects``, but not of those whose ctime is known (``ctimes``) and as it was.
+
+        Rows whose chain of parents does not reach the root are of deleted directories and give
+        no name. Directories have one name each, so their paths are resolved once and shared.
+        """
+        result = self._read(lambda conn: self._paths(conn, member, list(objects), ctimes))
+        return result if result is not None else set()
+
+    @staticmethod
+    def _paths(conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]) -> set[bytes]:
+        links = {  # object -> [(parent, name, ctime)] of the objects that (may) have changed
+            obj: entries
+            for obj, entries in _rows(conn, member, objects).items()
+            if obj not in ctimes or any(ctime != ctimes[obj] for _, _, ctime in entries)
+        }
+        named: dict[int, tuple[int, bytes]] = {}  # directory -> (its parent, its name)
+        wanted = {parent for entries in links.values() for parent, _, _ in entries} - {0}
+        for _ in range(_MAX_DEPTH):
+            if not wanted:
+                break
+            found = _rows(conn, member, list(wanted))
+            named.update((obj, entries[0][:2]) for obj, entries in found.items())
+            wanted = {parent for parent, _ in (named[obj] for obj in found)} - named.keys() - {0}
+        resolved: dict[int, bytes | None] = {0: b""}
+
+        def dir_path(directory: int) -> bytes | None:
+            chain: list[int] = []
+            while directory not in resolved:
+                link = named.get(directory)
+                if link is None or len(chain) > _MAX_DEPTH:  # a deleted directory's rows, or a cycle
+                    resolved.update(dict.fromkeys([*chain, directory]))
+                    return None
+                chain.append(directory)
+                directory = link[0]
+            base = resolved[directory]
+            for obj in reversed(chain):
+                base = None if base is None else _join(base, named[obj][1])
+                resolved[obj] = base
+            return base
+
+        paths: set[bytes] = set()
+        for entries in links.values():
+            for parent, name, _ in entries:
+                base = dir_path(parent)
+                if base is not None:
+                    paths.add(_join(base, name))
+        return paths
+
+    def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T | None:
+        """Run ``query`` on a fresh reader connection; None when there is no usable map."""
+        if self._broken or not self.path.exists():
+            return None
+        try:
+            conn = sqlite3.connect(self.path, timeout=30)  # not mode=ro: WAL readers may need to make the -shm
+            try:
+                return query(conn)
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            self._discard(f"unreadable: {exc}")
+            return None
+
+    # ----------------------------------------------------------------- writing
+    def archived(self, member: str, parent: int, entries: list[tuple[bytes, int, int]]) -> None:
+        """The directory ``parent`` (0: the member's root) holds ``entries`` (name, object, ctime) now."""
+        with self._lock:
+            conn = self._begin()
+            if conn is None:
+                return
+            try:
+                conn.execute("DELETE FROM entries WHERE member = ? AND parent = ?", (member, parent))
+                conn.executemany(
+                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
+                    [(member, parent, name, obj, ctime) for name, obj, ctime in entries],
+                )
+            except sqlite3.Error as exc:
+                self._fail(exc)
+
+    def commit(self, snapshot: str | None) -> None:
+        """The backup of ``snapshot`` is committed: so is the map, as that snapshot's (None: incomplete)."""
+        with self._lock:
+            conn = self._begin()
+            if conn is None:
+                return
+            try:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (str(MAP_FORMAT),))
+                if snapshot is None:
+                    conn.execute("DELETE FROM meta WHERE name = 'snapshot'")
+                else:
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('snapshot', ?)", (snapshot,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._fail(exc)
+            self._close_writer()
+
+    def rollback(self) -> None:
+        """The backup did not commit: forget what it listed."""
+        with self._lock:
+            if self._writer is not None:
+                try:
+                    self._writer.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.warning("zfs_object_map_rollback_failed", path=str(self.path), error=str(exc))
+            self._close_writer()
+
+    def _begin(self) -> sqlite3.Connection | None:
+        """The writer's connection inside its open transaction (lock held); None once the map is broken."""
+        if self._broken:
+            return None
+        if self._writer is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM meta WHERE name = 'snapshot'")  # until commit() says which
+                self._writer = conn
+            except (OSError, sqlite3.Error) as exc:
+                self._fail(exc)
+        return self._writer
+
+    def _fail(self, exc: BaseException) -> None:
+        self._close_writer()
+        self._discard(f"cannot be written: {exc}")
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _discard(self, reason: str) -> None:
+        """Give up on the file for this process: delete it, so the next full walk builds a new one."""
+        self._broken = True
+        log.warning("zfs_object_map_discarded", path=str(self.path), reason=reason)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+def _join(directory: bytes, name: bytes) -> bytes:
+    return directory + b"/" + name if directory else name
+
+
+def _rows(conn: sqlite3.Connection, member: str, objects: list[int]) -> dict[int, list[tuple[int, bytes, int]]]:
+    """object -> [(parent, name, ctime)] for ``objects``, in batches of one IN (...) query."""
+    found: dict[int, list[tuple[int, bytes, int]]] = {}
+    for start in range(0, len(objects), _IN_BATCH):
+        batch = objects[start : start + _IN_BATCH]
+        marks = ",".join("?" * len(batch))
+        for parent, name, obj, ctime in conn.execute(
+            f"SELECT parent, name, object, ctime_ns FROM entries WHERE member = ? AND object IN ({marks})",
+            (member, *batch),
+        ):
+            found.setdefault(obj, []).append((parent, bytes(name), ctime))
+    return found
