@@ -102,6 +102,9 @@ def test_missing_unreadable_or_exposed_key_files_are_refused(tmp_path: Path) -> 
         check_key_file(f"file://{tmp_path}", "raw")
     with pytest.raises(KeyFileError, match=r"mode 0644, readable by group or others.*chmod 600"):
         check_key_file(_key(tmp_path, os.urandom(32), mode=0o644), "raw")
+    (tmp_path / "link.key").symlink_to(tmp_path / "new.key")
+    with pytest.raises(KeyFileError, match="is a symbolic link; give the file it points to"):
+        check_key_file(f"file://{tmp_path}/link.key", "raw")
 
 
 def test_a_key_never_appears_in_an_error(tmp_path: Path) -> None:

@@ -18,14 +18,13 @@ encryption asks of zfsbackd is:
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zfsbackd.errors import BadRequest, KeyFileError, RestoreError, SnapshotError
+from zfsbackd.store.crypto import read_private_file
 from zfsbackd.zfs import command
 from zfsbackd.zfs import libzfs_core as lzc
 
@@ -147,30 +146,12 @@ def check_key_file(location: str, key_format: str) -> None:
     """
     path = key_file_path(location)
     where = f"--encryption-key-location {location}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"{where}: {path} does not exist; write the new dataset's key there first (a raw key: "
-            f"`(umask 077; head -c {RAW_KEY_BYTES} /dev/urandom > {path})`)"
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"{where}: cannot open {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{where}: {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"{where}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable by group or others; "
-                f"refusing to use it as a key. Run `chmod 600 {path}`"
-            )
-        material = os.read(fd, _KEY_READ_LIMIT)
-    except OSError as exc:
-        raise KeyFileError(f"{where}: cannot read {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    problem = key_problem(material, key_format, st.st_size)
+    missing = (
+        f"write the new dataset's key there first (a raw key: `(umask 077; head -c {RAW_KEY_BYTES} /dev/urandom "
+        f"> {path})`)"
+    )
+    material, size = read_private_file(path, where, missing, _KEY_READ_LIMIT)
+    problem = key_problem(material, key_format, size)
     if problem is not None:
         raise KeyFileError(f"{where}: {path} is not a {key_format} key: {problem}")
 
