@@ -14,6 +14,10 @@ never one that someone holds — with their transaction-group waits overlapping
 The next backup asks ``zfs diff`` between the base and its own snapshot and
 reads only what changed. A missing base costs a full walk (metadata
 comparison against the parent backup), never a wrong backup.
+
+An encrypted dataset is read the same way while its key is loaded;
+:mod:`zfsbackd.snapshot.zfs_encryption` records its encryption with the backup
+and refuses one whose key is not loaded.
 """
 
 from __future__ import annotations
