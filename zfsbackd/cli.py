@@ -47,6 +47,7 @@ from zfsbackd.errors import (
 )
 from zfsbackd.logs import configure_logging
 from zfsbackd.output import render
+from zfsbackd.snapshot.zfs_encryption import KEY_FORMATS, TargetEncryption
 from zfsbackd.store.crypto import generate_key_file
 from zfsbackd.validation import parse_tags, validate_client_request_token, validate_file_system_id
 
@@ -353,6 +354,7 @@ def cmd_restore_backup(args: argparse.Namespace) -> int:
             args.backup_id,
             Path(args.target) if args.target else None,
             target_dataset=args.target_dataset,
+            encryption=TargetEncryption(args.encryption_key_location, args.encryption_key_format, args.no_encryption),
             paths=args.path or [],
             region=args.region,
             progress=progress,
@@ -577,6 +579,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", metavar="DIR", help="an existing directory; the restore goes into a new subdirectory"
     )
     target.add_argument("--target-dataset", help="a new ZFS dataset POOL/NAME")
+    p.add_argument(
+        "--encryption-key-location",
+        metavar="file:///PATH",
+        help="with --target-dataset: encrypt the new dataset with its own key, read from this file (ZFS "
+        "keylocation; the file must exist, mode 0600)",
+    )
+    p.add_argument(
+        "--encryption-key-format",
+        choices=KEY_FORMATS,
+        help="the key file's format: raw (32 bytes), hex (64 hex digits) or passphrase (8-512 bytes); default: "
+        "the backed-up dataset's keyformat",
+    )
+    p.add_argument(
+        "--no-encryption",
+        action="store_true",
+        help="with --target-dataset: create the new dataset unencrypted, even when the backup's source was encrypted",
+    )
     p.add_argument("--path", action="append", help="restore only this path (repeatable)")
     p.add_argument("--region", help=REGION_HELP)
     p.set_defaults(func=cmd_restore_backup)

@@ -53,7 +53,8 @@ class ConfigError(ZfsbackdError):
 
 
 class KeyFileError(ZfsbackdError):
-    """The encryption key file is missing, too short or readable by others."""
+    """A key file (the store's, or the ZFS key of a dataset a restore creates) is missing, malformed or
+    readable by others."""
 
     code = "InvalidKeyFile"
     exit_code = EXIT_BAD_REQUEST

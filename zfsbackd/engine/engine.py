@@ -44,7 +44,7 @@ from zfsbackd.errors import (
 )
 from zfsbackd.identity import HostIdentity
 from zfsbackd.objectstore.factory import open_object_store
-from zfsbackd.snapshot import find_or_take_snapshot
+from zfsbackd.snapshot import find_or_take_snapshot, zfs_encryption
 from zfsbackd.snapshot import zfs as zfs_snapshots
 from zfsbackd.snapshot.base import PendingChanges
 from zfsbackd.snapshot.detect import choose_provider
@@ -712,10 +712,15 @@ class Engine:
         target: Path | None,
         *,
         target_dataset: str | None = None,
+        encryption: zfs_encryption.TargetEncryption | None = None,
         paths: Sequence[str] = (),
         region: str | None = None,
         progress: Progress | None = None,
     ) -> RestoreResult:
+        """Restore into a new directory below ``target``, or into the new ZFS dataset ``target_dataset``
+        (created with the recorded properties and, per ``encryption``, encrypted)."""
+        encryption = encryption or zfs_encryption.TargetEncryption()
+        encryption.check(target_dataset)
         if target_dataset is None:
             check_target(target)  # a symlink, missing or unusable --target fails before the store is read
         record = self.get_backup(backup_id, region)
@@ -723,6 +728,8 @@ class Engine:
             raise BackupRestoring(
                 f"backup {backup_id} is {record.lifecycle.value}; only AVAILABLE backups can be restored"
             )
+        # A new dataset is checked (its key too) before the index is read, and before anything is created.
+        new_dataset = self._plan_dataset_target(record, target_dataset, encryption) if target_dataset else None
         store = self.store(region)
         if progress is not None:
             progress.total_bytes = record.size_in_bytes
@@ -732,9 +739,7 @@ class Engine:
             store.load_index(record_adopted=False)
             restorer = Restorer(store, record, target or Path("/"), list(paths), progress=progress)
             try:
-                result = (
-                    self._restore_to_dataset(restorer, record, target_dataset) if target_dataset else restorer.run()
-                )
+                result = self._restore_to_dataset(restorer, record, *new_dataset) if new_dataset else restorer.run()
             except IntegrityError as exc:
                 raise self._explain_restore_failure(store, record, exc) from None
         log.info("backup_restored", backup_id=backup_id, region=store.region, path=str(result.path), files=result.files)
@@ -755,18 +760,31 @@ class Engine:
         )
 
     @staticmethod
-    def _restore_to_dataset(restorer: Restorer, record: BackupRecord, dataset: str) -> RestoreResult:
-        """Create ``dataset`` (children too, for a recursive backup) with the recorded properties and
-        restore into it (the FSx way: a backup restores to a new file system)."""
-        props = {
-            k[len(ZFS_PROPERTY_PREFIX) :]: v for k, v in record.properties.items() if k.startswith(ZFS_PROPERTY_PREFIX)
-        }
-        children = list(record.snapshot.get("Children") or [])
+    def _plan_dataset_target(
+        record: BackupRecord, dataset: str, encryption: zfs_encryption.TargetEncryption
+    ) -> tuple[str, dict[str, str], str | None]:
+        """``dataset`` with the properties that encrypt it and a note (see ``target_properties``), once it
+        is clear that it can be created."""
+        encrypt, note = zfs_encryption.target_properties(record.snapshot, dataset, encryption)
         if zfs_lzc.lzc_exists(dataset.encode()):
             raise RestoreError(
                 f"--target-dataset {dataset} already exists; a backup restores to a new dataset: give a new name"
             )
-        create_props = {k: v for k, v in props.items() if k not in READ_ONLY_AFTER_RESTORE}  # set once data is in
+        return dataset, encrypt, note
+
+    @staticmethod
+    def _restore_to_dataset(
+        restorer: Restorer, record: BackupRecord, dataset: str, encryption: dict[str, str], note: str | None
+    ) -> RestoreResult:
+        """Create ``dataset`` (children too, for a recursive backup) with the recorded properties and the
+        ``encryption`` properties, and restore into it (the FSx way: a backup restores to a new file system).
+        ``note`` says how the new dataset is encrypted when that is not what was asked for explicitly."""
+        props = {
+            k[len(ZFS_PROPERTY_PREFIX) :]: v for k, v in record.properties.items() if k.startswith(ZFS_PROPERTY_PREFIX)
+        }
+        children = list(record.snapshot.get("Children") or [])
+        # readonly is set once the data is in; the children inherit the new dataset's encryption
+        create_props = {k: v for k, v in props.items() if k not in READ_ONLY_AFTER_RESTORE} | encryption
         try:
             mnt, child_mounts = zfs_snapshots.create_restore_target(dataset, create_props, children)
             result = restorer.run_into(mnt, child_mounts)
@@ -778,6 +796,9 @@ class Engine:
                 log.error("restore_failed", backup_id=record.backup_id, dataset=failed)
             raise
         zfs_snapshots.finish_restore_target(dataset, props, children)
+        result.encryption = zfs_encryption.describe_target(dataset, note)
+        if note is not None:
+            log.info("restore_target_inherits_encryption", backup_id=record.backup_id, dataset=dataset)
         return result
 
     # ------------------------------------------------------------------- check

@@ -154,9 +154,11 @@ class RestoreResult:
     xattrs_not_restored: int = 0
     warnings: list[str] = field(default_factory=list)
     """The first MAX_WARNINGS things not restored exactly, each with its path (all are counted)."""
+    encryption: dict[str, str] | None = None
+    """For a new ZFS dataset: its encryption as ZFS reports it (and a note when it was inherited)."""
 
     def to_api(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "Path": str(self.path),
             "Files": self.files,
             "Directories": self.directories,
@@ -164,6 +166,9 @@ class RestoreResult:
             "XattrsNotRestored": self.xattrs_not_restored,
             "Warnings": list(self.warnings),
         }
+        if self.encryption is not None:
+            out["Encryption"] = self.encryption
+        return out
 
 
 _FileToWrite = tuple[int, int, bytes, Node, bytes]  # (directory index, its pinned fd, name, node, path)

@@ -14,6 +14,10 @@ never one that someone holds — with their transaction-group waits overlapping
 The next backup asks ``zfs diff`` between the base and its own snapshot and
 reads only what changed. A missing base costs a full walk (metadata
 comparison against the parent backup), never a wrong backup.
+
+An encrypted dataset is read the same way while its key is loaded;
+:mod:`zfsbackd.snapshot.zfs_encryption` records its encryption with the backup
+and refuses one whose key is not loaded.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import os
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from zfsbackd.errors import RestoreError, SnapshotError
+from zfsbackd.snapshot import zfs_encryption
 from zfsbackd.snapshot.base import (
     ChangeSet,
     FileSystemSource,
@@ -190,6 +195,8 @@ class Layout:
     """Every file system snapshotted (children too when recursive; one atomic ``lzc_snapshot``)."""
     members: list[Member]
     """The mounted ones, read into one tree; the first is ``dataset`` itself."""
+    encryption: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The recorded encryption properties of the encrypted ones (see :mod:`zfs_encryption`), by name."""
 
     def having(self, snapshot: str) -> Layout | None:
         """The part of this layout whose file systems have ``@snapshot`` (None without the top one).
@@ -201,7 +208,8 @@ class Layout:
         present = [d for d in self.datasets if lzc.lzc_exists(_b(f"{d}@{snapshot}"))]
         if self.dataset not in present:
             return None
-        return Layout(self.dataset, present, [m for m in self.members if m.dataset in present])
+        members = [m for m in self.members if m.dataset in present]
+        return Layout(self.dataset, present, members, {d: e for d, e in self.encryption.items() if d in present})
 
 
 class ZfsSnapshot(Snapshot):
@@ -216,6 +224,7 @@ class ZfsSnapshot(Snapshot):
         self.datasets = layout.datasets
         self.members = layout.members
         self.mountpoint = top.mountpoint
+        self.encryption = layout.encryption
         self._objmap = objmap
         self._by_rel = {m.rel: m for m in layout.members}
         self._map_complete = True
@@ -232,19 +241,23 @@ class ZfsSnapshot(Snapshot):
 
     def describe(self) -> dict[str, object]:
         description: dict[str, object] = {**super().describe(), "Dataset": self.dataset}
+        if self.dataset in self.encryption:
+            description["Encryption"] = self.encryption[self.dataset]
         if len(self.datasets) > 1:
             description["Children"] = self._children()
         return description
 
     def _children(self) -> list[dict[str, object]]:
         """Each child file system (parents first): its name below the dataset, where its files sit in the
-        tree (None: not mounted, nothing read) and its own properties — what a restore recreates."""
+        tree (None: not mounted, nothing read), its own properties — what a restore recreates — and, when
+        it is encrypted, its encryption."""
         paths = {m.dataset: os.fsdecode(m.rel) for m in self.members}
         return [
             {
                 "Dataset": child[len(self.dataset) + 1 :],
                 "Path": paths.get(child),
                 "Properties": dataset_properties(child),
+                **({"Encryption": self.encryption[child]} if child in self.encryption else {}),
             }
             for child in self.datasets[1:]
         ]
@@ -560,6 +573,8 @@ class ZfsProvider(SnapshotProvider):
         )
         recursive = bool(getattr(fs, "recursive", False))
         mounts = command.list_mounts(dataset, recursive=recursive)
+        props = command.get_properties_below(dataset, zfs_encryption.LAYOUT_PROPERTIES, recursive=recursive)
+        zfs_encryption.check_keys_loaded(where, dataset, props, {m.name for m in mounts if m.mountpoint is not None})
         top = mounts[0].mountpoint
         if top is None:
             raise not_mounted
@@ -576,7 +591,8 @@ class ZfsProvider(SnapshotProvider):
                     f"below {top}, or back it up as a file system of its own (and set recursive: false)"
                 )
             members.append(Member(child.name, child.mountpoint, os.fsencode(child.mountpoint.relative_to(top))))
-        return Layout(dataset, [m.name for m in mounts], members)
+        encryption = {m.name: e for m in mounts if (e := zfs_encryption.recorded_encryption(props.get(m.name, {})))}
+        return Layout(dataset, [m.name for m in mounts], members, encryption)
 
     def take(self, fs: FileSystemSource, backup_id: str) -> Snapshot:
         layout = self._layout(fs)

@@ -22,6 +22,7 @@ object still carries a BLAKE3 checksum so corruption is detected.
 from __future__ import annotations
 
 import base64
+import errno
 import hmac
 import json
 import os
@@ -45,29 +46,42 @@ CHECKSUM_BYTES = 16
 MIN_KEY_FILE_BYTES = 32
 
 
-def load_key_file(path: Path) -> bytes:
-    """Read the key file, refusing one that others could read (it unlocks every backup)."""
+def read_private_file(path: Path, where: str, missing: str, limit: int = 4096) -> tuple[bytes, int]:
+    """The first ``limit`` bytes of a file that holds a key, and its size.
+
+    Refuses (KeyFileError, each message starting with ``where``, the option or
+    config key) a file that is missing (``missing`` says how to make one), a
+    symlink, not a regular file, or readable by group or others: whoever can
+    read a key can read what it protects. Messages never quote the content.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise KeyFileError(
-            f"encryption.key_file: {path} does not exist; create one with "
-            f"`zfsbackd key generate --key-file {path}` (and keep a copy somewhere safe)"
-        ) from None
+        raise KeyFileError(f"{where}: {path} does not exist; {missing}") from None
     except OSError as exc:
-        raise KeyFileError(f"encryption.key_file: cannot open {path}: {exc.strerror}") from None
+        if exc.errno == errno.ELOOP:
+            raise KeyFileError(f"{where}: {path} is a symbolic link; give the file it points to") from None
+        raise KeyFileError(f"{where}: cannot open {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"encryption.key_file: {path} is not a regular file")
+            raise KeyFileError(f"{where}: {path} is not a regular file")
         if st.st_mode & 0o077:
             raise KeyFileError(
-                f"encryption.key_file: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable by "
+                f"{where}: {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable by "
                 f"group or others; refusing to use it. Run `chmod 600 {path}`"
             )
-        material = os.read(fd, 4096).strip()
+        return os.read(fd, limit), st.st_size
+    except OSError as exc:
+        raise KeyFileError(f"{where}: cannot read {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def load_key_file(path: Path) -> bytes:
+    """Read the key file, refusing one that others could read (it unlocks every backup)."""
+    missing = f"create one with `zfsbackd key generate --key-file {path}` (and keep a copy somewhere safe)"
+    material = read_private_file(path, "encryption.key_file", missing)[0].strip()
     if len(material) < MIN_KEY_FILE_BYTES:
         raise KeyFileError(
             f"encryption.key_file: {path} holds {len(material)} bytes; at least {MIN_KEY_FILE_BYTES} are "

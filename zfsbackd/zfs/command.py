@@ -338,6 +338,26 @@ def get_properties(
     return result
 
 
+def get_properties_below(root: str, names: Iterable[str], recursive: bool = True) -> dict[str, dict[str, str]]:
+    """Whatever their source, ``names`` of ``root`` and (``recursive``) every file system below it, in one
+    command: file system -> {property: value} (``-p`` form), parents first as :func:`list_mounts` orders them."""
+    names = list(names)
+    args = ["get", "-Hp", *(["-r"] if recursive else []), "-t", "filesystem", "-o", "name,property,value"]
+    args += [",".join(names), root]
+    command = ["zfs", *args]
+    result: dict[str, dict[str, str]] = {}
+    for line in _lines(_run("zfs", args, dataset=root)):
+        name, prop, value = _fields(command, line, 3, rest_in=2)
+        if name != root and not name.startswith(root + "/"):
+            raise _unexpected(command, f"{name!r} is not {root!r} or below it", line)
+        if prop not in names or prop in result.setdefault(name, {}):
+            raise _unexpected(command, f"property {prop!r}", line)
+        result[name][prop] = value
+    if root not in result:
+        raise _unexpected(command, f"{root!r} itself is missing", b"")
+    return result
+
+
 def _single_value(prop: str, dataset: str) -> tuple[str, list[str]]:
     args = ["get", "-Hp", "-o", "value", prop, dataset]
     command = ["zfs", *args]
