@@ -300,17 +300,19 @@ class Timers:
         command.diff = diff
         from zfsbackd.zfs import sendstream
 
-        orig_stream = sendstream.incremental_objects
+        orig_stream = sendstream.incremental_stream
 
-        def incremental_objects(*a: Any, **kw: Any) -> Any:
-            summary = orig_stream(*a, **kw)
+        @contextlib.contextmanager
+        def incremental_stream(*a: Any, **kw: Any) -> Any:
+            with orig_stream(*a, **kw) as stream:
+                yield stream
+            summary = stream.summary
             timers.stream["seconds"] += summary.seconds
-            timers.stream["objects"] += len(summary.objects)
+            timers.stream["objects"] += summary.objects
             timers.stream["stream_bytes"] += summary.stream_bytes
             timers.stream["records"] += sum(summary.records.values())
-            return summary
 
-        sendstream.incremental_objects = incremental_objects
+        sendstream.incremental_stream = incremental_stream
         orig_archiver = engine_mod.Archiver
 
         class TimedArchiver(orig_archiver):  # type: ignore[misc, valid-type]
