@@ -420,9 +420,9 @@ SINGLE_CASES = [
     (lambda: lzc.lzc_rollback(b"p/a"), "rollback", (errno.ESRCH, b""), "SnapshotNotFound", b"p/a"),
     (lambda: lzc.lzc_rollback(b"p/a"), "rollback", (errno.ENOENT, b""), "FilesystemNotFound", b"p/a"),
     (lambda: lzc.lzc_rollback(b"p/a!"), "rollback", (errno.ENOENT, b""), "NameInvalid", b"p/a!"),
-    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.ENOENT, "FilesystemNotFound", b"p/a"),
-    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.EBUSY, "DatasetBusy", b"p/a"),
-    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.EEXIST, "ZFSGenericError", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "plain", errno.ENOENT, "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "plain", errno.EBUSY, "DatasetBusy", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "plain", errno.EEXIST, "ZFSGenericError", b"p/a"),
     (lambda: lzc.lzc_hold({b"p/a@s": b"t"}, fd=99), "hold", (errno.EBADF, {}), "BadHoldCleanupFD", None),
     (lambda: lzc.lzc_create(b"p/a", ds_type="dir"), "create", 0, "DatasetTypeInvalid", "dir"),
 ]
@@ -466,7 +466,12 @@ def test_successful_calls_pass_pyzfs_shapes_to_the_library(fake: FakeBackend) ->
         ["LZC_SEND_FLAG_LARGE_BLOCK", "LZC_SEND_FLAG_EMBED_DATA", "LZC_SEND_FLAG_COMPRESS", "LZC_SEND_FLAG_RAW"],
     )
     assert calls["create"] == (b"p/v", "LZC_DATSET_TYPE_ZVOL", {b"volsize": 1 << 20}, b"")
-    assert calls["receive"] == (b"p/r@s", {b"user:x": b"y"}, b"p/o@s", True, False, 7)
+    assert calls["receive"] == (
+        "lzc_receive",
+        b"p/r@s",
+        7,
+        lzc.ReceiveOptions(force=True, origin=b"p/o@s", props={b"user:x": b"y"}),
+    )
     assert calls["destroy_snaps"] == ({b"p/a@s": None}, True)
     assert calls["has_function"] == ("lzc_bookmark",)
 
