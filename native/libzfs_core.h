@@ -137,8 +137,6 @@ int nvpair_value_uint64_array(nvpair_t *, uint64_t **, uint_t *);
 /* 2.1: char ***; 2.3: const char ***. */
 int nvpair_value_string_array(nvpair_t *, char ***, uint_t *);
 int nvpair_value_nvlist_array(nvpair_t *, nvlist_t ***, uint_t *);
-/* All versions: a packed nvlist (as lzc_list's records carry) back into one. */
-int nvlist_unpack(char *, size_t, nvlist_t **, int);
 
 /* ---- libzfs_core -------------------------------------------------------- */
 

@@ -9,6 +9,31 @@ the other::
     lzc.lzc_snapshot([b"tank/home@zfsbackd-backup-0123"], {b"zfsbackd:backup-id": b"backup-0123"})
     lzc.lzc_hold({b"tank/home@zfsbackd-backup-0123": b"zfsbackd"})
 
+Surface: every name that pyzfs 2.3's package exports (its ``__all__``:
+``lzc_*``, ``is_supported``, ``receive_header``, ``MAXNAMELEN``,
+``WRAPPING_KEY_LEN``, the ``ZCP_DEFAULT_*`` limits, the ``zfs_key_location``,
+``zfs_keyformat`` and ``zio_encrypt`` enums, and the ``exceptions`` and
+``ctypes`` namespaces), which is 2.1's plus ``lzc_receive_with_heal``. Names
+that only pyzfs's private module has are here too where its own functions need
+them (``lzc_inherit``, ``lzc_set_prop``, ``lzc_list``). pyzfs binds nothing
+else of the C library (no lzc_trim, lzc_initialize, lzc_wait*, lzc_redact,
+lzc_*_bootenv), so neither does this module.
+
+Support detection, as in pyzfs: functions pyzfs marks "uncommitted" check
+:func:`is_supported` on every call and raise ``NotImplementedError`` (with the
+C function's name) when the loaded libzfs_core lacks their symbol, e.g.
+``lzc_receive_with_heal`` on OpenZFS 2.1. ``is_supported(func)`` looks up the
+C symbol named ``func.__name__`` in the library that was actually loaded
+(cffi resolves declared functions lazily, so a missing one is an
+AttributeError, i.e. False); for the functions pyzfs builds on ``lzc_list``
+it asks about ``lzc_list``. Those, ``lzc_inherit_prop`` and ``lzc_set_props``
+wrap ClusterHQ extensions that no OpenZFS release exports: they raise
+NotImplementedError on every OpenZFS, in pyzfs and here.
+
+``lzc.exceptions`` and ``lzc.ctypes`` are attributes, not submodules:
+``lzc.ctypes.int32_t(5)`` works, ``from ...libzfs_core.ctypes import
+int32_t`` does not (import :mod:`zfsbackd.zfs.c_types` for that).
+
 Why not pyzfs itself: Debian ships it only for the system Python, it compiles
 nothing but still needs the distribution package, and a daemon in a venv
 cannot import it. This module needs only ``cffi`` and the shared libraries of
@@ -36,6 +61,9 @@ successful call):
   dataset): :class:`NameInvalid` for name arguments, ``ValueError`` inside
   dicts and lists;
 - ``lzc_create`` passes no key (NULL) when none is given;
+- where pyzfs's own ``lzc_list`` would fail on its ``str`` option keys
+  (TypeError, only on a library that has lzc_list), the shim raises the same
+  TypeError without first leaking a pipe;
 - a compound error's ``N_MORE_ERRORS`` entry becomes ``suppressed_count``
   instead of a bogus per-name error, an unexpected EINVAL from ``lzc_release``
   gives an error object instead of ``None`` in ``errors``, and ``lzc_bookmark``
@@ -52,7 +80,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -228,18 +256,27 @@ def _dlopen(ffi: cffi.FFI, names: list[str]) -> Any:
 
 @dataclass
 class ReceiveOptions:
-    """The optional arguments of the lzc_receive* family, with pyzfs's defaults."""
+    """The optional arguments of the lzc_receive* family, with pyzfs's defaults and order.
+
+    None for ``props``, ``cmdprops`` or ``key`` means none, as in pyzfs; after
+    construction they are a dict and bytes.
+    """
 
     force: bool = False
     resumable: bool = False
     raw: bool = False
     origin: bytes | None = None
-    props: Mapping[bytes, Any] = field(default_factory=dict)
-    cmdprops: Mapping[bytes, Any] = field(default_factory=dict)
-    key: bytes = b""
+    props: Mapping[bytes, Any] | None = None
+    cmdprops: Mapping[bytes, Any] | None = None
+    key: bytes | None = None
     cleanup_fd: int = -1
     action_handle: int | None = 0
     corrective: bool = True
+
+    def __post_init__(self) -> None:
+        self.props = self.props or {}
+        self.cmdprops = self.cmdprops or {}
+        self.key = b"" if self.key is None else bytes(self.key)
 
 
 class _Native:
@@ -935,7 +972,7 @@ def lzc_receive(
     ``force`` rolls the destination back (or replaces it) when needed; ``props``
     are set as received properties. Does not close ``fd``.
     """
-    _receive("lzc_receive", snapname, fd, ReceiveOptions(force=force, raw=raw, origin=origin, props=props or {}))
+    _receive("lzc_receive", snapname, fd, ReceiveOptions(force=force, raw=raw, origin=origin, props=props))
 
 
 def lzc_receive_resumable(
@@ -948,8 +985,7 @@ def lzc_receive_resumable(
 ) -> None:
     """:func:`lzc_receive` that, when the stream ends early, keeps what arrived so that
     :func:`lzc_send_resume` can continue it (the ``receive_resume_token`` property says from where)."""
-    opts = ReceiveOptions(force=force, raw=raw, origin=origin, props=props or {})
-    _receive("lzc_receive_resumable", snapname, fd, opts)
+    _receive("lzc_receive_resumable", snapname, fd, ReceiveOptions(force=force, raw=raw, origin=origin, props=props))
 
 
 def _receive(function: str, snapname: bytes, fd: int, opts: ReceiveOptions) -> None:
@@ -1031,7 +1067,7 @@ def lzc_receive_with_header(
     """:func:`lzc_receive` of a stream whose begin record :func:`receive_header` already read from ``fd``."""
     snapname = _c_name(snapname)
     _c_optional_name(origin)
-    opts = ReceiveOptions(force=force, resumable=resumable, raw=raw, origin=origin, props=props or {})
+    opts = ReceiveOptions(force, resumable, raw, origin, props)
     _raise_receive_error(_lib().receive_with_header(snapname, fd, begin_record, opts), snapname, origin)
 
 
@@ -1076,15 +1112,7 @@ def lzc_receive_one(
     stream itself was received. As in pyzfs, the returned ``action_handle``
     is the one passed in, not the kernel's.
     """
-    opts = ReceiveOptions(
-        force=force,
-        resumable=resumable,
-        raw=raw,
-        origin=origin,
-        props=props or {},
-        cleanup_fd=cleanup_fd,
-        action_handle=action_handle,
-    )
+    opts = ReceiveOptions(force, resumable, raw, origin, props, cleanup_fd=cleanup_fd, action_handle=action_handle)
     return _receive_one("lzc_receive_one", snapname, fd, begin_record, opts)
 
 
@@ -1105,17 +1133,7 @@ def lzc_receive_with_cmdprops(
 ) -> tuple[int, int | None]:
     """:func:`lzc_receive_one` with ``cmdprops`` (set locally, as ``zfs receive -o``; a bool value means
     ``-x``, inherit) and the wrapping ``key`` of an encrypted stream."""
-    opts = ReceiveOptions(
-        force=force,
-        resumable=resumable,
-        raw=raw,
-        origin=origin,
-        props=props or {},
-        cmdprops=cmdprops or {},
-        key=b"" if key is None else bytes(key),
-        cleanup_fd=cleanup_fd,
-        action_handle=action_handle,
-    )
+    opts = ReceiveOptions(force, resumable, raw, origin, props, cmdprops, key, cleanup_fd, action_handle)
     return _receive_one("lzc_receive_with_cmdprops", snapname, fd, begin_record, opts)
 
 
@@ -1137,18 +1155,7 @@ def lzc_receive_with_heal(
 ) -> tuple[int, int | None]:
     """:func:`lzc_receive_with_cmdprops` that, with ``corrective``, repairs damaged blocks of an existing
     snapshot from the stream instead of creating one (``zfs receive -c``; OpenZFS 2.2+)."""
-    opts = ReceiveOptions(
-        force=force,
-        corrective=corrective,
-        resumable=resumable,
-        raw=raw,
-        origin=origin,
-        props=props or {},
-        cmdprops=cmdprops or {},
-        key=b"" if key is None else bytes(key),
-        cleanup_fd=cleanup_fd,
-        action_handle=action_handle,
-    )
+    opts = ReceiveOptions(force, resumable, raw, origin, props, cmdprops, key, cleanup_fd, action_handle, corrective)
     return _receive_one("lzc_receive_with_heal", snapname, fd, begin_record, opts)
 
 
