@@ -75,10 +75,28 @@ void nvlist_free(nvlist_t *);
  * const element pointers (const boolean_t *, const uint64_t *). */
 int nvlist_add_boolean(nvlist_t *, const char *);
 int nvlist_add_boolean_value(nvlist_t *, const char *, boolean_t);
-int nvlist_add_uint64(nvlist_t *, const char *, uint64_t);
 int nvlist_add_string(nvlist_t *, const char *, const char *);
 int nvlist_add_nvlist(nvlist_t *, const char *, nvlist_t *);
+/* Integers of every width: a plain Python int is a uint64 (pyzfs: a few keys
+ * are 32-bit), a typed value from lzc.ctypes picks its own width. */
+int nvlist_add_byte(nvlist_t *, const char *, uchar_t);
+int nvlist_add_int8(nvlist_t *, const char *, int8_t);
+int nvlist_add_uint8(nvlist_t *, const char *, uint8_t);
+int nvlist_add_int16(nvlist_t *, const char *, int16_t);
+int nvlist_add_uint16(nvlist_t *, const char *, uint16_t);
+int nvlist_add_int32(nvlist_t *, const char *, int32_t);
+int nvlist_add_uint32(nvlist_t *, const char *, uint32_t);
+int nvlist_add_int64(nvlist_t *, const char *, int64_t);
+int nvlist_add_uint64(nvlist_t *, const char *, uint64_t);
 int nvlist_add_boolean_array(nvlist_t *, const char *, boolean_t *, uint_t);
+int nvlist_add_byte_array(nvlist_t *, const char *, uchar_t *, uint_t);
+int nvlist_add_int8_array(nvlist_t *, const char *, int8_t *, uint_t);
+int nvlist_add_uint8_array(nvlist_t *, const char *, uint8_t *, uint_t);
+int nvlist_add_int16_array(nvlist_t *, const char *, int16_t *, uint_t);
+int nvlist_add_uint16_array(nvlist_t *, const char *, uint16_t *, uint_t);
+int nvlist_add_int32_array(nvlist_t *, const char *, int32_t *, uint_t);
+int nvlist_add_uint32_array(nvlist_t *, const char *, uint32_t *, uint_t);
+int nvlist_add_int64_array(nvlist_t *, const char *, int64_t *, uint_t);
 int nvlist_add_uint64_array(nvlist_t *, const char *, uint64_t *, uint_t);
 /* 2.1: char *const *; 2.3: const char *const *. */
 int nvlist_add_string_array(nvlist_t *, const char *, char *const *, uint_t);
@@ -121,6 +139,53 @@ int nvpair_value_string_array(nvpair_t *, char ***, uint_t *);
 int nvpair_value_nvlist_array(nvpair_t *, nvlist_t ***, uint_t *);
 
 /* ---- libzfs_core -------------------------------------------------------- */
+
+/* The start of a send stream, as pyzfs declares it: dmu_replay_record_t is
+ * 312 bytes in every version (an 8-byte header and a 304-byte union); only
+ * the union's drr_begin member is ever read, drr_checksum gives the size. */
+typedef enum {
+    DMU_OST_NONE, DMU_OST_META, DMU_OST_ZFS, DMU_OST_ZVOL, DMU_OST_OTHER, DMU_OST_ANY, DMU_OST_NUMTYPES
+} dmu_objset_type_t;
+
+struct drr_begin {
+    uint64_t drr_magic;
+    uint64_t drr_versioninfo;
+    uint64_t drr_creation_time;
+    dmu_objset_type_t drr_type;
+    uint32_t drr_flags;
+    uint64_t drr_toguid;
+    uint64_t drr_fromguid;
+    char drr_toname[256];
+};
+
+typedef struct zio_cksum {
+    uint64_t zc_word[4];
+} zio_cksum_t;
+
+typedef struct dmu_replay_record {
+    enum {
+        DRR_BEGIN, DRR_OBJECT, DRR_FREEOBJECTS, DRR_WRITE, DRR_FREE, DRR_END, DRR_WRITE_BYREF,
+        DRR_SPILL, DRR_WRITE_EMBEDDED, DRR_NUMTYPES
+    } drr_type;
+    uint32_t drr_payloadlen;
+    union {
+        struct drr_begin drr_begin;
+        struct drr_checksum {
+            uint64_t drr_pad[34];
+            zio_cksum_t drr_checksum;
+        } drr_checksum;
+    } drr_u;
+} dmu_replay_record_t;
+
+/* lzc_change_key()'s command (sys/fs/zfs.h dcp_cmd_t), the same in 2.1 and 2.3. */
+typedef enum {
+    DCP_CMD_NONE,
+    DCP_CMD_RAW_RECV,
+    DCP_CMD_NEW_KEY,
+    DCP_CMD_INHERIT,
+    DCP_CMD_FORCE_NEW_KEY,
+    DCP_CMD_FORCE_INHERIT
+} dcp_cmd_t;
 
 /* Reference-counted open of /dev/zfs; returns an errno (ENOENT when the
  * kernel module is not loaded). All versions. */
@@ -167,3 +232,39 @@ int lzc_destroy(const char *);
 /* 0.8+: a Lua program run in syncing context (one txg) or, _nosync, read-only in open context. */
 int lzc_channel_program(const char *, const char *, uint64_t, uint64_t, nvlist_t *, nvlist_t **);
 int lzc_channel_program_nosync(const char *, const char *, uint64_t, uint64_t, nvlist_t *, nvlist_t **);
+
+/* The rest of what pyzfs binds. All in 2.1 and 2.3 unless said otherwise;
+ * identical prototypes in both. dmu_replay_record_t stands for
+ * "struct dmu_replay_record" (the same type). */
+int lzc_clone(const char *, const char *, nvlist_t *);
+/* The buffer receives the conflicting snapshot's name on EEXIST; pyzfs passes NULL, 0. */
+int lzc_promote(const char *, char *, int);
+int lzc_rename(const char *, const char *);
+int lzc_rollback_to(const char *, const char *);
+int lzc_snaprange_space(const char *, const char *, uint64_t *);
+int lzc_load_key(const char *, boolean_t, uint8_t *, uint_t);
+int lzc_unload_key(const char *);
+/* The command is a dcp_cmd_t passed as uint64_t. */
+int lzc_change_key(const char *, uint64_t, nvlist_t *, uint8_t *, uint_t);
+int lzc_sync(const char *, nvlist_t *, nvlist_t **);
+int lzc_reopen(const char *, boolean_t);
+int lzc_pool_checkpoint(const char *);
+int lzc_pool_checkpoint_discard(const char *);
+int lzc_send_resume(const char *, const char *, int, enum lzc_send_flags, uint64_t, uint64_t);
+int lzc_receive_resumable(const char *, nvlist_t *, const char *, boolean_t, boolean_t, int);
+int lzc_receive_with_header(const char *, nvlist_t *, const char *, boolean_t, boolean_t, boolean_t, int,
+    const dmu_replay_record_t *);
+int lzc_receive_one(const char *, nvlist_t *, const char *, boolean_t, boolean_t, boolean_t, int,
+    const dmu_replay_record_t *, int, uint64_t *, uint64_t *, uint64_t *, nvlist_t **);
+int lzc_receive_with_cmdprops(const char *, nvlist_t *, nvlist_t *, uint8_t *, uint_t, const char *, boolean_t,
+    boolean_t, boolean_t, int, const dmu_replay_record_t *, int, uint64_t *, uint64_t *, uint64_t *, nvlist_t **);
+/* 2.2+ only (absent from 2.1's libzfs_core.so.3). */
+int lzc_receive_with_heal(const char *, nvlist_t *, nvlist_t *, uint8_t *, uint_t, const char *, boolean_t,
+    boolean_t, boolean_t, boolean_t, int, const dmu_replay_record_t *, int, uint64_t *, uint64_t *, uint64_t *,
+    nvlist_t **);
+/* ClusterHQ's extensions, which pyzfs still declares: no OpenZFS release
+ * exports them, so looking them up fails and pyzfs's wrappers raise
+ * NotImplementedError. Declared so that is_supported() asks the library. */
+int lzc_inherit(const char *, const char *, nvlist_t *);
+int lzc_set_props(const char *, nvlist_t *, nvlist_t *, nvlist_t *);
+int lzc_list(const char *, nvlist_t *);

@@ -140,6 +140,21 @@ PYZFS_CLASSES = [
     ("PropertyNotSupported", "ZFSError", errno.ENOTSUP),
     ("PropertyInvalid", "ZFSError", errno.EINVAL),
     ("DatasetTypeInvalid", "ZFSError", errno.EINVAL),
+    ("NotClone", "ZFSError", errno.EINVAL),
+    ("SnapshotNotLatest", "ZFSError", errno.EEXIST),
+    ("StreamFeatureInvalid", "ZFSError", errno.EINVAL),
+    ("StreamFeatureIncompatible", "ZFSError", errno.EINVAL),
+    ("ReceivePropertyFailure", "MultipleOperationsFailure", None),
+    ("UnknownCryptCommand", "ZFSError", errno.EINVAL),
+    ("EncryptionKeyAlreadyLoaded", "ZFSError", errno.EEXIST),
+    ("EncryptionKeyInvalid", "ZFSError", errno.EACCES),
+    ("ZCPError", "ZFSError", None),
+    ("CheckpointExists", "ZFSError", 1024),
+    ("CheckpointNotFound", "ZFSError", 1026),
+    ("CheckpointDiscarding", "ZFSError", 1025),
+    ("DeviceRemovalRunning", "ZFSError", 1027),
+    ("DeviceTooBig", "ZFSError", 1028),
+    ("RaidzExpansionRunning", "ZFSError", 1049),
 ]
 
 
@@ -204,10 +219,17 @@ _DEFAULTS: dict[str, Any] = {
     "get_bookmarks": (0, {}),
     "destroy_bookmarks": (0, {}),
     "send_space": (0, 0),
+    "snaprange_space": (0, 0),
+    "receive_one": (0, 0, {}),
     "rollback": (0, b""),
     "exists": True,
     "has_function": True,
 }
+
+
+def _c_calls(fake: FakeBackend) -> list[tuple[str, tuple[Any, ...]]]:
+    """The recorded calls without is_supported's symbol lookups."""
+    return [call for call in fake.calls if call[0] != "has_function"]
 
 
 def _errors(err: exceptions.MultipleOperationsFailure) -> list[tuple[str, bytes | None]]:
@@ -420,11 +442,90 @@ SINGLE_CASES = [
     (lambda: lzc.lzc_rollback(b"p/a"), "rollback", (errno.ESRCH, b""), "SnapshotNotFound", b"p/a"),
     (lambda: lzc.lzc_rollback(b"p/a"), "rollback", (errno.ENOENT, b""), "FilesystemNotFound", b"p/a"),
     (lambda: lzc.lzc_rollback(b"p/a!"), "rollback", (errno.ENOENT, b""), "NameInvalid", b"p/a!"),
-    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.ENOENT, "FilesystemNotFound", b"p/a"),
-    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.EBUSY, "DatasetBusy", b"p/a"),
-    (lambda: lzc.lzc_destroy(b"p/a"), "destroy", errno.EEXIST, "ZFSGenericError", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "plain", errno.ENOENT, "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "plain", errno.EBUSY, "DatasetBusy", b"p/a"),
+    (lambda: lzc.lzc_destroy(b"p/a"), "plain", errno.EEXIST, "ZFSGenericError", b"p/a"),
     (lambda: lzc.lzc_hold({b"p/a@s": b"t"}, fd=99), "hold", (errno.EBADF, {}), "BadHoldCleanupFD", None),
     (lambda: lzc.lzc_create(b"p/a", ds_type="dir"), "create", 0, "DatasetTypeInvalid", "dir"),
+    # the functions beyond zfsbackd's own use, by pyzfs's _error_translation
+    (lambda: lzc.lzc_clone(b"p/c", b"p/a@s"), "clone", errno.EEXIST, "FilesystemExists", b"p/c"),
+    (lambda: lzc.lzc_clone(b"p/c", b"p/a@s"), "clone", errno.ENOENT, "DatasetNotFound", b"p/c"),
+    (lambda: lzc.lzc_clone(b"p/c", b"p/a"), "clone", errno.ENOENT, "SnapshotNameInvalid", b"p/a"),
+    (lambda: lzc.lzc_clone(b"p/c!", b"p/a@s"), "clone", errno.EINVAL, "FilesystemNameInvalid", b"p/c!"),
+    (lambda: lzc.lzc_clone(b"p/c", b"p/a"), "clone", errno.EINVAL, "SnapshotNameInvalid", b"p/a"),
+    (lambda: lzc.lzc_clone(b"p/c", b"p/a@s"), "clone", errno.EINVAL, "PropertyInvalid", b"p/c"),
+    (lambda: lzc.lzc_clone(b"q/c", b"p/a@s"), "clone", errno.EXDEV, "PoolsDiffer", b"q/c"),
+    (lambda: lzc.lzc_clone(b"p/c", b"p/a@s"), "clone", errno.EPERM, "ZFSGenericError", b"p/c"),
+    (lambda: lzc.lzc_promote(b"p/c"), "plain", errno.EINVAL, "NotClone", b"p/c"),
+    (lambda: lzc.lzc_promote(b"p/c!"), "plain", errno.EINVAL, "FilesystemNameInvalid", b"p/c!"),
+    (lambda: lzc.lzc_promote(b"p/c"), "plain", errno.ENOTSOCK, "NotClone", b"p/c"),
+    (lambda: lzc.lzc_promote(b"p/c"), "plain", errno.EEXIST, "SnapshotExists", b"p/c"),
+    (lambda: lzc.lzc_promote(b"p/c"), "plain", errno.ENOENT, "FilesystemNotFound", b"p/c"),
+    (lambda: lzc.lzc_rename(b"p/a", b"p/b"), "plain", errno.EEXIST, "FilesystemExists", b"p/b"),
+    (lambda: lzc.lzc_rename(b"p/a", b"p/b"), "plain", errno.ENOENT, "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_rename(b"p/a", b"q/b"), "plain", errno.EINVAL, "PoolsDiffer", b"p/a"),
+    (lambda: lzc.lzc_rename(b"p/a", b"p/b!"), "plain", errno.EINVAL, "FilesystemNameInvalid", b"p/b!"),
+    (lambda: lzc.lzc_rename(b"p/a", b"p/b"), "plain", errno.EINVAL, "ZFSGenericError", b"p/a"),
+    (lambda: lzc.lzc_rename(b"p/a", b"p/vol/b"), "plain", 1024 + 9, "WrongParent", b"p/vol/b"),
+    (lambda: lzc.lzc_rename(b"p/a", b"p/b"), "plain", errno.EBUSY, "DatasetBusy", b"p/a"),
+    (lambda: lzc.lzc_rollback_to(b"p/a", b"p/a@s"), "plain", errno.EEXIST, "SnapshotNotLatest", b"p/a@s"),
+    (lambda: lzc.lzc_rollback_to(b"p/a", b"p/a@s"), "plain", errno.ESRCH, "SnapshotNotFound", b"p/a"),
+    (lambda: lzc.lzc_rollback_to(b"p/a", b"p/a@s"), "plain", errno.ENOENT, "FilesystemNotFound", b"p/a"),
+    (lambda: lzc.lzc_snaprange_space(b"p/a@s", b"q/a@t"), "snaprange_space", (errno.EXDEV, 0), "PoolsDiffer", b"q/a@t"),
+    (
+        lambda: lzc.lzc_snaprange_space(b"p/a@s", b"p/b@t"),
+        "snaprange_space",
+        (errno.EXDEV, 0),
+        "SnapshotMismatch",
+        b"p/b@t",
+    ),
+    (lambda: lzc.lzc_snaprange_space(b"p/a", b"p/a@t"), "snaprange_space", (errno.EINVAL, 0), "NameInvalid", b"p/a"),
+    (
+        lambda: lzc.lzc_snaprange_space(b"p/a@s", b"p/a@t"),
+        "snaprange_space",
+        (errno.EINVAL, 0),
+        "SnapshotMismatch",
+        b"p/a@t",
+    ),
+    (
+        lambda: lzc.lzc_snaprange_space(b"p/a@s", b"p/a@t"),
+        "snaprange_space",
+        (errno.ENOENT, 0),
+        "SnapshotNotFound",
+        b"p/a@t",
+    ),
+    (lambda: lzc.lzc_load_key(b"p/e", False, b"k" * 32), "load_key", errno.EACCES, "EncryptionKeyInvalid", None),
+    (lambda: lzc.lzc_load_key(b"p/e", False, b"k" * 32), "load_key", errno.EEXIST, "EncryptionKeyAlreadyLoaded", None),
+    (lambda: lzc.lzc_load_key(b"p/e", True, b"k"), "load_key", errno.EINVAL, "PropertyInvalid", b"p/e"),
+    (lambda: lzc.lzc_load_key(b"p/e!", True, b"k"), "load_key", errno.EINVAL, "FilesystemNameInvalid", b"p/e!"),
+    (lambda: lzc.lzc_load_key(b"p/e", True, b"k"), "load_key", errno.ENOENT, "FilesystemNotFound", b"p/e"),
+    (lambda: lzc.lzc_unload_key(b"p/e"), "plain", errno.EACCES, "EncryptionKeyNotLoaded", None),
+    (lambda: lzc.lzc_unload_key(b"p/e"), "plain", errno.EBUSY, "DatasetBusy", b"p/e"),
+    (lambda: lzc.lzc_change_key(b"p/e", "inherit"), "change_key", errno.EACCES, "EncryptionKeyNotLoaded", None),
+    (lambda: lzc.lzc_change_key(b"p/e", "inherit"), "change_key", errno.EINVAL, "PropertyInvalid", b"p/e"),
+    (lambda: lzc.lzc_change_key(b"p/e", "rotate"), "change_key", 0, "UnknownCryptCommand", "rotate"),
+    (lambda: lzc.lzc_sync(b"p"), "sync", errno.ENOENT, "PoolNotFound", b"p"),
+    (lambda: lzc.lzc_sync(b"p"), "sync", errno.EROFS, "ReadOnlyPool", b"p"),
+    (lambda: lzc.lzc_reopen(b"p"), "plain", errno.ENOENT, "PoolNotFound", b"p"),
+    (lambda: lzc.lzc_pool_checkpoint(b"p"), "plain", 1024, "CheckpointExists", None),
+    (lambda: lzc.lzc_pool_checkpoint(b"p"), "plain", 1025, "CheckpointDiscarding", None),
+    (lambda: lzc.lzc_pool_checkpoint(b"p"), "plain", 1027, "DeviceRemovalRunning", None),
+    (lambda: lzc.lzc_pool_checkpoint(b"p"), "plain", 1028, "DeviceTooBig", None),
+    (lambda: lzc.lzc_pool_checkpoint(b"p"), "plain", 1049, "RaidzExpansionRunning", None),
+    (lambda: lzc.lzc_pool_checkpoint(b"p"), "plain", errno.ENOENT, "PoolNotFound", b"p"),
+    (lambda: lzc.lzc_pool_checkpoint_discard(b"p"), "plain", 1026, "CheckpointNotFound", None),
+    (lambda: lzc.lzc_send_resume(b"p/a@s", None, 1), "send_resume", errno.ENOENT, "SnapshotNotFound", b"p/a@s"),
+    (lambda: lzc.lzc_send_resume(b"p/a@s", None, 1), "send_resume", errno.EPIPE, "StreamIOError", None),
+    (lambda: lzc.lzc_send_resume(b"p/a@s", None, 1, ["x"]), "send_resume", 0, "UnknownStreamFeature", None),
+    (lambda: lzc.lzc_receive_resumable(b"p/a@s", 0), "receive", 1024 + 16, "StreamTruncated", None),
+    (
+        lambda: lzc.lzc_receive_with_header(b"p/a@s", 0, None),
+        "receive_with_header",
+        errno.EEXIST,
+        "DatasetExists",
+        b"p/a@s",
+    ),
+    (lambda: lzc.lzc_receive_one(b"p/a@s", 0, None), "receive_one", (errno.ENODEV, 0, {}), "StreamMismatch", b"p/a"),
 ]
 
 
@@ -466,9 +567,195 @@ def test_successful_calls_pass_pyzfs_shapes_to_the_library(fake: FakeBackend) ->
         ["LZC_SEND_FLAG_LARGE_BLOCK", "LZC_SEND_FLAG_EMBED_DATA", "LZC_SEND_FLAG_COMPRESS", "LZC_SEND_FLAG_RAW"],
     )
     assert calls["create"] == (b"p/v", "LZC_DATSET_TYPE_ZVOL", {b"volsize": 1 << 20}, b"")
-    assert calls["receive"] == (b"p/r@s", {b"user:x": b"y"}, b"p/o@s", True, False, 7)
+    assert calls["receive"] == (
+        "lzc_receive",
+        b"p/r@s",
+        7,
+        lzc.ReceiveOptions(force=True, origin=b"p/o@s", props={b"user:x": b"y"}),
+    )
     assert calls["destroy_snaps"] == ({b"p/a@s": None}, True)
     assert calls["has_function"] == ("lzc_bookmark",)
+
+
+def test_failed_checkpoint_discard_says_discard(fake: FakeBackend) -> None:
+    fake.results["plain"] = errno.EPERM
+    with pytest.raises(exceptions.ZFSGenericError, match="Failed to discard pool checkpoint"):
+        lzc.lzc_pool_checkpoint_discard(b"p")
+    with pytest.raises(exceptions.ZFSGenericError, match="Failed to create pool checkpoint"):
+        lzc.lzc_pool_checkpoint(b"p")
+
+
+def test_new_calls_pass_pyzfs_shapes_to_the_library(fake: FakeBackend) -> None:
+    fake.results["snaprange_space"] = (0, 4096)
+    lzc.lzc_clone(b"p/c", b"p/a@s")
+    lzc.lzc_promote(b"p/c")
+    lzc.lzc_rename(b"p/a", b"p/b")
+    lzc.lzc_rollback_to(b"p/a", b"p/a@s")
+    assert lzc.lzc_snaprange_space(b"p/a@s", b"p/a@t") == 4096
+    lzc.lzc_load_key(b"p/e", 1, b"k" * 32)
+    lzc.lzc_unload_key(b"p/e")
+    lzc.lzc_change_key(b"p/e", "force_new_key", {b"keyformat": 1}, bytearray(b"k" * 32))
+    lzc.lzc_sync(b"p")
+    lzc.lzc_reopen(b"p", restart=False)
+    lzc.lzc_pool_checkpoint(b"p")
+    lzc.lzc_pool_checkpoint_discard(b"p")
+    lzc.lzc_send_resume(b"p/a@s", b"p/a@r", 3, ["raw"], 5, 6)
+    lzc.lzc_receive_resumable(b"p/r@s", 4, raw=True)
+    lzc.lzc_receive_with_header(b"p/r@s", 4, "record", resumable=True)
+    calls = _c_calls(fake)
+    assert calls[0] == ("clone", (b"p/c", b"p/a@s", {}))
+    assert calls[1:4] == [
+        ("plain", ("lzc_promote", b"p/c", None, 0)),
+        ("plain", ("lzc_rename", b"p/a", b"p/b")),
+        ("plain", ("lzc_rollback_to", b"p/a", b"p/a@s")),
+    ]
+    assert calls[5] == ("load_key", (b"p/e", 1, b"k" * 32))
+    assert calls[6] == ("plain", ("lzc_unload_key", b"p/e"))
+    assert calls[7] == ("change_key", (b"p/e", "DCP_CMD_FORCE_NEW_KEY", {b"keyformat": 1}, b"k" * 32))
+    assert calls[8] == ("sync", (b"p", {b"force": False}))
+    assert calls[9] == ("plain", ("lzc_reopen", b"p", 0))
+    assert [c[1][0] for c in calls[10:12]] == ["lzc_pool_checkpoint", "lzc_pool_checkpoint_discard"]
+    assert calls[12] == ("send_resume", (b"p/a@s", b"p/a@r", 3, ["LZC_SEND_FLAG_RAW"], 5, 6))
+    assert calls[13] == ("receive", ("lzc_receive_resumable", b"p/r@s", 4, lzc.ReceiveOptions(raw=True)))
+    assert calls[14] == ("receive_with_header", (b"p/r@s", 4, "record", lzc.ReceiveOptions(resumable=True)))
+
+
+def test_receive_one_family(fake: FakeBackend) -> None:
+    fake.results["receive_one"] = (0, 1234, {})
+    assert lzc.lzc_receive_one(b"p/r@s", 4, "rec", props={b"user:a": b"1"}) == (1234, 0)
+    assert lzc.lzc_receive_with_cmdprops(b"p/r@s", 4, "rec", cmdprops={b"compression": 1}, action_handle=None) == (
+        1234,
+        None,
+    )
+    assert lzc.lzc_receive_with_heal(b"p/r@s", 4, "rec", key=b"k", action_handle=9) == (1234, 9)
+    (f1, a1), (f2, a2), (f3, a3) = (call[1][0::4] for call in _c_calls(fake))
+    assert (f1, f2, f3) == ("lzc_receive_one", "lzc_receive_with_cmdprops", "lzc_receive_with_heal")
+    assert a1 == lzc.ReceiveOptions(props={b"user:a": b"1"})
+    assert a2 == lzc.ReceiveOptions(cmdprops={b"compression": 1}, action_handle=None)
+    assert a3 == lzc.ReceiveOptions(key=b"k", action_handle=9, corrective=True)
+    # The stream arrived but properties did not: ReceivePropertyFailure, one error per property
+    fake.results["receive_one"] = (0, 1234, {b"compression": errno.EINVAL, b"quota": 1024 + 20, b"x": errno.EPERM})
+    with pytest.raises(exceptions.ReceivePropertyFailure) as info:
+        lzc.lzc_receive_one(b"p/r@s", 4, "rec")
+    assert _errors(info.value) == [
+        ("PropertyInvalid", b"compression"),
+        ("PropertyInvalid", b"quota"),
+        ("ZFSGenericError", b"x"),
+    ]
+    # A failed receive ignores the property errors
+    fake.results["receive_one"] = (errno.EEXIST, 0, {b"compression": errno.EINVAL})
+    with pytest.raises(exceptions.DatasetExists):
+        lzc.lzc_receive_with_cmdprops(b"p/r@s", 4, "rec")
+
+
+def test_uncommitted_functions_raise_not_implemented_without_their_symbol(fake: FakeBackend) -> None:
+    fake.results["has_function"] = False
+    for call in (
+        lambda: lzc.lzc_promote(b"p/c"),
+        lambda: lzc.lzc_sync(b"p"),
+        lambda: lzc.lzc_receive_with_heal(b"p/a@s", 0, None),
+        lambda: lzc.lzc_inherit_prop(b"p/a", b"user:x"),
+        lambda: lzc.lzc_set_prop(b"p/a", b"user:x", b"v"),
+        lambda: lzc.lzc_list_snaps(b"p/a"),
+    ):
+        with pytest.raises(NotImplementedError):
+            call()
+    asked = [args[0] for name, args in fake.calls if name == "has_function"]
+    assert asked == ["lzc_promote", "lzc_sync", "lzc_receive_with_heal", "lzc_inherit", "lzc_set_props", "lzc_list"]
+    # committed functions are not checked: a missing symbol fails in the call itself, as in pyzfs
+    fake.calls.clear()
+    lzc.lzc_rename(b"p/a", b"p/b")
+    assert [name for name, _ in fake.calls] == ["plain"]
+
+
+def test_is_supported_follows_pyzfs_names(fake: FakeBackend) -> None:
+    for func, symbol in (
+        (lzc.lzc_inherit_prop, "lzc_inherit"),
+        (lzc.lzc_set_prop, "lzc_set_props"),
+        (lzc.lzc_get_props, "lzc_list"),
+        (lzc.lzc_list_children, "lzc_list"),
+        (lzc.lzc_recv, "lzc_receive"),
+        (lzc.lzc_snap, "lzc_snapshot"),
+        (lzc.lzc_rollback_to, "lzc_rollback_to"),
+    ):
+        fake.calls.clear()
+        assert lzc.is_supported(func) is True
+        assert fake.calls == [("has_function", (symbol,))]
+    with pytest.raises(ValueError, match="not a libzfs_core API function"):
+        lzc.is_supported(lzc.receive_header)
+
+
+def test_clusterhq_listing_is_as_broken_as_in_pyzfs(fake: FakeBackend) -> None:
+    """Were lzc_list present, pyzfs would fail building its options (str keys); so does the shim."""
+    for call in (lzc.lzc_get_props, lzc.lzc_list_children, lzc.lzc_list_snaps):
+        with pytest.raises(TypeError, match="Unsupported key type str"):
+            call(b"p/a")
+
+
+def test_inherit_and_set_props_where_the_library_has_them(fake: FakeBackend) -> None:
+    lzc.lzc_inherit_prop(b"p/a", b"user:x")
+    lzc.lzc_set_props(b"p/a@s", b"user:x", 5)
+    assert _c_calls(fake) == [
+        ("inherit", (b"p/a", b"user:x")),
+        ("set_props", (b"p/a@s", {b"user:x": 5})),
+    ]
+    fake.results["inherit"] = errno.EINVAL
+    with pytest.raises(exceptions.PropertyInvalid) as info:
+        lzc.lzc_inherit_prop(b"p/a", b"bogus")
+    assert info.value.name == b"bogus"
+    fake.results["set_props"] = errno.EINVAL
+    with pytest.raises(exceptions.NameInvalid):
+        lzc.lzc_set_props(b"p/a@s!", b"user:x", 5)
+    fake.results["set_props"] = errno.ENOENT
+    with pytest.raises(exceptions.DatasetNotFound):
+        lzc.lzc_set_props(b"p/a@s", b"user:x", 5)
+
+
+def test_receive_header_reads_the_begin_record(tmp_path: Path) -> None:
+    import struct
+
+    toname = b"tank/fs@snap"
+    begin = struct.pack("<QQQIIQQ256s", 0x2F5BACBAC, 17, 1700000000, 2, 4, 111, 0, toname)
+    record = struct.pack("<II", 0, 0) + begin
+    stream = tmp_path / "stream"
+    stream.write_bytes(record + b"rest of the stream")
+    with stream.open("rb") as f:
+        header, c_record = lzc.receive_header(f.fileno())
+        assert f.read() == b"rest of the stream"  # exactly one record was read
+    assert header == {
+        "drr_magic": 0x2F5BACBAC,
+        "drr_versioninfo": 17,
+        "drr_creation_time": 1700000000,
+        "drr_type": 2,
+        "drr_flags": 4,
+        "drr_toguid": 111,
+        "drr_fromguid": 0,
+        "drr_toname": toname,
+    }
+    assert c_record.drr_u.drr_begin.drr_toguid == 111
+    short = tmp_path / "short"
+    short.write_bytes(record[:100])
+    with short.open("rb") as f, pytest.raises(ValueError):
+        lzc.receive_header(f.fileno())
+
+
+def test_constants_as_pyzfs() -> None:
+    assert lzc.WRAPPING_KEY_LEN == 32
+    assert (lzc.zfs_keyformat.ZFS_KEYFORMAT_RAW, lzc.zfs_keyformat.ZFS_KEYFORMAT_PASSPHRASE) == (1, 3)
+    assert lzc.zfs_key_location.ZFS_KEYLOCATION_URI == 2
+    assert (lzc.zio_encrypt.ZIO_CRYPT_INHERIT, lzc.zio_encrypt.ZIO_CRYPT_AES_256_GCM) == (0, 8)
+    assert lzc.exceptions is exceptions
+    assert set(lzc.__all__) <= set(dir(lzc))
+
+
+def test_typed_integers_check_their_range() -> None:
+    c = lzc.ctypes
+    assert int(c.uint8_t(255)) == 255 and c.uint8_t.__name__ == "uint8_t"
+    assert int(c.int64_t(-(2**63))) == -(2**63)
+    assert int(c.boolean_t(1)) == 1
+    for cast, value in ((c.uint8_t, 256), (c.uint32_t, -1), (c.int8_t, 128), (c.boolean_t, 2), (c.uchar_t, -1)):
+        with pytest.raises(OverflowError):
+            cast(value)
 
 
 def test_release_wants_lists(fake: FakeBackend) -> None:

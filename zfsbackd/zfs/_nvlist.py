@@ -5,9 +5,13 @@ the same shapes as pyzfs so that callers see identical values:
 
 - keys are ``bytes``;
 - ``None`` is a flag (``DATA_TYPE_BOOLEAN``: the key's presence is the value);
-- ``bool`` is ``boolean_value``, ``int`` is ``uint64``, ``bytes`` is ``string``,
-  a ``dict`` is a nested nvlist;
-- a ``list`` is an array of one of those types (all elements the same type).
+- ``bool`` is ``boolean_value``, ``int`` is ``uint64`` (``uint32``/``int32``
+  for the few keys in :data:`KEY_INT_TYPES`), ``bytes`` is ``string``, a
+  ``dict`` is a nested nvlist;
+- a typed value made by ``lzc.ctypes`` (cffi ``CData`` such as
+  ``int32_t(5)``) has the width and signedness of its C type;
+- a ``list`` is an array of one of those types (all elements the same type;
+  typed elements all of one C type).
 
 Decoding accepts every type libzfs_core returns (integers of all widths,
 strings, nested nvlists and their arrays) and gives ``int``, ``bool``,
@@ -28,6 +32,33 @@ from typing import Any
 
 NV_UNIQUE_NAME = 1
 """nvlist_alloc flag: one value per key, which is what libzfs_core expects."""
+
+KEY_INT_TYPES = {
+    b"rewind-request": "uint32",
+    b"type": "uint32",
+    b"N_MORE_ERRORS": "int32",
+    b"pool_context": "int32",
+}
+"""Keys whose plain ``int`` values the kernel reads as 32-bit (pyzfs's ``_prop_name_to_type_str``)."""
+
+CDATA_SUFFIXES = {
+    "uint8_t": ("uint8", "uint8"),
+    "int8_t": ("int8", "int8"),
+    "uint16_t": ("uint16", "uint16"),
+    "int16_t": ("int16", "int16"),
+    "uint32_t": ("uint32", "uint32"),
+    "int32_t": ("int32", "int32"),
+    "uint64_t": ("uint64", "uint64"),
+    "int64_t": ("int64", "int64"),
+    "boolean_t": ("boolean_value", "boolean"),
+    "unsigned char": ("byte", "byte"),
+}
+"""C type of a typed value -> ``nvlist_add_*`` suffix for one value and for an array (pyzfs's table).
+
+Keyed by the type's C name: the casts of ``lzc.ctypes`` come from another
+``cffi.FFI`` than the loaded library, and cffi shares only primitive types
+between instances (``boolean_t`` is an enum, ``uchar_t`` is ``unsigned char``).
+"""
 
 
 @dataclass
@@ -111,7 +142,9 @@ class NvlistCodec:
             elif value is None:
                 ret = lib.nvlist_add_boolean(nvl, key)
             elif isinstance(value, int):
-                ret = lib.nvlist_add_uint64(nvl, key, value)
+                ret = getattr(lib, "nvlist_add_" + KEY_INT_TYPES.get(key, "uint64"))(nvl, key, value)
+            elif isinstance(value, self._ffi.CData):
+                ret = getattr(lib, "nvlist_add_" + _cdata_suffixes(self._ffi, value)[0])(nvl, key, int(value))
             else:
                 raise TypeError(f"Unsupported value type {type(value).__name__}")
             if ret != 0:
@@ -120,13 +153,13 @@ class NvlistCodec:
     def _add_array(self, nvl: Any, key: bytes, values: list[Any]) -> int:
         if not values:
             raise TypeError(f"Cannot tell the element type of the empty list for {key!r}")
-        kind = _element_kind(values[0])
+        ffi, lib = self._ffi, self._lib
+        kind = _element_kind(ffi, values[0])
         for element in values[1:]:
-            if _element_kind(element) != kind:
+            if _element_kind(ffi, element) != kind:
                 raise TypeError(
                     f"Array has elements of different types: {type(values[0]).__name__} and {type(element).__name__}"
                 )
-        ffi, lib = self._ffi, self._lib
         if kind == "dict":
             with ExitStack() as stack:
                 nested = [stack.enter_context(self.nvlist_in(v)) for v in values]
@@ -138,7 +171,12 @@ class NvlistCodec:
             return lib.nvlist_add_string_array(nvl, key, ffi.new("char *[]", strings), len(strings))
         if kind == "bool":
             return lib.nvlist_add_boolean_array(nvl, key, ffi.new("boolean_t[]", [int(v) for v in values]), len(values))
-        return lib.nvlist_add_uint64_array(nvl, key, ffi.new("uint64_t[]", values), len(values))
+        if kind == "int":
+            suffix = KEY_INT_TYPES.get(key, "uint64")
+            return getattr(lib, f"nvlist_add_{suffix}_array")(nvl, key, ffi.new(f"{suffix}_t[]", values), len(values))
+        # typed values: kind is the C type's name
+        array = ffi.new(f"{kind}[]", [int(v) for v in values])
+        return getattr(lib, f"nvlist_add_{_cdata_suffixes(ffi, values[0])[1]}_array")(nvl, key, array, len(values))
 
     # ---- nvlist -> Python ---------------------------------------------------
 
@@ -192,8 +230,22 @@ class NvlistCodec:
         raise TypeError(f"nvpair {name!r} has data type {type_id}, which the shim does not decode")
 
 
-def _element_kind(value: Any) -> str:
-    """Which nvlist array an element belongs to (bool before int: bool is an int subclass)."""
+def _cdata_suffixes(ffi: Any, value: Any) -> tuple[str, str]:
+    """The ``nvlist_add_*`` suffixes for a typed value; TypeError for a C type nvlists cannot hold."""
+    cname = ffi.typeof(value).cname
+    if cname not in CDATA_SUFFIXES:
+        raise TypeError(f"Unsupported value type {cname}")
+    return CDATA_SUFFIXES[cname]
+
+
+def _element_kind(ffi: Any, value: Any) -> str:
+    """Which nvlist array an element belongs to (bool before int: bool is an int subclass).
+
+    A typed value's kind is its C type's name, so that an array holds one C type only.
+    """
+    if isinstance(value, ffi.CData):
+        _cdata_suffixes(ffi, value)
+        return ffi.typeof(value).cname
     if isinstance(value, Mapping):
         return "dict"
     if isinstance(value, bytes):

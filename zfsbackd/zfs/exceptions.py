@@ -5,9 +5,8 @@ Code written against pyzfs catches these by name (``except SnapshotExists``,
 with the same ``errno``, ``message`` and ``name`` attributes, and render them
 the same way (``[Errno 17] Snapshot already exists: 'pool/fs@snap'``).
 
-Only the classes that the functions of :mod:`zfsbackd.zfs.libzfs_core` can
-raise are defined (pyzfs also has channel-program, checkpoint and encryption-key
-errors for functions the shim does not offer).
+Every class of pyzfs 2.3 is defined, with its errno and message (2.1's are the
+same minus RaidzExpansionRunning).
 
 Deliberate differences from pyzfs 2.1-2.3, each a pyzfs bug that would lose
 information:
@@ -28,10 +27,17 @@ ECKSUM = errno.EBADE
 
 ZFS_ERR_BASE = 1024
 """OpenZFS's own error codes (``zfs_errno_t``) start here; the order is fixed across 2.1-2.3."""
+ZFS_ERR_CHECKPOINT_EXISTS = ZFS_ERR_BASE
+ZFS_ERR_DISCARDING_CHECKPOINT = ZFS_ERR_BASE + 1
+ZFS_ERR_NO_CHECKPOINT = ZFS_ERR_BASE + 2
+ZFS_ERR_DEVRM_IN_PROGRESS = ZFS_ERR_BASE + 3
+ZFS_ERR_VDEV_TOO_BIG = ZFS_ERR_BASE + 4
 ZFS_ERR_WRONG_PARENT = ZFS_ERR_BASE + 9
 ZFS_ERR_BOOKMARK_SOURCE_NOT_ANCESTOR = ZFS_ERR_BASE + 15
 ZFS_ERR_STREAM_TRUNCATED = ZFS_ERR_BASE + 16
 ZFS_ERR_BADPROP = ZFS_ERR_BASE + 20
+ZFS_ERR_RAIDZ_EXPAND_IN_PROGRESS = ZFS_ERR_BASE + 25
+"""2.3 (raidz expansion); pyzfs 2.3 knows it, 2.1 has no such code."""
 
 
 class ZFSError(Exception):
@@ -114,6 +120,11 @@ class DatasetExists(_NamedError):
     message = "Dataset already exists"
 
 
+class NotClone(_NamedError):
+    errno = errno.EINVAL
+    message = "Filesystem is not a clone, can not promote"
+
+
 class FilesystemExists(DatasetExists):
     message = "Filesystem already exists"
 
@@ -138,6 +149,11 @@ class SnapshotExists(DatasetExists):
 
 class SnapshotNotFound(DatasetNotFound):
     message = "Snapshot not found"
+
+
+class SnapshotNotLatest(_NamedError):
+    errno = errno.EEXIST
+    message = "Snapshot is not the latest"
 
 
 class SnapshotIsCloned(_NamedError):
@@ -234,13 +250,6 @@ class DestinationModified(_NamedError):
     message = "Destination dataset has modifications that can not be undone"
 
 
-class EncryptionKeyNotLoaded(ZFSError):
-    """Raised by lzc_receive for EACCES (pyzfs 2.3; pyzfs 2.1 raised StreamIOError(EACCES))."""
-
-    errno = errno.EACCES
-    message = "Encryption key is not currently loaded"
-
-
 class BadStream(ZFSError):
     errno = ECKSUM
     message = "Bad backup stream"
@@ -258,9 +267,25 @@ class UnknownStreamFeature(ZFSError):
     message = "Unknown feature requested for stream"
 
 
+class StreamFeatureInvalid(ZFSError):
+    errno = errno.EINVAL
+    message = "Kernel modules must be upgraded to receive this stream"
+
+
+class StreamFeatureIncompatible(ZFSError):
+    errno = errno.EINVAL
+    message = "Incompatible embedded feature with encrypted receive"
+
+
 class StreamTruncated(ZFSError):
     errno = ZFS_ERR_STREAM_TRUNCATED
     message = "incomplete stream"
+
+
+class ReceivePropertyFailure(MultipleOperationsFailure):
+    """The stream was received but some of its properties were not set; ``errors`` has one per property."""
+
+    message = "Receiving of properties failed for one or more reasons"
 
 
 class StreamIOError(ZFSError):
@@ -352,6 +377,60 @@ class PropertyInvalid(_NamedError):
 class DatasetTypeInvalid(_NamedError):
     errno = errno.EINVAL
     message = "Specified dataset type is unknown"
+
+
+class UnknownCryptCommand(_NamedError):
+    """Raised as ``UnknownCryptCommand(crypt_cmd)``: the ``name`` is the unknown command (a ``str``)."""
+
+    errno = errno.EINVAL
+    message = "Specified crypt command is invalid"
+
+
+class EncryptionKeyNotLoaded(ZFSError):
+    """The key must be loaded first (lzc_receive: pyzfs 2.3; pyzfs 2.1 raised StreamIOError(EACCES) there)."""
+
+    errno = errno.EACCES
+    message = "Encryption key is not currently loaded"
+
+
+class EncryptionKeyAlreadyLoaded(ZFSError):
+    errno = errno.EEXIST
+    message = "Encryption key is already loaded"
+
+
+class EncryptionKeyInvalid(ZFSError):
+    errno = errno.EACCES
+    message = "Incorrect encryption key provided"
+
+
+class CheckpointExists(ZFSError):
+    errno = ZFS_ERR_CHECKPOINT_EXISTS
+    message = "Pool already has a checkpoint"
+
+
+class CheckpointNotFound(ZFSError):
+    errno = ZFS_ERR_NO_CHECKPOINT
+    message = "Pool does not have a checkpoint"
+
+
+class CheckpointDiscarding(ZFSError):
+    errno = ZFS_ERR_DISCARDING_CHECKPOINT
+    message = "Pool checkpoint is being discarded"
+
+
+class DeviceRemovalRunning(ZFSError):
+    errno = ZFS_ERR_DEVRM_IN_PROGRESS
+    message = "A vdev is currently being removed"
+
+
+class DeviceTooBig(ZFSError):
+    errno = ZFS_ERR_VDEV_TOO_BIG
+    message = "One or more top-level vdevs exceed the maximum vdev size"
+
+
+class RaidzExpansionRunning(ZFSError):
+    errno = ZFS_ERR_RAIDZ_EXPAND_IN_PROGRESS
+    message = "A raidz device is currently expanding"
 
 
 # pyzfs's fallback for an errno an operation does not expect: these classes
