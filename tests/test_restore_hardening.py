@@ -511,3 +511,10 @@ def test_corrupt_file_data_names_the_backup_and_file_and_keeps_the_failed_restor
     assert backup_id in message and "/docs/report.bin" in message, message
     failed = only_entry(target)
     assert failed.name.startswith(FAILED) and str(failed) in message
+
+
+def test_a_dataset_target_on_a_host_without_zfs_is_a_classified_error(engine: Engine, xfs_dir: Path) -> None:
+    (xfs_dir / "f").write_text("f\n")
+    record = engine.create_backup(BackupRequest("fs-src"))
+    with pytest.raises(RestoreError, match=r"--target-dataset tank/new: .*libzfs_core is not installed.*--target DIR"):
+        engine.restore_backup(record.backup_id, None, target_dataset="tank/new")

@@ -71,6 +71,7 @@ from zfsbackd.validation import (
 )
 from zfsbackd.zfs import command as zfs_command
 from zfsbackd.zfs import libzfs_core as zfs_lzc
+from zfsbackd.zfs.exceptions import ZFSInitializationFailed
 
 log = structlog.get_logger(__name__)
 
@@ -765,8 +766,12 @@ class Engine:
     ) -> tuple[str, dict[str, str], str | None]:
         """``dataset`` with the properties that encrypt it and a note (see ``target_properties``), once it
         is clear that it can be created."""
-        encrypt, note = zfs_encryption.target_properties(record.snapshot, dataset, encryption)
-        if zfs_lzc.lzc_exists(dataset.encode()):
+        try:
+            encrypt, note = zfs_encryption.target_properties(record.snapshot, dataset, encryption)
+            exists = zfs_lzc.lzc_exists(dataset.encode())
+        except ZFSInitializationFailed as exc:  # no ZFS on this host (or its module is not loaded)
+            raise RestoreError(f"--target-dataset {dataset}: {exc}; or restore with --target DIR") from exc
+        if exists:
             raise RestoreError(
                 f"--target-dataset {dataset} already exists; a backup restores to a new dataset: give a new name"
             )
