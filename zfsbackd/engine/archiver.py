@@ -463,7 +463,9 @@ class Archiver:
             ):
                 nodes.append(before)  # unchanged since the parent's snapshot: not even stat'ed
                 frame.reused += 1
-                self._count_reused(before)
+                files, nbytes = self._count_reused(before)
+                unchanged_files += files
+                unchanged_bytes += nbytes
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -573,7 +575,7 @@ class Archiver:
         try:
             child_frame = self._enter_dir(child, before.get("subtree") if before else None, st.st_dev, node)
         except OSError as exc:
-            self.snapshot.directory_archived(child, node, None)
+            self.snapshot.directory_archived(child, node, None, False)
             self._entry_problem(child, "list the directory", exc)
             return None
         if _unchanged(before, "dir", st):
@@ -594,7 +596,12 @@ class Archiver:
         totals = _Totals()
         for node in nodes:
             totals.add_node(node)
-        self.snapshot.directory_archived(frame.rel, frame.node, nodes)
+        as_before = (  # the directory itself and every entry are the parent backup's nodes
+            frame.tree_before is not None
+            and frame.reused == len(nodes) == len(frame.previous)
+            and (frame.node is None or frame.node_before is not None)
+        )
+        self.snapshot.directory_archived(frame.rel, frame.node, nodes, as_before)
         if self._same_tree_as_before(frame):
             return frame.tree_before, totals  # type: ignore[return-value]
         tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))
@@ -659,14 +666,19 @@ class Archiver:
                 log.info("change_list_abandoned", files_walked=self.progress.files)
         return self.changes
 
-    def _count_reused(self, node: Node) -> None:
-        self.counters.stats.entries_not_examined += 1
-        if node.get("type") == "file":
-            self.counters.stats.files_unchanged += 1
-            self.progress.advance(files=1, nbytes=int(node.get("size", 0)))
-        elif node.get("type") == "dir":
-            self.counters.stats.files_unchanged += int(node.get("tree_files", 0))
-            self.progress.advance(files=int(node.get("tree_files", 0)), nbytes=int(node.get("tree_bytes", 0)))
+    def _count_reused(self, node: Node) -> tuple[int, int]:
+        """Count a node reused without a look; returns the (files, bytes) it stands for, for the progress."""
+        stats = self.counters.stats
+        stats.entries_not_examined += 1
+        kind = node.get("type")
+        if kind == "file":
+            stats.files_unchanged += 1
+            return 1, int(node.get("size", 0))
+        if kind == "dir":
+            files = int(node.get("tree_files", 0))
+            stats.files_unchanged += files
+            return files, int(node.get("tree_bytes", 0))
+        return 0, 0
 
     # ------------------------------------------------------------- file data
     def _read_files(self, jobs: list[_FileJob]) -> list[_FileOutcome]:

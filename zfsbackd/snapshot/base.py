@@ -430,9 +430,10 @@ class Snapshot(ABC):
         """The backup made from this snapshot is AVAILABLE. ZFS keeps it as the next incremental's base."""
         self.release()
 
-    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None) -> None:
+    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None, as_before: bool) -> None:
         """The archiver archived the directory *rel* (its *node*; None for the root): *nodes* are its
-        entries, or None when it could not be listed.
+        entries, or None when it could not be listed; *as_before*: the directory and all its entries
+        are the parent backup's nodes.
 
         ZFS keeps each object's names and ctime from these (its send-stream change list needs
         them); other providers need nothing.

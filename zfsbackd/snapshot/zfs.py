@@ -229,6 +229,8 @@ class ZfsSnapshot(Snapshot):
         self._by_rel = {m.rel: m for m in layout.members}
         self._map_complete = True
         """False once a directory could not be listed: its names in the map may then be stale."""
+        self._map_of_parent = False
+        """True once the map is known to describe the parent backup's snapshot (its rows are that backup's nodes)."""
         self._layouts: dict[tuple[str, int], bool] = {}
         """(dataset, SA layout number) -> whether its bonus buffers are read (see :meth:`_layout_trusted`)."""
 
@@ -286,6 +288,7 @@ class ZfsSnapshot(Snapshot):
             if not self._objmap.describes(base):
                 log.info("zfs_object_map_not_of_base", fs_id=self.fs_id, base=base, path=str(self._objmap.path))
                 return None
+            self._map_of_parent = True
             try:
                 return self._stream_changes(base, stop)
             except sendstream.TooManyChanges as exc:
@@ -421,9 +424,13 @@ class ZfsSnapshot(Snapshot):
                 paths.add(graft + path[len(mount) + 1 :])
         return paths
 
-    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None) -> None:
-        """Keep the directory's names by object number (inode number = object number on ZFS), with their ctime."""
-        if self._objmap is None:
+    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None, as_before: bool) -> None:
+        """Keep the directory's names by object number (inode number = object number on ZFS), with their ctime.
+
+        A directory archived as it was in the parent backup already has exactly these rows when the
+        map is the parent's: nothing to write.
+        """
+        if self._objmap is None or (as_before and self._map_of_parent):
             return
         if nodes is None:
             self._map_complete = False
