@@ -82,12 +82,15 @@ def _scatter_changes(root: Path, rng: random.Random, count: int) -> None:
     for path in rng.sample(sorted(set(root.glob("d*/f*"))), count // 20):
         path.unlink()
     (root / "d050").rename(root / "d051" / "d050-moved")  # a whole directory moves
+    acl_only = [str(p) for p in rng.sample(sorted(root.glob("d0[0-4]*/f*")), 50)]
+    sh("setfacl", "-m", "u:1234:r", *acl_only)  # ACL only (a system.posix_acl_access xattr)
 
 
 def test_send_stream_list_agrees_with_zfs_diff_and_the_walk_on_10000_scattered_changes(
     dataset: str, tmp_path: Path
 ) -> None:
-    sh("zfs", "set", "xattr=sa", dataset)  # the other tests' pool has xattr=on (directories): both are covered
+    # the other tests' pool has xattr=on (directories): both are covered
+    sh("zfs", "set", "xattr=sa", "acltype=posixacl", dataset)
     root = _mnt(dataset)
     rng = random.Random(11)
     for d in range(100):

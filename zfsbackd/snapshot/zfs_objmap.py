@@ -140,10 +140,19 @@ class ObjectMap:
             if conn is None:
                 return
             try:
-                conn.execute("DELETE FROM entries WHERE member = ? AND parent = ?", (member, parent))
+                # Only what differs is written: a changed directory has mostly unchanged entries.
+                rows = conn.execute(
+                    "SELECT name, object, ctime_ns FROM entries WHERE member = ? AND parent = ?", (member, parent)
+                )
+                before = {bytes(name): (obj, ctime) for name, obj, ctime in rows}
+                now = {name: (obj, ctime) for name, obj, ctime in entries}
+                conn.executemany(
+                    "DELETE FROM entries WHERE member = ? AND parent = ? AND name = ?",
+                    [(member, parent, name) for name in before.keys() - now.keys()],
+                )
                 conn.executemany(
                     "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-                    [(member, parent, name, obj, ctime) for name, obj, ctime in entries],
+                    [(member, parent, name, *row) for name, row in now.items() if before.get(name) != row],
                 )
             except sqlite3.Error as exc:
                 self._fail(exc)
