@@ -250,10 +250,6 @@ def _tree_size(nodes: dict[bytes, Node] | None) -> int:
     return len(nodes or ())
 
 
-#: seconds the walk waits for a pending change list before it starts without it
-CHANGE_LIST_HEAD_START = 1.0
-
-
 class Archiver:
     def __init__(
         self,
@@ -318,7 +314,7 @@ class Archiver:
                 self._give_up_after = int(parent_root.get("tree_files", 0)) // 2
                 if self._pending is not None:
                     # A quick answer (few changes) spares the walk, and the tree read-ahead, almost entirely.
-                    self._pending.wait(CHANGE_LIST_HEAD_START)
+                    self._pending.wait(self.snapshot.change_list_head_start)
                     self._change_set()
             if parent_root is not None and self.changes is None:
                 # The walk will visit every directory: read the parent's trees ahead, in its order.

@@ -370,6 +370,10 @@ class Snapshot(ABC):
 
     provider: str
     atomic: bool
+    #: Seconds the archiver waits for a pending change list (:meth:`changes_since`) before it walks
+    #: without it: worth waiting for when its cost follows what changed, not when it may take longer
+    #: than the walk (``zfs diff``).
+    change_list_head_start: float = 1.0
 
     def __init__(
         self,
