@@ -230,7 +230,9 @@ def _rows(conn: sqlite3.Connection, member: str, objects: list[int]) -> dict[int
         batch = objects[start : start + _IN_BATCH]
         marks = ",".join("?" * len(batch))
         for parent, name, obj, ctime in conn.execute(
-            f"SELECT parent, name, object, ctime_ns FROM entries WHERE member = ? AND object IN ({marks})",
+            # INDEXED BY: without statistics SQLite would pick the primary key (member, ...) and scan it all
+            f"SELECT parent, name, object, ctime_ns FROM entries INDEXED BY entries_by_object "
+            f"WHERE member = ? AND object IN ({marks})",
             (member, *batch),
         ):
             found.setdefault(obj, []).append((parent, bytes(name), ctime))
