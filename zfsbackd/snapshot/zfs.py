@@ -1,4 +1,4 @@
-"""ZFS snapshots through libzfs_core, and `zfs diff` to know what changed.
+"""ZFS snapshots through libzfs_core, and the incremental send stream to know what changed.
 
 A backup of dataset ``pool/fs`` takes ``pool/fs@zfsbackd-<backup id>`` (one
 atomic ``lzc_snapshot``; with ``recursive: true`` the children too, in the same
@@ -11,9 +11,14 @@ incremental: the hold is released, a bookmark ``#zfsbackd-<backup id>`` is
 made, and older snapshots of ours are destroyed — never anyone else's, and
 never one that someone holds — with their transaction-group waits overlapping
 (a channel program beside two concurrent calls; see ``ZfsSnapshot.commit``).
-The next backup asks ``zfs diff`` between the base and its own snapshot and
-reads only what changed. A missing base costs a full walk (metadata
-comparison against the parent backup), never a wrong backup.
+The next backup reads the incremental send stream from the base to its own
+snapshot (:mod:`zfsbackd.zfs.sendstream`: changed object numbers and each
+object's ctime) and turns it into paths with the object map
+(:mod:`zfsbackd.snapshot.zfs_objmap`, kept from the directories every backup
+archives); without a map (no ``state_dir``) it asks ``zfs diff``. It reads only
+what changed. A missing base, a map not of the base, or a stream it does not
+understand costs a full walk (metadata comparison against the parent backup),
+never a wrong backup.
 
 An encrypted dataset is read the same way while its key is loaded;
 :mod:`zfsbackd.snapshot.zfs_encryption` records its encryption with the backup
@@ -279,13 +284,16 @@ class ZfsSnapshot(Snapshot):
         self, parent_snapshot: dict[str, object], stop: threading.Event | None = None
     ) -> ChangeSet | None:
         """What changed since the parent backup's snapshot: from the incremental send stream when
-        the object map describes that snapshot, else from ``zfs diff``.
+        the object map describes that snapshot; from ``zfs diff`` when there is no map at all
+        (no ``state_dir``).
 
         None (the archiver then compares metadata with the parent backup, still reading only
         changed files) when a base snapshot is gone, when there is an object map but not of
         the base (the walk lists every directory, and so makes the map whole again), when too
-        much changed, or when ``zfs diff`` meets a changed hard link (it names one link of an
-        inode, not all of them; the map knows them all).
+        much changed, when the stream is not one the parser knows exactly (logged: the walk
+        does not wait ``STREAM_HEAD_START`` for a ``zfs diff`` that may take longer than it),
+        or when ``zfs diff`` meets a changed hard link (it names one link of an inode, not all
+        of them; the map knows them all).
         """
         base = parent_snapshot.get("Name")
         if parent_snapshot.get("Provider") != "zfs" or not isinstance(base, str):
@@ -302,6 +310,7 @@ class ZfsSnapshot(Snapshot):
                 return None
             except (sendstream.StreamFormatError, ZFSError, OSError) as exc:
                 log.warning("zfs_send_stream_change_list_failed", fs_id=self.fs_id, error=str(exc))
+                return None
         return self._diff_changes(base, stop)
 
     def _stream_changes(self, base: str, stop: threading.Event | None) -> ChangeSet | None:

@@ -20,7 +20,7 @@ It trusts nothing: every record after ``DRR_BEGIN`` must carry the stream's
 ``toguid`` at its type's offset (a misread length would put garbage there), the
 stream must be native-endian and end with ``DRR_END``, and a record type it does
 not know ends the parse with :class:`StreamFormatError` — the caller then falls
-back to ``zfs diff`` or to the walk, never to a partial list. Memory is bounded by
+back to the walk, never to a partial list. Memory is bounded by
 the batch size: the caller keeps only what it finds changed.
 """
 
