@@ -28,12 +28,12 @@ from zfsbackd.store.tree import node_name, parse_tree
 MiB = 1024 * 1024
 
 
-def _two_backups(src: Path, tmp_path: Path) -> tuple[Engine, str, str, dict]:
+def _two_backups(src: Path, tmp_path: Path, **config: object) -> tuple[Engine, str, str, dict]:
     """B1 holds keep.bin and gone.bin in one pack; B2 only keep.bin (and new.bin)."""
     rng = random.Random(11)
     (src / "keep.bin").write_bytes(rng.randbytes(3 * MiB))
     (src / "gone.bin").write_bytes(rng.randbytes(3 * MiB))
-    engine = Engine(make_config(tmp_path / "host-a", {"src": src}, grace=0))
+    engine = Engine(make_config(tmp_path / "host-a", {"src": src}, grace=0, **config))
     b1 = engine.create_backup(BackupRequest("fs-src"))
     (src / "gone.bin").unlink()
     (src / "new.bin").write_bytes(rng.randbytes(MiB))
@@ -126,3 +126,21 @@ def test_backup_deleted_while_restoring_is_a_clear_error(xfs_dir: Path, tmp_path
         engine.restore_backup(b2, target)
     assert "was deleted while it was being restored" in raised.value.message
     assert raised.value.exit_code == 6
+
+
+def test_copy_survives_collection_of_its_source_by_another_host(xfs_dir: Path, tmp_path: Path) -> None:
+    """A copy reads its source's packs directly (to re-seal them): a pack collection moved while it
+    ran is found again where its live blobs went, as a restore finds it (the fleet soak's failure)."""
+    engine, b1, b2, manifest = _two_backups(xfs_dir, tmp_path, extra_regions={"eu": tmp_path / "store-eu"})
+    other = _other_host(tmp_path)
+    results = []
+    rewritten = _pack_of(engine, b2, b"keep.bin")
+    _before_first_read_of(engine.store().objects, rewritten, lambda: results.append(other.delete_backup(b1)))
+    copy = engine.copy_backup(b2, destination_region="eu")
+    assert results, "collection ran in the middle of the copy"
+    assert not (tmp_path / "host-a" / "store" / rewritten).exists(), "the pack the copy wanted was rewritten"
+    target = tmp_path / "restore"
+    target.mkdir()
+    restored = engine.restore_backup(copy.backup_id, target, region="eu").path
+    assert tree_manifest(restored) == manifest
+    assert engine.check(region="eu", read_data=True).errors == []

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.errors import IntegrityError
-from zfsbackd.store.index import Location
+from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.packs import pack_key
 from zfsbackd.store.reachability import mark_reachable
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
 from zfsbackd.store.writer import PackWriter
-
-# Fetch a whole source pack when at least this share of it is needed (one request instead of many).
-WHOLE_PACK_SHARE = 0.5
 
 
 @dataclass
@@ -81,31 +78,28 @@ class Copier:
         return stats
 
     def _copy_pack(self, writer: PackWriter, pack_id: bytes, blob_ids: list[bytes]) -> None:
+        """Copy the blobs of one source pack, read as the PackCache plans (whole, or in ranges).
+
+        A pack that garbage collection (of any host) moved meanwhile is found
+        again where its live blobs went (Store.fetch_blob): a copy running beside
+        a collection of its source region does not fail.
+        """
         if self.cancel.is_set():
             raise BackupCancelled()
-        key = pack_key(pack_id)
-        locations = {b: self.source.index.get(b) for b in blob_ids}
-        pack_bytes = self.source.index.pack_bytes(pack_id) or 1
-        wanted = sum(loc.length for loc in locations.values() if loc)
-        what = f"copy of backup {self.record.backup_id}: pack {key}"
-        try:
-            whole = self.source.objects.get(key) if wanted / pack_bytes >= WHOLE_PACK_SHARE else None
-            for blob_id, loc in locations.items():
-                assert loc is not None
-                if not writer.reserve(blob_id, loc.raw_length):
-                    continue
-                if whole is not None:
-                    sealed = whole[loc.offset : loc.offset + loc.length]
-                else:
-                    sealed = self.source.objects.get_range(key, loc.offset, loc.length)
-                self._send(writer, blob_id, loc, sealed, what)
-        except FileNotFoundError:
-            raise IntegrityError(
-                f"{what} is missing from region {self.record.region}'s store; the copy stays resumable. Run "
-                f"`zfsbackd check --region {self.record.region}` to see which backups it affects"
-            ) from None
+        packs = PackCache(self.source, blob_ids)
+        what = f"copy of backup {self.record.backup_id} from region {self.record.region}: pack {pack_key(pack_id)}"
+        for blob_id in blob_ids:
+            loc = packs.location(blob_id)
+            assert loc is not None  # grouped by its location
+            if not writer.reserve(blob_id, loc.raw_length):
+                continue
+            resealed = self.source.fetch_blob(
+                blob_id,
+                what=what,
+                packs=packs,
+                open_sealed=lambda sealed, blob_id=blob_id: self.source.codec.reseal(
+                    blob_id, sealed, self.destination.codec, what=what
+                ),
+            )
+            writer.add_sealed(loc.blob_type, blob_id, resealed, loc.raw_length)
 
-    def _send(self, writer: PackWriter, blob_id: bytes, loc: Location, sealed: bytes, what: str) -> None:
-        """Verify a sealed blob of the source and append it, sealed for the destination."""
-        resealed = self.source.codec.reseal(blob_id, sealed, self.destination.codec, what=what)
-        writer.add_sealed(loc.blob_type, blob_id, resealed, loc.raw_length)

@@ -14,12 +14,12 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 import zstandard
@@ -82,6 +82,9 @@ class UnreadableIndex:
 def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+_Opened = TypeVar("_Opened")
 
 
 class PackSource(Protocol):
@@ -617,6 +620,21 @@ class Store:
 
         ``packs`` (a :class:`~zfsbackd.store.packcache.PackCache`) serves the sealed bytes
         when the caller planned its reads; otherwise one ranged read is made.
+        """
+        return self.fetch_blob(
+            blob_id,
+            what=what,
+            packs=packs,
+            open_sealed=lambda sealed: self.codec.decode(blob_id, sealed, what=f"{what} (blob {blob_id.hex()[:16]})"),
+        )
+
+    def fetch_blob(
+        self, blob_id: bytes, *, what: str, open_sealed: Callable[[bytes], _Opened], packs: PackSource | None = None
+    ) -> _Opened:
+        """Fetch one blob's sealed bytes and return what ``open_sealed`` makes of them.
+
+        ``open_sealed`` authenticates (and raises IntegrityError when that fails):
+        :meth:`read_blob` decodes, a copy re-seals for another region's key.
 
         A pack that is gone when it is read usually means garbage collection (in
         this or another process) rewrote the pack's live blobs into a new one and
@@ -669,7 +687,7 @@ class Store:
             try:
                 if len(sealed) != loc.length:
                     raise IntegrityError(f"{what}: pack {pack_key(loc.pack_id)} is truncated")
-                return self.codec.decode(blob_id, sealed, what=f"{what} (blob {blob_id.hex()[:16]})")
+                return open_sealed(sealed)
             except IntegrityError:
                 if cache_rebuilt or not self._cached_location_is_wrong(blob_id, loc):
                     raise
