@@ -17,6 +17,7 @@ import pytest
 from enginekit import make_config
 from fsfixtures import assert_trees_identical
 
+from zfsbackd.engine import archiver as archiver_module
 from zfsbackd.engine import restorer as restorer_module
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
@@ -162,6 +163,43 @@ def test_incremental_backup_reads_the_parent_ahead_within_the_bound(xfs_dir: Pat
     assert stats.files_read == 0 and stats.files_unchanged == DIRS
     # A group directory holds 20 entries, the root 100: the reads under way add at most one tree each.
     assert 0 < archiver.read_ahead_peak_entries <= BOUND + READ_AHEAD_WORKERS * 100
+
+
+def test_directories_waiting_for_their_file_reads_are_bounded(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk goes on past a directory whose files are still being read, but holds at most
+    UNFINISHED_DIRS such directories: with reads held back, it reaches the bound and waits there."""
+    _many_directories(xfs_dir)
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    for g in range(DIRS // 20):
+        (xfs_dir / f"g{g:03d}" / "d07" / "f").write_bytes(b"changed\n")
+    monkeypatch.setattr(archiver_module, "UNFINISHED_DIRS", 5)
+    reads_may_go = threading.Event()
+    original = Archiver._read_files
+
+    def held_back(self: Archiver, jobs: list) -> list:
+        reads_may_go.wait(30)
+        return original(self, jobs)
+
+    monkeypatch.setattr(Archiver, "_read_files", held_back)
+    store = engine.store()
+    fs = engine.config.file_system("fs-src")
+    snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
+    try:
+        with PackWriter(store) as writer:
+            archiver = Archiver(store, writer, snapshot, parent.root_tree)
+            timer = threading.Timer(1.0, reads_may_go.set)
+            timer.start()
+            root, stats = archiver.run()
+            writer.flush()
+    finally:
+        snapshot.release()
+    assert stats.files_read == DIRS // 20 and stats.files_unchanged == DIRS - DIRS // 20
+    assert archiver.unfinished_peak_dirs == 5 + 1, "it went on past waiting directories, up to the bound"
+    reference = engine.create_backup(BackupRequest("fs-src"))
+    assert reference.root_tree == root, "the same trees as a backup that waited for nothing"
 
 
 def test_full_restore_streams_trees_and_plans_reads_in_batches(

@@ -67,6 +67,10 @@ FILES_PER_JOB = 64
 BYTES_PER_JOB = 1024 * 1024
 #: threads reading files: more only fight over the GIL (1M small files, cold: 2 threads 20 s, 3 22 s, 8 27 s)
 READ_WORKERS = 2
+#: Directories whose listing is done but whose files are still being read, at most (see ``Archiver._walk``),
+#: and the entries they hold together.
+UNFINISHED_DIRS = 64
+UNFINISHED_ENTRIES = 50_000
 # XFS shows POSIX ACLs twice: as system.posix_acl_* and as these trusted.* mirrors. Restoring
 # the system.* names recreates them, and the mirrors would not apply on another file system.
 XFS_ACL_MIRRORS = frozenset({"trusted.SGI_ACL_FILE", "trusted.SGI_ACL_DEFAULT"})
@@ -158,6 +162,8 @@ class _DirFrame:
     reused: int = 0  # nodes taken as they were from ``previous``
     batch: list[_FileJob] = field(default_factory=list)  # small files not yet given to the read pool
     batch_bytes: int = 0  # their sizes, as listed
+    previous_count: int = 0  # entries of ``previous`` (kept once ``previous`` is let go)
+    parent: _DirFrame | None = None  # the frame whose entry this directory is; None for the root
 
 
 @dataclass
@@ -301,6 +307,8 @@ class Archiver:
         self._read_ahead: TreeReadAhead[None, dict[bytes, Node] | None] | None = None
         self.read_ahead_peak_entries = 0
         """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
+        self.unfinished_peak_dirs = 0
+        """The most directories left unfinished at once while their files were read (see ``_walk``)."""
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
@@ -398,26 +406,55 @@ class Archiver:
         Each directory's tree is written once all of its entries are known, exactly as a
         recursive walk would: the same trees, the same ids, so an unchanged directory
         still reuses its parent backup's tree id.
+
+        A directory whose files are still on the read pool when its listing is done is
+        not waited for: it joins the queue of unfinished directories (in the order the
+        walk left them, children before their parent, which is the order they can be
+        finished in) and the walk goes on, so reading overlaps walking also when each
+        directory has only a few changed files (scattered churn with a change list).
+        The queue is bounded (``UNFINISHED_DIRS``, ``UNFINISHED_ENTRIES``): past it
+        the oldest directory is waited for.
         """
         stack = [root_frame]
+        unfinished: deque[tuple[_DirFrame, int]] = deque()  # (directory, entries it held when it joined)
+        held = 0
         while True:
             frame = stack[-1]
             child = self._scan(frame)
             if child is not None:
+                child.parent = frame
                 stack.append(child)
                 continue
             stack.pop()
-            subtree, totals = self._finish_dir(frame)
-            if not stack:
-                return subtree, totals
-            node = frame.node
-            assert node is not None  # only the root frame has none, and it is the last one popped
-            if frame.node_before is not None and subtree == frame.tree_before:
-                stack[-1].nodes.append(frame.node_before)  # nothing in or below it changed
-                stack[-1].reused += 1
-                continue
-            node.update(subtree=subtree, tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
-            stack[-1].nodes.append(node)
+            frame.entries, frame.previous = [], {}  # what the finishing does not need any more
+            entries = len(frame.nodes) + sum(len(jobs) for _future, jobs in frame.pending)
+            unfinished.append((frame, entries))
+            held += entries
+            self.unfinished_peak_dirs = max(self.unfinished_peak_dirs, len(unfinished))
+            while unfinished and (
+                not stack
+                or len(unfinished) > UNFINISHED_DIRS
+                or held > UNFINISHED_ENTRIES
+                or all(future.done() for future, _jobs in unfinished[0][0].pending)
+            ):
+                oldest, entries = unfinished.popleft()
+                held -= entries
+                result = self._finish_dir(oldest)
+                if oldest.parent is None:
+                    return result
+                self._attach(oldest, *result)
+
+    @staticmethod
+    def _attach(frame: _DirFrame, subtree: str, totals: _Totals) -> None:
+        """Give a finished directory's node to its parent's entries."""
+        parent = frame.parent
+        assert parent is not None and frame.node is not None  # only the root has neither, and it is last
+        if frame.node_before is not None and subtree == frame.tree_before:
+            parent.nodes.append(frame.node_before)  # nothing in or below it changed
+            parent.reused += 1
+            return
+        frame.node.update(subtree=subtree, tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
+        parent.nodes.append(frame.node)
 
     def _enter_dir(self, rel: bytes, parent_tree: str | None, dev: int, node: Node | None) -> _DirFrame:
         """List the directory *rel* (on device *dev*) for the walk; OSError if it cannot be listed."""
@@ -426,7 +463,7 @@ class Archiver:
         previous = self._load_tree(parent_tree)
         with os.scandir(self._path(rel)) as it:
             entries = sorted(it, key=lambda e: e.name)
-        frame = _DirFrame(rel, dev, previous or {}, entries, node)
+        frame = _DirFrame(rel, dev, previous or {}, entries, node, previous_count=len(previous or ()))
         if previous is not None:
             frame.tree_before = parent_tree
         return frame
@@ -594,7 +631,7 @@ class Archiver:
             totals.add_node(node)
         as_before = (  # the directory itself and every entry are the parent backup's nodes
             frame.tree_before is not None
-            and frame.reused == len(nodes) == len(frame.previous)
+            and frame.reused == len(nodes) == frame.previous_count
             and (frame.node is None or frame.node_before is not None)
         )
         self.snapshot.directory_archived(frame.rel, frame.node, nodes, as_before)
@@ -609,7 +646,7 @@ class Archiver:
         deduplicate against it (garbage collection is not about to delete its pack)."""
         return (
             frame.tree_before is not None
-            and frame.reused == len(frame.nodes) == len(frame.previous)
+            and frame.reused == len(frame.nodes) == frame.previous_count
             and self.store.can_deduplicate(bytes.fromhex(frame.tree_before))
         )
 

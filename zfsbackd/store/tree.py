@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import base64
 import heapq
-import json
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+import orjson
 
 from zfsbackd.errors import IntegrityError
 
@@ -72,13 +73,17 @@ def decode_xattrs(node: Node) -> list[tuple[str, bytes]]:
 
 
 def serialize_tree(nodes: list[Node]) -> bytes:
+    """The canonical bytes of a directory's tree: the bytes of ``json.dumps(..., sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)`` (FORMAT.md), made by orjson, which writes exactly
+    those bytes for everything a node holds (strings, integers within 64 bits, lists, objects) and
+    is several times faster: every changed directory of every backup is serialized and parsed here."""
     nodes = sorted(nodes, key=node_name)
-    return json.dumps({"nodes": nodes}, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps({"nodes": nodes}, option=orjson.OPT_SORT_KEYS)
 
 
 def parse_tree(raw: bytes, *, what: str) -> list[Node]:
     try:
-        data = json.loads(raw)
+        data = orjson.loads(raw)
         nodes = data["nodes"]
         if not isinstance(nodes, list) or not all(isinstance(n, dict) for n in nodes):
             raise TypeError("nodes is not a list of objects")
