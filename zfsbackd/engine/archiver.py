@@ -20,6 +20,7 @@ listed only counts as vanished. Only the snapshot's root must be readable.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import stat
 import threading
@@ -244,6 +245,7 @@ def _unchanged(previous: Node | None, node_type: str, st: os.stat_result) -> boo
 
 
 #: node types of entries whose content cannot change while their ctime and inode stay the same
+_ENTRY_NAME = operator.attrgetter("name")
 _SPECIAL_TYPES = {stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev"}
 
 
@@ -462,7 +464,7 @@ class Archiver:
             raise BackupCancelled()
         previous = self._load_tree(parent_tree)
         with os.scandir(self._path(rel)) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            entries = sorted(it, key=_ENTRY_NAME)
         frame = _DirFrame(rel, dev, previous or {}, entries, node, previous_count=len(previous or ()))
         if previous is not None:
             frame.tree_before = parent_tree

@@ -43,6 +43,7 @@ from zfsbackd.errors import (
     ZfsbackdError,
 )
 from zfsbackd.identity import HostIdentity
+from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.snapshot import find_or_take_snapshot, zfs_encryption
 from zfsbackd.snapshot import zfs as zfs_snapshots
@@ -113,10 +114,18 @@ class BackupRequest:
 
 
 class Engine:
-    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utc_now) -> None:
-        """``clock`` gives record times (UTC); the daemon's simulations inject their own."""
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        objects: Callable[..., ObjectStore] = open_object_store,
+    ) -> None:
+        """``clock`` gives record times (UTC); the daemon's simulations inject their own. ``objects``
+        opens a region's object store (tests: ``zfsbackd.objectstore.memory.MemoryRegions.open``)."""
         self.config = config
         self.clock = clock
+        self._open_objects = objects
         self.locks = LockManager(config.state_dir)
         self._identity: HostIdentity | None = None
         self._stores: dict[str, Store] = {}
@@ -179,7 +188,7 @@ class Engine:
         known = KnownStores(self.config.state_dir)
         used_before = known.store_id(name)
         store = Store.open(
-            open_object_store(region, create_root=init),
+            self._open_objects(region, create_root=init),
             region=name,
             key_material=self._key(),
             create=init or region.create_if_missing,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import heapq
+import operator
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,9 @@ def encode_name(name: bytes) -> dict[str, str]:
         return {"name": name.decode("utf-8")}
     except UnicodeDecodeError:
         return {"name_b64": base64.b64encode(name).decode()}
+
+
+_TEXT_NAME = operator.itemgetter("name")
 
 
 def node_name(node: Node) -> bytes:
@@ -77,7 +81,10 @@ def serialize_tree(nodes: list[Node]) -> bytes:
     separators=(",", ":"), ensure_ascii=False)`` (FORMAT.md), made by orjson, which writes exactly
     those bytes for everything a node holds (strings, integers within 64 bits, lists, objects) and
     is several times faster: every changed directory of every backup is serialized and parsed here."""
-    nodes = sorted(nodes, key=node_name)
+    try:  # UTF-8 keeps code point order: names that are all text sort as their bytes do
+        nodes = sorted(nodes, key=_TEXT_NAME)
+    except KeyError:  # a name that is not UTF-8 (name_b64)
+        nodes = sorted(nodes, key=node_name)
     return orjson.dumps({"nodes": nodes}, option=orjson.OPT_SORT_KEYS)
 
 
