@@ -17,13 +17,16 @@ import pytest
 from enginekit import make_config
 from fsfixtures import tree_manifest
 
+from zfsbackd import errors
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.objectstore.local import LocalObjectStore
 from zfsbackd.objectstore.memory import MemoryObjectStore, MemoryRegions
+from zfsbackd.store.records import Lifecycle
 
 MiB = 1024 * 1024
 HOUR = 3600
+DAY = 24 * HOUR
 
 
 class StoreClock:
@@ -139,3 +142,27 @@ def test_object_store_contract(objects: ObjectStore) -> None:
         objects.get("data/ab/x")
     with pytest.raises(FileNotFoundError):
         objects.get_range("data/ab/x", 0, 1)
+
+
+def test_deleted_records_go_after_the_retention_on_the_store_clock(tmp_path: Path) -> None:
+    """A daily backup for years must not leave a record per day behind: collection removes DELETED
+    records once they are older than garbage_collection.deleted_records_retention_days (30)."""
+    src = _source(tmp_path)
+    clock = StoreClock()
+    regions = MemoryRegions(clock=clock)
+    engine = _engine(tmp_path, src, regions)
+    old = engine.create_backup(BackupRequest("fs-src"))
+    kept = engine.create_backup(BackupRequest("fs-src"))
+    engine.delete_backup(old.backup_id)
+    with pytest.raises(errors.BackupNotFound, match="already deleted"):
+        engine.delete_backup(old.backup_id)
+
+    clock.now += 30 * DAY - 1
+    assert engine.collect_garbage().deleted_records_removed == 0
+    assert engine.store().load_record(old.backup_id).lifecycle == Lifecycle.DELETED
+    clock.now += 2
+    assert engine.collect_garbage().deleted_records_removed == 1
+    with pytest.raises(errors.BackupNotFound, match="does not exist"):
+        engine.get_backup(old.backup_id)
+    assert engine.get_backup(kept.backup_id).lifecycle == Lifecycle.AVAILABLE
+    assert engine.collect_garbage().deleted_records_removed == 0

@@ -177,6 +177,9 @@ class GarbageCollectionConfig:
     grace_period_seconds: int = 3600
     lease_seconds: int = 300
     """A writer's store lease not renewed for this long is expired: its holder is taken as dead."""
+    deleted_records_retention_days: int = 30
+    """A DELETED backup's record stays this long (store time since it was deleted), then collection
+    removes it: answers about it ("already deleted", a retried client request token) hold that long."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,7 @@ _COPY_RULE_KEYS = ("region", "copy_tags", "retention_days")
 _DAEMON_KEYS = ("control_socket", "control_group", "metrics_listen", "max_parallel_backups",
                 "stop_timeout_seconds", "check_interval_days")
 _COPIES_KEYS = ("max_in_flight_per_region",)
-_GC_KEYS = ("grace_period_seconds", "lease_seconds")
+_GC_KEYS = ("grace_period_seconds", "lease_seconds", "deleted_records_retention_days")
 
 _ENCRYPTION_MISSING = (
     "missing; set encryption.key_file to a key file (create one with "
@@ -1128,7 +1131,10 @@ def parse_config(data: object, source: str = "<config>") -> Config:
             gc.int_("grace_period_seconds", 3600, 0, 604800,
                     "use a number of seconds from 0 to 604800 (7 days), longer than the longest backup or copy"),
             gc.int_("lease_seconds", 300, 3, 3600,
-                    "use 3 to 3600 seconds: how long a crashed host's lease holds back garbage collection")),
+                    "use 3 to 3600 seconds: how long a crashed host's lease holds back garbage collection"),
+            gc.int_("deleted_records_retention_days", 30, 1, 3650,
+                    "use 1 to 3650 days: how long the record of a deleted backup is kept before collection "
+                    "removes it")),
         source=source,
     )
     if problems:

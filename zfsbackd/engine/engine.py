@@ -711,9 +711,12 @@ class Engine:
         """Collect garbage in ``region``; ``wait=False`` raises StoreBusy when a backup, copy,
         restore or check of this host uses the store, instead of waiting for it."""
         store = self.store(region)
-        grace = self.config.garbage_collection.grace_period_seconds if grace_seconds is None else grace_seconds
+        gc = self.config.garbage_collection
+        grace = gc.grace_period_seconds if grace_seconds is None else grace_seconds
         with self.locks.store(store.region, exclusive=True, wait=wait):
-            return collect_garbage(store, grace_seconds=grace)
+            return collect_garbage(
+                store, grace_seconds=grace, deleted_records_retention_seconds=gc.deleted_records_retention_days * 86400
+            )
 
     # ----------------------------------------------------------------- restore
     def restore_backup(

@@ -34,6 +34,9 @@ live backup's directory that cannot be read likewise stops the sweep. Index
 objects that cannot be read are replaced (their packs were re-read from their
 headers when the index was loaded), and temporary files of writers that were
 killed are removed once they are older than the grace period and an hour.
+Last, the records of backups deleted longer ago than
+``garbage_collection.deleted_records_retention_days`` are removed (FORMAT.md,
+"Backup records").
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from zfsbackd.store.candidates import CandidateSet
 from zfsbackd.store.leases import Lease, Operation
 from zfsbackd.store.packs import PackEntry, pack_id_from_key, pack_key
 from zfsbackd.store.reachability import mark_reachable
-from zfsbackd.store.records import IN_PROGRESS, RECORD_PREFIX, Lifecycle
+from zfsbackd.store.records import IN_PROGRESS, RECORD_PREFIX, BackupRecord, Lifecycle, record_key
 from zfsbackd.store.repository import Store
 from zfsbackd.store.writer import PackWriter
 
@@ -57,6 +60,8 @@ log = structlog.get_logger(__name__)
 
 STALE_WRITE_MIN_AGE_SECONDS = 3600
 """Leftovers of interrupted writes are removed only once at least this old, whatever the grace period."""
+DELETED_RECORDS_RETENTION_SECONDS = 30 * 86400
+"""How long a DELETED record stays (garbage_collection.deleted_records_retention_days' default)."""
 ORDER_MARGIN_SECONDS = 60.0
 """A writer whose lease was first written less than this after a candidate set may have listed the
 sets before that set was in the store (an upload's duration plus timestamp resolution): it counts as
@@ -76,6 +81,8 @@ class GcResult:
     """Packs of candidate sets not executed yet (too young, or a writer that started before holds a lease)."""
     index_objects_replaced: int = 0
     stale_writes_removed: int = 0
+    deleted_records_removed: int = 0
+    """Records of backups deleted longer ago than the retention (their data went long before)."""
     retry_after_seconds: float | None = None
     """When a later run could execute the waiting sets (None: nothing waits)."""
     skipped_reason: str | None = None
@@ -92,6 +99,7 @@ class GcResult:
             "PacksWaiting": self.packs_waiting,
             "IndexObjectsReplaced": self.index_objects_replaced,
             "StaleWritesRemoved": self.stale_writes_removed,
+            "DeletedRecordsRemoved": self.deleted_records_removed,
         }
         if self.retry_after_seconds is not None:
             out["RetryAfterSeconds"] = round(self.retry_after_seconds)
@@ -109,15 +117,17 @@ class _Unreferenced:
     bytes_freed: int
 
 
-def collect_garbage(store: Store, *, grace_seconds: int) -> GcResult:
+def collect_garbage(
+    store: Store, *, grace_seconds: int, deleted_records_retention_seconds: float = DELETED_RECORDS_RETENTION_SECONDS
+) -> GcResult:
     """Collect garbage in ``store``. On this host, run under the store's exclusive lock (no backup,
     copy or restore of this host using it); across hosts the store's own GC lease keeps one
     collection at a time (StoreBusy for the others) and leases keep writers safe."""
     with store.leases.acquire_exclusive(Operation.GARBAGE_COLLECTION, store.region):
-        return _collect(store, grace_seconds)
+        return _collect(store, grace_seconds, deleted_records_retention_seconds)
 
 
-def _collect(store: Store, grace_seconds: int) -> GcResult:
+def _collect(store: Store, grace_seconds: int, deleted_records_retention_seconds: float) -> GcResult:
     result = GcResult()
     now = store.leases.store_now()  # every age below is in the store's time, never this host's
     _take_over_expired(store, store.leases.leases(), now)
@@ -179,9 +189,39 @@ def _collect(store: Store, grace_seconds: int) -> GcResult:
         store.candidates.remove(c.key)
     for key in unreadable_sets:  # never executed by anyone (they cannot be read), so nothing depends on them
         store.candidates.remove(key)
+    _remove_old_deleted_records(store, records, records_seen, now - deleted_records_retention_seconds, result)
     if deletable or result.index_objects_replaced:
         log.info("garbage_collected", region=store.region, **result.to_api())
     return result
+
+
+def _remove_old_deleted_records(
+    store: Store,
+    records: list[BackupRecord],
+    records_seen: dict[str, tuple[int, float]],
+    deleted_before: float,
+    result: GcResult,
+) -> None:
+    """Remove the records of backups deleted before ``deleted_before`` (store time).
+
+    DELETED is the last lifecycle step, so a DELETED record's object was last
+    written when the backup was deleted: its store time is the deletion's.
+    Marking never reads DELETED records, so removing one changes nothing of
+    what is referenced; it ends the answers only it gave ("already deleted",
+    the backup a retried client request token made), after the retention.
+    Without it a store that takes a daily backup of each file system keeps
+    every day's record for ever (and every host lists them).
+    """
+    for record in records:
+        if record.lifecycle != Lifecycle.DELETED:
+            continue
+        key = record_key(record.backup_id)
+        seen = records_seen.get(key)
+        if seen is not None and seen[1] < deleted_before:
+            store.objects.delete(key)
+            result.deleted_records_removed += 1
+    if result.deleted_records_removed:
+        log.info("deleted_records_removed", region=store.region, records=result.deleted_records_removed)
 
 
 def _unreferenced_packs(
