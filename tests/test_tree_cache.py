@@ -10,6 +10,8 @@ from pathlib import Path
 from enginekit import make_config
 
 from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.store.blobs import BlobType
+from zfsbackd.store.packs import pack_key
 from zfsbackd.store.tree import parse_tree
 from zfsbackd.store.treecache import TreeCache
 
@@ -55,12 +57,16 @@ def test_check_reads_trees_from_the_store_not_the_cache(tmp_path: Path) -> None:
     engine = Engine(config)
     engine.create_backup(BackupRequest("fs-src"))
     assert engine.store().tree_cache is not None and engine.store().tree_cache.size > 0
-    # Damage every pack in the store; the cache still has every tree.
-    for pack in (tmp_path / "store" / "data").rglob("*"):
-        if pack.is_file() and not pack.name.startswith("."):
-            data = bytearray(pack.read_bytes())
-            data[len(data) // 3] ^= 0xFF
-            pack.write_bytes(bytes(data))
+    # Damage every tree blob in the store; the cache still has every tree.
+    store = engine.store()
+    store.load_index()
+    for pack_id, entries in store.index.iter_packs():
+        pack = tmp_path / "store" / pack_key(pack_id)
+        data = bytearray(pack.read_bytes())
+        for entry in entries:
+            if entry.blob_type == BlobType.TREE:
+                data[entry.offset + entry.length // 2] ^= 0xFF
+        pack.write_bytes(bytes(data))
     assert Engine(config).check().errors, "check must notice trees the store no longer holds intact"
 
 
@@ -69,6 +75,7 @@ def test_a_damaged_or_forged_cache_entry_is_discarded_not_used(tmp_path: Path) -
     good, forged = b"\x01" * 32, b"\x02" * 32
     cache.put(good, b"tree:" + good)
     cache.put(forged, b"not what its name says")  # e.g. written by someone without the id key
+    cache.flush()
     assert cache.get(good) == b"tree:" + good
     assert cache.get(forged) is None and not cache._path(forged).exists()
     cache._path(good).write_bytes(b"garbage, not zstd")
@@ -81,6 +88,7 @@ def test_the_cache_stays_within_its_bound_dropping_the_least_recently_used(tmp_p
     cache = TreeCache(tmp_path / "trees", _verify, max_bytes=20_000)
     for n, blob_id in enumerate(ids):
         cache.put(blob_id, b"tree:" + blob_id + os.urandom(1000))  # incompressible: ~1 KiB each on disk
+        cache.flush()
         if n == 0:
             continue
         os.utime(cache._path(ids[n - 1]), (n, n))  # a strict age order, oldest first
@@ -93,6 +101,7 @@ def test_a_killed_writers_temporary_files_are_removed_at_open(tmp_path: Path) ->
     cache = TreeCache(tmp_path / "trees", _verify)
     blob_id = b"\x07" * 32
     cache.put(blob_id, b"tree:" + blob_id)
+    cache.flush()
     stray = cache._path(blob_id).parent / ".tmp-deadbeef00000000"
     stray.write_bytes(b"half")
     reopened = TreeCache(tmp_path / "trees", _verify)

@@ -36,7 +36,7 @@ import structlog
 
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import SnapshotError
-from zfsbackd.snapshot.base import ChangeSet, FileChangedError, PendingChanges, Snapshot
+from zfsbackd.snapshot.base import ArchivedDirectory, ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.repository import Store
@@ -156,15 +156,21 @@ class _DirFrame:
     entries: list[os.DirEntry[bytes]]
     node: Node | None  # this directory's node, finished when its tree is written; None for the root
     position: int = 0  # entries[:position] are done or on the read pool
-    nodes: list[Node] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)  # entries made now (new, changed, or with no parent node)
+    kept: list[Node] = field(default_factory=list)  # entries taken as they were from ``previous``
     pending: list[tuple[Future[list[_FileOutcome]], list[_FileJob]]] = field(default_factory=list)  # read jobs
     tree_before: str | None = None  # the parent backup's tree of this directory, when it could be read
     node_before: Node | None = None  # the parent backup's node of this directory, if its metadata is unchanged
-    reused: int = 0  # nodes taken as they were from ``previous``
     batch: list[_FileJob] = field(default_factory=list)  # small files not yet given to the read pool
     batch_bytes: int = 0  # their sizes, as listed
     previous_count: int = 0  # entries of ``previous`` (kept once ``previous`` is let go)
     parent: _DirFrame | None = None  # the frame whose entry this directory is; None for the root
+    same_object: bool = True  # the directory is the object the parent backup had under this name
+
+
+def _entries_as_before(frame: _DirFrame) -> bool:
+    """Every entry of the directory is the parent backup's node, taken as it was."""
+    return frame.tree_before is not None and not frame.nodes and len(frame.kept) == frame.previous_count
 
 
 @dataclass
@@ -428,8 +434,8 @@ class Archiver:
                 stack.append(child)
                 continue
             stack.pop()
-            frame.entries, frame.previous = [], {}  # what the finishing does not need any more
-            entries = len(frame.nodes) + sum(len(jobs) for _future, jobs in frame.pending)
+            frame.entries = []  # what the finishing does not need any more
+            entries = len(frame.nodes) + len(frame.kept) + sum(len(jobs) for _future, jobs in frame.pending)
             unfinished.append((frame, entries))
             held += entries
             self.unfinished_peak_dirs = max(self.unfinished_peak_dirs, len(unfinished))
@@ -452,8 +458,7 @@ class Archiver:
         parent = frame.parent
         assert parent is not None and frame.node is not None  # only the root has neither, and it is last
         if frame.node_before is not None and subtree == frame.tree_before:
-            parent.nodes.append(frame.node_before)  # nothing in or below it changed
-            parent.reused += 1
+            parent.kept.append(frame.node_before)  # nothing in or below it changed
             return
         frame.node.update(subtree=subtree, tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
         parent.nodes.append(frame.node)
@@ -476,7 +481,7 @@ class Archiver:
         Regular files go to the read pool; everything else is recorded here. Runs once per
         entry, so it is kept lean: the per-entry error handling costs nothing until an error.
         """
-        rel, previous, entries, nodes = frame.rel, frame.previous, frame.entries, frame.nodes
+        rel, previous, entries, nodes, kept = frame.rel, frame.previous, frame.entries, frame.nodes, frame.kept
         changes = self._change_set()
         stats = self.counters.stats
         unchanged_files = unchanged_bytes = 0  # reported to the progress once per call
@@ -496,8 +501,7 @@ class Archiver:
                 and changes.is_clean(child)
                 and entry.inode() == before.get("inode")  # a name now of another object is not clean
             ):
-                nodes.append(before)  # unchanged since the parent's snapshot: not even stat'ed
-                frame.reused += 1
+                kept.append(before)  # unchanged since the parent's snapshot: not even stat'ed
                 files, nbytes = self._count_reused(before)
                 unchanged_files += files
                 unchanged_bytes += nbytes
@@ -513,8 +517,7 @@ class Archiver:
             if stat.S_ISREG(mode):
                 if _unchanged(before, "file", st):
                     stats.files_unchanged += 1
-                    nodes.append(before)  # type: ignore[arg-type]
-                    frame.reused += 1
+                    kept.append(before)  # type: ignore[arg-type]
                     unchanged_files += 1
                     unchanged_bytes += st.st_size
                 elif st.st_size <= self.small_file:
@@ -532,8 +535,7 @@ class Archiver:
             elif (stat.S_ISLNK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and _unchanged(
                 before, _SPECIAL_TYPES.get(stat.S_IFMT(mode), ""), st
             ):
-                nodes.append(before)  # type: ignore[arg-type]  # a link's target, a device's number: as they were
-                frame.reused += 1
+                kept.append(before)  # type: ignore[arg-type]  # a link's target, a device's number: as they were
                 if stat.S_ISLNK(mode):
                     stats.symlinks += 1
                 else:
@@ -615,6 +617,7 @@ class Archiver:
             return None
         if _unchanged(before, "dir", st):
             child_frame.node_before = before
+        child_frame.same_object = before is not None and before.get("inode") == st.st_ino
         return child_frame
 
     def _finish_dir(self, frame: _DirFrame) -> tuple[str, _Totals]:
@@ -629,28 +632,25 @@ class Archiver:
                     nodes.append(outcome.node)
         frame.pending.clear()
         totals = _Totals()
+        for node in frame.kept:
+            totals.add_node(node)
         for node in nodes:
             totals.add_node(node)
-        as_before = (  # the directory itself and every entry are the parent backup's nodes
-            frame.tree_before is not None
-            and frame.reused == len(nodes) == frame.previous_count
-            and (frame.node is None or frame.node_before is not None)
+        as_before = _entries_as_before(frame) and (frame.node is None or frame.node_before is not None)
+        diffable = frame.tree_before is not None and frame.same_object
+        self.snapshot.directory_archived(
+            frame.rel, frame.node, ArchivedDirectory(frame.kept, nodes, frame.previous if diffable else None), as_before
         )
-        self.snapshot.directory_archived(frame.rel, frame.node, nodes, as_before)
         if self._same_tree_as_before(frame):
             return frame.tree_before, totals  # type: ignore[return-value]
-        tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(nodes))
+        tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(frame.kept + nodes))
         return tree_id.hex(), totals
 
     def _same_tree_as_before(self, frame: _DirFrame) -> bool:
         """Whether the directory's tree is its parent backup's, node for node: then that tree id is
         used as it is (no serializing, hashing or storing again), as long as a writer may still
         deduplicate against it (garbage collection is not about to delete its pack)."""
-        return (
-            frame.tree_before is not None
-            and frame.reused == len(frame.nodes) == frame.previous_count
-            and self.store.can_deduplicate(bytes.fromhex(frame.tree_before))
-        )
+        return _entries_as_before(frame) and self.store.can_deduplicate(bytes.fromhex(frame.tree_before or ""))
 
     def _entry_problem(self, rel: bytes, what: str, error: OSError) -> None:
         """One entry could not be read: count it as vanished, skip it and say so, or fail the backup.

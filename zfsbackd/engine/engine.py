@@ -376,6 +376,8 @@ class Engine:
                     # Packs, then the index: durable before the record names them. On an
                     # interruption this checkpoints what was read, so the resumed run reuses it.
                     writer.flush()
+                    if store.tree_cache is not None:
+                        store.tree_cache.flush()  # the next incremental finds this backup's trees locally
             faults.point("backup-data-durable")
             ws = writer.stats
             stats.bytes_new, stats.blobs_new = ws.bytes_new, ws.blobs_new

@@ -22,14 +22,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import structlog
 
 from zfsbackd.errors import SnapshotError
-
-if TYPE_CHECKING:
-    from zfsbackd.store.tree import Node
+from zfsbackd.store.tree import Node, node_name
 
 log = structlog.get_logger(__name__)
 
@@ -285,6 +283,36 @@ def same_version(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 @dataclass(frozen=True)
+class ArchivedDirectory:
+    """What the archiver made of one directory (for :meth:`Snapshot.directory_archived`).
+
+    Split so that a provider keeping its own map of names (ZFS) updates only
+    what changed: in a changed directory most entries are the parent backup's
+    nodes, taken as they were (``kept``, the very objects of ``previous``).
+    """
+
+    kept: list[Node]
+    """The parent backup's nodes of entries that did not change."""
+    fresh: list[Node]
+    """The nodes made now: new or changed entries (all of them when ``previous`` is None)."""
+    previous: Mapping[bytes, Node] | None
+    """The parent backup's entries of this directory, by name; None when there were none to compare
+    with (a new directory, another object under the same name, or a parent tree that could not be read)."""
+
+    def removed(self) -> set[bytes]:
+        """Names of the parent backup's entries that are no longer there (or were skipped this time)."""
+        if self.previous is None or len(self.kept) == len(self.previous):
+            return set()
+        kept = set(map(id, self.kept))
+        gone = {name for name, node in self.previous.items() if id(node) not in kept}
+        return gone - {node_name(node) for node in self.fresh}
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.kept + self.fresh
+
+
+@dataclass(frozen=True)
 class ChangeSet:
     """What changed since the parent backup's snapshot, when the snapshot provider knows (``zfs diff``).
 
@@ -434,8 +462,10 @@ class Snapshot(ABC):
         """The backup made from this snapshot is AVAILABLE. ZFS keeps it as the next incremental's base."""
         self.release()
 
-    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None, as_before: bool) -> None:
-        """The archiver archived the directory *rel* (its *node*; None for the root): *nodes* are its
+    def directory_archived(
+        self, rel: bytes, node: Node | None, entries: ArchivedDirectory | None, as_before: bool
+    ) -> None:
+        """The archiver archived the directory *rel* (its *node*; None for the root): *entries* are its
         entries, or None when it could not be listed; *as_before*: the directory and all its entries
         are the parent backup's nodes.
 

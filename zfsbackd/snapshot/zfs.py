@@ -40,6 +40,7 @@ import structlog
 from zfsbackd.errors import RestoreError, SnapshotError
 from zfsbackd.snapshot import zfs_encryption
 from zfsbackd.snapshot.base import (
+    ArchivedDirectory,
     ChangeSet,
     FileSystemSource,
     FrozenFile,
@@ -119,6 +120,11 @@ RESTORE_PROPERTIES = (
     "reservation",
     "refreservation",
 )
+
+
+def _map_rows(nodes: list[Node]) -> list[tuple[bytes, int, int]]:
+    """(name, object, ctime) of each node, as the object map keeps them."""
+    return [(node_name(n), int(n["inode"]), int(n.get("ctime_ns", -1))) for n in nodes]
 
 
 def _b(name: str) -> bytes:
@@ -439,23 +445,28 @@ class ZfsSnapshot(Snapshot):
                 paths.add(graft + path[len(mount) + 1 :])
         return paths
 
-    def directory_archived(self, rel: bytes, node: Node | None, nodes: list[Node] | None, as_before: bool) -> None:
+    def directory_archived(
+        self, rel: bytes, node: Node | None, entries: ArchivedDirectory | None, as_before: bool
+    ) -> None:
         """Keep the directory's names by object number (inode number = object number on ZFS), with their ctime.
 
-        A directory archived as it was in the parent backup already has exactly these rows when the
-        map is the parent's: nothing to write.
+        When the map is the parent backup's, it already has a row for every entry the archiver took
+        as it was from the parent backup: only the entries made now are written and the names that
+        went are removed (a directory archived as it was: nothing at all). Otherwise the directory's
+        rows are replaced by all of its entries.
         """
         if self._objmap is None or (as_before and self._map_of_parent):
             return
-        if nodes is None:
+        if entries is None:
             self._map_complete = False
             return
         prefix, _ = self.split(rel)
         member = self._by_rel[prefix]
         parent = 0 if rel == prefix or node is None else int(node["inode"])
-        self._objmap.archived(
-            member.dataset, parent, [(node_name(n), int(n["inode"]), int(n.get("ctime_ns", -1))) for n in nodes]
-        )
+        if self._map_of_parent and entries.previous is not None:
+            self._objmap.changed(member.dataset, parent, _map_rows(entries.fresh), entries.removed())
+        else:
+            self._objmap.archived(member.dataset, parent, _map_rows(entries.nodes))
 
     # ------------------------------------------------------------ lifecycle
     def hold(self) -> None:

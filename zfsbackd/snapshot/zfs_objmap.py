@@ -3,7 +3,9 @@ stream's object numbers into the paths the archiver must look at again.
 
 Inside a ZFS file system an inode number is the object number, so the map costs no system
 call of its own: the archiver reports every directory it archives with its nodes (name, inode,
-ctime: :meth:`ObjectMap.archived`), and the rows of that directory are replaced by them. The
+ctime: :meth:`ObjectMap.archived`), and the rows of that directory are replaced by them — or,
+when the map is the parent backup's, only its new and changed entries are written and the names
+that went are removed (:meth:`ObjectMap.changed`: most of a changed directory is as it was). The
 ctime tells an object whose dnode the stream sent only because it shares a dnode block with a
 changed one (same ctime) from a changed one. A backup that skips an unchanged directory keeps its rows
 from the map of the parent backup's snapshot, which is therefore only used when it describes
@@ -153,6 +155,25 @@ class ObjectMap:
                 conn.executemany(
                     "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
                     [(member, parent, name, *row) for name, row in now.items() if before.get(name) != row],
+                )
+            except sqlite3.Error as exc:
+                self._fail(exc)
+
+    def changed(self, member: str, parent: int, entries: list[tuple[bytes, int, int]], removed: set[bytes]) -> None:
+        """In the directory ``parent``, ``entries`` (name, object, ctime) are new or changed and the names
+        ``removed`` are gone; its other rows stay as they are."""
+        with self._lock:
+            conn = self._begin()
+            if conn is None:
+                return
+            try:
+                conn.executemany(
+                    "DELETE FROM entries WHERE member = ? AND parent = ? AND name = ?",
+                    [(member, parent, name) for name in removed],
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
+                    [(member, parent, *row) for row in entries],
                 )
             except sqlite3.Error as exc:
                 self._fail(exc)

@@ -10,15 +10,20 @@ tree's names: the directory is mode 0700 under ``state_dir`` (root's), like the 
 
 Layout: ``state_dir/cache/<store id>/trees/<2 hex>/<64 hex>``, each file the zstd-compressed tree.
 Writes go to a temporary name and are renamed into place (a crash leaves no partial tree under a
-real name, and temporaries are removed at the next open). The cache is bounded in bytes: when it
-grows past ``max_bytes`` the least recently used files (by modification time, touched on every hit)
-are removed down to 80 % of the bound.
+real name, and temporaries are removed at the next open). They are made by the cache's own writer
+thread, so that the walk of a backup, which writes a tree per changed directory, does not wait for
+a compression, an open, a write and a rename each time (``PENDING_MAX_BYTES`` of trees may wait;
+beyond that :meth:`TreeCache.put` writes itself); :meth:`TreeCache.flush` waits for them.
+
+The cache is bounded in bytes: when it grows past ``max_bytes`` the least recently used files (by
+modification time, touched on every hit) are removed down to 80 % of the bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import secrets
 import threading
 from collections.abc import Callable
@@ -36,6 +41,8 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 #: what eviction shrinks the cache to, as a share of the bound (so it does not evict on every write)
 EVICT_TO = 0.8
 _TMP_PREFIX = ".tmp-"
+#: plaintext bytes of trees waiting for the writer thread, at most
+PENDING_MAX_BYTES = 16 * 1024 * 1024
 
 
 class TreeCache:
@@ -53,6 +60,10 @@ class TreeCache:
         self.hits = 0
         self.misses = 0
         self._write_failed = False
+        self._pending: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._size = self._scan_and_clean()
 
@@ -87,9 +98,40 @@ class TreeCache:
     def put(self, blob_id: bytes, plaintext: bytes) -> None:
         """Remember a tree that was just verified (read from the store) or written by a backup.
 
-        A failure to write (full or read-only ``state_dir``) only costs the cache: it is logged once
-        per process and the tree is simply not cached.
+        Written by the writer thread, or here when too much already waits. A failure to write (full
+        or read-only ``state_dir``) only costs the cache: it is logged once per process and the tree
+        is simply not cached.
         """
+        with self._pending_lock:
+            queued = self._pending_bytes + len(plaintext) <= PENDING_MAX_BYTES
+            if queued:
+                self._pending_bytes += len(plaintext)
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_pending, name="zfsbackd-tree-cache", daemon=True)
+                    self._writer.start()
+        if queued:
+            self._pending.put((blob_id, plaintext))
+        else:
+            self._write(blob_id, plaintext)
+
+    def flush(self) -> None:
+        """Wait until every tree given to :meth:`put` so far is written (or given up)."""
+        self._pending.join()
+
+    def _write_pending(self) -> None:
+        """The writer thread: one tree after another, for the life of the process."""
+        while True:
+            blob_id, plaintext = self._pending.get()
+            try:
+                self._write(blob_id, plaintext)
+            except Exception as exc:  # a bug must not stop the thread: flush() would wait for ever
+                log.error("tree_cache_write_crashed", directory=str(self.directory), error=repr(exc))
+            finally:
+                with self._pending_lock:
+                    self._pending_bytes -= len(plaintext)
+                self._pending.task_done()
+
+    def _write(self, blob_id: bytes, plaintext: bytes) -> None:
         path = self._path(blob_id)
         if path.exists():
             return
