@@ -1064,16 +1064,16 @@ class Bench:
             for i in range(self.args.repeat):
                 if self.args.repeat > 1:
                     log(f"--- {name}: round {i + 1} of {self.args.repeat}")
-                rounds.append(self.run_dataset(name, rounds))
+                rounds.append(self.run_dataset(name, rounds, i + 1))
                 self.results["datasets"][name] = aggregate(rounds)
                 self.save()
             if self.args.repeat > 1:
-                print("\n" + render_table(name, self.results["datasets"][name], self.tools) + "\n", flush=True)
+                print("\n" + self.table(name) + "\n", flush=True)
         self.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.save()
         print()
         for name in self.results["datasets"]:
-            print(render_table(name, self.results["datasets"][name], self.tools))
+            print(self.table(name))
             print()
         print(f"results: {self.result_path}")
         print(f"logs:    {self.logdir}")
@@ -1101,8 +1101,13 @@ class Bench:
         self.save()
         return r
 
-    def run_dataset(self, name: str, earlier_rounds: list[dict[str, Any]]) -> dict[str, Any]:
-        """One round: a fresh file system, fresh data, every step for every tool. Returns the round's results."""
+    def table(self, name: str) -> str:
+        """The results table of dataset ``name`` so far."""
+        return render_table(name, self.results["datasets"][name], self.tools)
+
+    def run_dataset(self, name: str, earlier_rounds: list[dict[str, Any]], round_no: int = 1) -> dict[str, Any]:
+        """One round (``round_no``, from 1): a fresh file system, fresh data, every step for every tool.
+        Returns the round's results."""
         args = self.args
         data_bytes, apparent = expected_sizes(name, args.scale)
         image = int((4 * data_bytes + apparent) * 1.4) + 3 * GiB

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -407,25 +406,8 @@ class S3Bench(base.Bench):
         self.results["s3"] = server.public()
         self._buckets: list[str] = []
 
-    def run(self) -> None:
-        for name in self.args.datasets.split(","):
-            rounds: list[dict[str, Any]] = []
-            for i in range(self.args.repeat):
-                if self.args.repeat > 1:
-                    log(f"--- {name}: round {i + 1} of {self.args.repeat}")
-                rounds.append(self.run_dataset(name, rounds, i + 1))
-                self.results["datasets"][name] = base.aggregate(rounds)
-                self.save()
-            if self.args.repeat > 1:
-                print("\n" + render_s3_table(name, self.results["datasets"][name], self.tools) + "\n", flush=True)
-        self.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self.save()
-        print()
-        for name in self.results["datasets"]:
-            print(render_s3_table(name, self.results["datasets"][name], self.tools))
-            print()
-        print(f"results: {self.result_path}")
-        print(f"logs:    {self.logdir}")
+    def table(self, name: str) -> str:
+        return render_s3_table(name, self.results["datasets"][name], self.tools)
 
     def _record(self, ds: dict[str, Any], step: str, tool: base.Tool, m: base.Measure,
                 stats: dict[str, Any]) -> dict[str, Any]:
