@@ -13,7 +13,7 @@ import json
 import pytest
 
 from zfsbackd.errors import IntegrityError
-from zfsbackd.store.tree import encode_name, node_name, parse_tree, serialize_tree
+from zfsbackd.store.tree import encode_name, node_name, nodes_by_name, parse_tree, serialize_tree
 
 
 def _reference(nodes: list[dict]) -> bytes:
@@ -50,3 +50,10 @@ def test_names_sort_by_raw_bytes_and_round_trip() -> None:
 def test_a_tree_that_is_not_a_tree_is_an_integrity_error(raw: bytes) -> None:
     with pytest.raises(IntegrityError, match="is not a valid tree"):
         parse_tree(raw, what="tree t")
+
+
+def test_nodes_by_name_keys_by_raw_name_text_or_not() -> None:
+    text = [{**encode_name(raw), "type": "file"} for raw in (b"a", "é".encode())]
+    assert list(nodes_by_name(text)) == [b"a", "é".encode()]
+    mixed = [*text, {**encode_name(b"\xff"), "type": "file"}]
+    assert list(nodes_by_name(mixed)) == [b"a", "é".encode(), b"\xff"]

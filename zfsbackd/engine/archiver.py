@@ -48,7 +48,7 @@ from zfsbackd.store.tree import (
     encode_name,
     encode_target,
     encode_xattrs,
-    node_name,
+    nodes_by_name,
     parse_tree,
     serialize_tree,
 )
@@ -402,7 +402,7 @@ class Archiver:
         except Exception as exc:  # a damaged parent only costs a full read, never a wrong backup
             log.warning("parent_tree_unreadable", tree_id=tree_id, error=str(exc))
             return None
-        return {node_name(n): n for n in parse_tree(raw, what=f"parent tree {tree_id[:16]}")}
+        return nodes_by_name(parse_tree(raw, what=f"parent tree {tree_id[:16]}"))
 
     # ------------------------------------------------------------------- walk
     def _path(self, rel: bytes) -> bytes:

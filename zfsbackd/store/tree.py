@@ -55,6 +55,18 @@ def node_name(node: Node) -> bytes:
     return base64.b64decode(node["name_b64"])
 
 
+def nodes_by_name(nodes: list[Node]) -> dict[bytes, Node]:
+    """A directory's nodes by raw name (for lookups with the names a listing gives).
+
+    Built without a Python call per node when every name is text (the common case: an
+    incremental backup builds one per changed directory of its parent).
+    """
+    try:
+        return dict(zip(map(str.encode, map(_TEXT_NAME, nodes)), nodes, strict=True))
+    except (KeyError, TypeError):  # a name that is not UTF-8 (name_b64), or not a string
+        return {node_name(n): n for n in nodes}
+
+
 def encode_target(target: bytes) -> dict[str, str]:
     try:
         return {"target": target.decode("utf-8")}
