@@ -163,14 +163,13 @@ class _DirFrame:
     node_before: Node | None = None  # the parent backup's node of this directory, if its metadata is unchanged
     batch: list[_FileJob] = field(default_factory=list)  # small files not yet given to the read pool
     batch_bytes: int = 0  # their sizes, as listed
-    previous_count: int = 0  # entries of ``previous`` (kept once ``previous`` is let go)
     parent: _DirFrame | None = None  # the frame whose entry this directory is; None for the root
     same_object: bool = True  # the directory is the object the parent backup had under this name
 
 
 def _entries_as_before(frame: _DirFrame) -> bool:
     """Every entry of the directory is the parent backup's node, taken as it was."""
-    return frame.tree_before is not None and not frame.nodes and len(frame.kept) == frame.previous_count
+    return frame.tree_before is not None and not frame.nodes and len(frame.kept) == len(frame.previous)
 
 
 @dataclass
@@ -470,7 +469,7 @@ class Archiver:
         previous = self._load_tree(parent_tree)
         with os.scandir(self._path(rel)) as it:
             entries = sorted(it, key=_ENTRY_NAME)
-        frame = _DirFrame(rel, dev, previous or {}, entries, node, previous_count=len(previous or ()))
+        frame = _DirFrame(rel, dev, previous or {}, entries, node)
         if previous is not None:
             frame.tree_before = parent_tree
         return frame
