@@ -18,6 +18,7 @@ from enginekit import make_config
 from fsfixtures import tree_manifest
 
 from zfsbackd import errors
+from zfsbackd.engine import copier as copier_module
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.objectstore.local import LocalObjectStore
@@ -166,3 +167,22 @@ def test_deleted_records_go_after_the_retention_on_the_store_clock(tmp_path: Pat
         engine.get_backup(old.backup_id)
     assert engine.get_backup(kept.backup_id).lifecycle == Lifecycle.AVAILABLE
     assert engine.collect_garbage().deleted_records_removed == 0
+
+
+def test_a_copy_in_small_batches_sends_each_blob_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy walks the backup in batches (its memory must not follow the backup's size); a blob
+    shared by files of different batches is still sent once, and the copy restores identical."""
+    src = _source(tmp_path)
+    for i in range(30):
+        (src / "sub" / f"same{i:02d}.txt").write_text("the same content in every one of these files\n")
+        (src / "sub" / f"own{i:02d}.txt").write_text(f"file {i}\n")
+    regions = MemoryRegions()
+    engine = _engine(tmp_path, src, regions)
+    record = engine.create_backup(BackupRequest("fs-src"))
+    monkeypatch.setattr(copier_module, "BATCH_BLOBS", 7)
+    copy = engine.copy_backup(record.backup_id, destination_region="eu")
+    assert copy.stats.blobs_new == record.stats.blobs_new, "every blob sent once, as many as the backup stored"
+    target = tmp_path / "restore"
+    target.mkdir()
+    assert tree_manifest(engine.restore_backup(copy.backup_id, target, region="eu").path) == tree_manifest(src)
+    assert engine.check(region="eu", read_data=True).errors == []

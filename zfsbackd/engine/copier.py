@@ -5,7 +5,9 @@ difference even when the destination encrypts with another data key: each
 missing blob is authenticated and verified with the source key, re-sealed
 with the destination key (not recompressed), and packed as usual. An
 interrupted copy leaves durable packs behind that the destination adopts on
-open, so the next run sends only what is still missing.
+open, so the next run sends only what is still missing. The backup's trees
+are walked in batches of blob ids (``BATCH_BLOBS``), so a copy's memory does
+not follow the size of the backup.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.errors import IntegrityError
 from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.packs import pack_key
-from zfsbackd.store.reachability import mark_reachable
+from zfsbackd.store.reachability import reachable_in_batches
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
 from zfsbackd.store.writer import PackWriter
 
+#: Blob ids a copy plans at once (checked against the destination, grouped by source pack, copied):
+#: bounds its memory whatever the size of the backup.
+BATCH_BLOBS = 50_000
+
 
 @dataclass
 class CopyStats:
-    blobs_total: int = 0
     blobs_copied: int = 0
     bytes_copied: int = 0  # plaintext bytes of the blobs sent
     bytes_uploaded: int = 0  # bytes written to the destination object store
@@ -50,32 +55,41 @@ class Copier:
         self.workers = workers
 
     def run(self) -> CopyStats:
+        """Walk the backup's trees in batches of ``BATCH_BLOBS`` blobs and copy what the destination lacks.
+
+        A blob met again in a later batch is found in the destination (uploaded) or in the writer
+        (reserved), so it is sent once.
+        """
         self.source.load_index(record_adopted=False)
         self.destination.load_index(adopt=True)  # a resumed copy's packs, uploaded before it stopped
-        needed = mark_reachable(self.source, [self.record]).blobs
-        stats = CopyStats(blobs_total=len(needed))
-        by_pack: dict[bytes, list[bytes]] = defaultdict(list)
-        for blob_id in needed:
-            if not self.destination.can_deduplicate(blob_id):
-                loc = self.source.index.get(blob_id)
-                if loc is None:
-                    raise IntegrityError(
-                        f"backup {self.record.backup_id} in region {self.record.region} references blob "
-                        f"{blob_id.hex()}, which its store does not have; run "
-                        f"`zfsbackd check --region {self.record.region}`"
-                    )
-                by_pack[loc.pack_id].append(blob_id)
         with PackWriter(self.destination) as writer:
             try:
                 with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-copy") as pool:
-                    for _ in pool.map(lambda item: self._copy_pack(writer, *item), by_pack.items()):
-                        pass
+                    for batch in reachable_in_batches(self.source, self.record, batch_size=BATCH_BLOBS):
+                        by_pack = self._missing_by_source_pack(batch)
+                        for _ in pool.map(lambda item: self._copy_pack(writer, *item), by_pack.items()):
+                            pass
             finally:
                 writer.flush()  # checkpoint whatever was copied, also when interrupted
-        stats.blobs_copied = writer.stats.blobs_new
-        stats.bytes_copied = writer.stats.bytes_new
-        stats.bytes_uploaded = writer.stats.bytes_uploaded
-        return stats
+        return CopyStats(writer.stats.blobs_new, writer.stats.bytes_new, writer.stats.bytes_uploaded)
+
+    def _missing_by_source_pack(self, batch: list[bytes]) -> dict[bytes, list[bytes]]:
+        """The blobs of ``batch`` the destination does not have, by the source pack that holds them."""
+        unique = list(dict.fromkeys(batch))
+        stored = self.destination.deduplicable(unique)
+        missing = [blob_id for blob_id in unique if blob_id not in stored]
+        locations = self.source.index.get_many(missing)
+        by_pack: dict[bytes, list[bytes]] = defaultdict(list)
+        for blob_id in missing:
+            loc = locations.get(blob_id)
+            if loc is None:
+                raise IntegrityError(
+                    f"backup {self.record.backup_id} in region {self.record.region} references blob "
+                    f"{blob_id.hex()}, which its store does not have; run "
+                    f"`zfsbackd check --region {self.record.region}`"
+                )
+            by_pack[loc.pack_id].append(blob_id)
+        return by_pack
 
     def _copy_pack(self, writer: PackWriter, pack_id: bytes, blob_ids: list[bytes]) -> None:
         """Copy the blobs of one source pack, read as the PackCache plans (whole, or in ranges).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from zfsbackd.store.records import BackupRecord
@@ -64,3 +64,36 @@ def mark_reachable(
                     if track_users:
                         found.users.setdefault(blob_id, (record.backup_id, child))
     return found
+
+
+def reachable_in_batches(store: Store, record: BackupRecord, *, batch_size: int) -> Iterator[list[bytes]]:
+    """The blobs ``record``'s trees reference (the trees too), about ``batch_size`` at a time.
+
+    For work that goes through a backup's blobs once (a copy) without holding the set of all of
+    them, which grows with the backup (~100 B per blob): only the trees' ids are kept (one per
+    directory), so that a tree shared by several directories is walked once. A data blob shared
+    by several files may come in more than one batch: callers skip what they already handled.
+    """
+    if not record.root_tree:
+        return
+    seen_trees: set[bytes] = set()
+    stack: list[tuple[bytes, str]] = [(bytes.fromhex(record.root_tree), "")]
+    batch: list[bytes] = []
+    while stack:
+        tree_id, path = stack.pop()
+        if tree_id in seen_trees:
+            continue
+        seen_trees.add(tree_id)
+        batch.append(tree_id)
+        what = f"backup {record.backup_id}: directory {path or '/'}"
+        for node in parse_tree(store.read_tree(tree_id, what=what), what=what):
+            if "subtree" in node:
+                name = node_name(node)
+                child = "" if name == b"." else f"{path}/{os.fsdecode(name)}"
+                stack.append((bytes.fromhex(node["subtree"]), child))
+            batch.extend(bytes.fromhex(blob_hex) for _offset, _length, blob_hex in node.get("chunks", ()))
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
