@@ -15,8 +15,18 @@ from enginekit import REPO, cli_command
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, workdir: Path, *, watchdog_usec: int | None = None, tick: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: Path,
+        workdir: Path,
+        *,
+        watchdog_usec: int | None = None,
+        tick: float = 1.0,
+        fault_point: str | None = None,
+    ) -> None:
+        """``fault_point`` arms ``ZFSBACKD_FAULT_POINT`` in the daemon (see zfsbackd/faults.py)."""
         self.config = config
+        self.fault_point = fault_point
         self.workdir = workdir
         self.watchdog_usec = watchdog_usec
         self.tick = tick
@@ -32,6 +42,8 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(self.notify_path)}
         if self.watchdog_usec:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
+        if self.fault_point:
+            env["ZFSBACKD_FAULT_POINT"] = self.fault_point
         log = self.log_path.open("ab")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
@@ -100,6 +112,11 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+    def wait_killed(self, timeout: float = 120.0) -> None:
+        """Wait for an armed fault point to SIGKILL the daemon."""
+        assert self.proc is not None
+        assert self.proc.wait(timeout) == -signal.SIGKILL, self.log_text()[-3000:]
 
     def close(self) -> None:
         self.kill()

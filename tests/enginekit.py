@@ -126,8 +126,8 @@ def run_cli(config: Path | None, *args: str, timeout: float = 300) -> CliResult:
 
 
 def store_bytes(store_dir: Path) -> int:
-    """Bytes of pack data in a local store."""
-    return sum(p.stat().st_size for p in (store_dir / "data").rglob("*") if p.is_file())
+    """Bytes of the packs in a local store (not the writers' temporary files, which come and go)."""
+    return sum(p.stat().st_size for p in pack_files(store_dir))
 
 
 def pack_files(store_dir: Path) -> list[Path]:

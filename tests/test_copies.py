@@ -13,6 +13,7 @@ from daemonkit import DaemonProcess
 from enginekit import make_config, run_cli, store_bytes, write_config
 from fsfixtures import assert_trees_identical, populate_sample_tree
 
+from zfsbackd import faults
 from zfsbackd.daemon.client import DaemonClient
 from zfsbackd.daemon.copies import RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, CopyScheduler
 from zfsbackd.engine.archiver import BackupCancelled
@@ -100,15 +101,9 @@ def test_interrupted_copy_resumes_without_resending(xfs_dir: Path, tmp_path: Pat
     record = engine.create_backup(BackupRequest("fs-src"))
     pending = engine.request_copy(record.backup_id, destination_region="eu")
     cancel = threading.Event()
-
-    def stop_after_packs() -> None:
-        deadline = time.monotonic() + 60
-        while store_bytes(tmp_path / "store-eu") < 16 * MiB and time.monotonic() < deadline:
-            time.sleep(0.005)
-        cancel.set()
-
-    threading.Thread(target=stop_after_packs, daemon=True).start()
-    with pytest.raises(BackupCancelled):
+    # Stop the copy right after its first pack reached the destination (a fault
+    # point, not a watch on the store's size: that raced the writer's renames).
+    with faults.hooked("pack-uploaded", lambda hit: cancel.set()), pytest.raises(BackupCancelled):
         engine.run_copy(pending, cancel=cancel)
     interrupted = engine.get_backup(pending.backup_id, "eu")
     assert interrupted.lifecycle == Lifecycle.COPYING and interrupted.root_tree is None

@@ -143,14 +143,11 @@ def _big_tree(root: Path, seed: int, files: int = 12) -> None:
 def test_sigkill_mid_backup_then_restart_resumes_it(daemons, xfs_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _big_tree(xfs_dir, 11)
     config = write_config(tmp_path, {"src": xfs_dir}, extra_fs={"automatic_backup_retention_days": 0})
-    d = _start(daemons, config, tmp_path)
+    d = _start(daemons, config, tmp_path, fault_point="pack-uploaded:3")  # dies right after its third pack
     d.wait_ready()
     backup_id = run_cli(config, "create-backup", "--file-system-id", "fs-src").json["Backup"]["BackupId"]
-    deadline = time.monotonic() + 60
-    while len(pack_files(tmp_path / "store")) < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    d.kill()
+    d.wait_killed()
+    assert len(pack_files(tmp_path / "store")) >= 3
     assert _wait_lifecycle(config, backup_id, "CREATING", timeout=5)
 
     again = _start(daemons, config, tmp_path)
@@ -165,9 +162,10 @@ def test_sigkill_mid_backup_then_restart_resumes_it(daemons, xfs_dir: Path, tmp_
 
 
 def test_sigterm_mid_backup_checkpoints_within_the_bound(daemons, xfs_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _big_tree(xfs_dir, 12, files=28)  # big enough that SIGTERM lands while files are still being read
+    _big_tree(xfs_dir, 12, files=16)
     config = write_config(tmp_path, {"src": xfs_dir}, extra_fs={"automatic_backup_retention_days": 0})
-    d = _start(daemons, config, tmp_path)
+    # Every pack upload takes at least 0.5 s: the backup lasts > 8 s on any machine, so SIGTERM lands in it.
+    d = _start(daemons, config, tmp_path, fault_point="pack-uploaded:delay=0.5")
     d.wait_ready()
     backup_id = run_cli(config, "create-backup", "--file-system-id", "fs-src").json["Backup"]["BackupId"]
     while len(pack_files(tmp_path / "store")) < 1:
