@@ -636,6 +636,7 @@ class Zfsbackd(Tool):
         extra = self.env.get("PYTHONPATH")
         self.env["PYTHONPATH"] = str(PROJECT) + (os.pathsep + extra if extra else "")
         self.last_backup: str | None = None
+        self.copy_region: Path | None = None  # set before setup(): a second local region named "copy"
 
     profile_dir: Path | None = None  # set by --profile: run each step under py-spy, write collapsed stacks here
 
@@ -651,10 +652,15 @@ class Zfsbackd(Tool):
     def setup(self) -> dict[str, Any]:
         self.runner.run_checked("zfsbackd-key", self.cli("key", "generate", "--key-file", str(self.key)),
                                 env=self.env, cwd=PROJECT)
-        self.repo.mkdir(parents=True, exist_ok=True)  # zfsbackd never creates a store's directory itself
+        regions = {"local": self.repo, **({"copy": self.copy_region} if self.copy_region else {})}
+        for store in regions.values():
+            store.mkdir(parents=True, exist_ok=True)  # zfsbackd never creates a store's directory itself
+        region_map = ", ".join(f"{name}: {{type: local, path: {path}, create_if_missing: true}}"
+                               for name, path in regions.items())
         self.config.write_text(
             f"state_dir: {self.work / 'state' / 'zfsbackd'}\n"
-            f"regions: {{local: {{type: local, path: {self.repo}, create_if_missing: true}}}}\n"
+            "home_region: local\n"
+            f"regions: {{{region_map}}}\n"
             f"encryption: {{key_file: {self.key}}}\n"
             "file_systems:\n"
             f"  - id: {FS_ID}\n"

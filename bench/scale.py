@@ -81,6 +81,17 @@ SCALE_TOOLS = ("zfsbackd", "restic")
 BACKUP_STEPS = ("full", "nochange", "churn")
 FILE_STEPS = (*BACKUP_STEPS, "restore")
 STORE_STEPS = ("build", "open-nocache", "open-cold", "open-warm")
+# zfsbackd's other operations, on the store the file steps left (issue 13: every operation under one bound):
+# CLI arguments after ``--config``; {first}/{last} are the full and newest backups, {path} one leaf directory.
+OPERATIONS = {
+    "describe": ("describe-backups",),
+    "restore-path": ("restore-backup", "--backup-id", "{last}", "--path", "{path}", "--target", "{target}"),
+    "check": ("check",),
+    "check-read-data": ("check", "--read-data"),
+    "copy": ("copy-backup", "--source-backup-id", "{last}", "--destination-region", "copy"),
+    "delete": ("delete-backup", "--backup-id", "{first}"),
+    "gc": ("gc", "--grace-period", "0"),
+}
 MIN_SIZE, MAX_SIZE = 64, 4 * KiB
 GROWTH_NOTE = ("value at the largest N ÷ value at the smallest; k = log(ratio) / log(N ratio): "
                "k = 1 grows like N, k = 0 stays flat, so ×10 N costs ×10^k")
@@ -318,6 +329,9 @@ class ScaleBench(base.Bench):
                 f"{info.seconds:.1f} s ({info.files / max(info.seconds, 1e-9):,.0f} files/s)")
             tools = [base.TOOL_CLASSES[t](self.runner, mnt / "work", data) for t in self.tools]
             for tool in tools:
+                if isinstance(tool, base.Zfsbackd):
+                    tool.copy_region = mnt / "work" / "repos" / "zfsbackd-copy"
+            for tool in tools:
                 self.results["tools"][tool.name] = tool.setup()
             for step in BACKUP_STEPS:
                 if step == "churn":
@@ -335,7 +349,24 @@ class ScaleBench(base.Bench):
                                  "content_fraction": args.verify_sample if sampled else 1.0}
             base.restore_and_verify(self, ds, f"{n:,} files", tools, data, mnt, True,
                                     sample_predicate(args.verify_sample) if sampled else None)
+            for tool in tools:
+                if isinstance(tool, base.Zfsbackd):
+                    self.run_operations(ds, tool, mnt)
             print("\n" + render_files_table(ds, self.tools) + "\n", flush=True)
+
+    def run_operations(self, ds: dict[str, Any], tool: base.Zfsbackd, mnt: Path) -> None:
+        """Each of OPERATIONS once, page cache dropped first, with wall time and peak RSS like the backups."""
+        n = ds["files"]
+        first = ds["steps"]["full"]["zfsbackd"]["tool_stats"].get("BackupId")
+        values = {"first": first, "last": tool.last_backup, "path": leaf_dir(0, layout(n)[1]),
+                  "target": str(mnt / "restore" / "zfsbackd-path")}
+        Path(values["target"]).mkdir(parents=True)
+        for step, argv in OPERATIONS.items():
+            base.settle(True)
+            cli = tool.cli(*(a.format(**values) for a in argv), "--config", str(tool.config), profile=step)
+            m = self.runner.run(f"zfsbackd-{step}", cli, env=tool.env, cwd=base.PROJECT)
+            r = self._record(ds, step, tool, m, {})
+            log(f"{n:,} files {step:15s} zfsbackd {r['wall_s']:8.2f} s wall {r['peak_rss_mib']:7.0f} MiB RSS")
 
     def run_synthetic(self, blobs: int) -> None:
         args = self.args
@@ -414,7 +445,19 @@ def render_files_table(ds: dict[str, Any], tools: list[str]) -> str:
     for t in tools:
         row += [base.identical_cell(steps, t)] + [""] * (len(FILE_COLUMNS) - 1)
     lines.append("| " + " | ".join([*row, ""] if ratio else row) + " |")
-    return "\n".join([*lines, "", _what_was_read(steps)])
+    return "\n".join([*lines, "", _what_was_read(steps), "", *_operations_table(steps)])
+
+
+def _operations_table(steps: dict[str, Any]) -> list[str]:
+    """zfsbackd's other operations (OPERATIONS): wall and peak RSS."""
+    rows = [(op, steps[op]["zfsbackd"]) for op in OPERATIONS if "zfsbackd" in steps.get(op, {})]
+    if not rows:
+        return []
+    lines = ["| zfsbackd operation | wall s | CPU s | RSS MiB |", "|---|---:|---:|---:|"]
+    for op, r in rows:
+        lines.append(f"| {op} | " + " | ".join(_cell(r, key, digits) for key, digits in
+                                                (("wall_s", 2), ("cpu_s", 1), ("peak_rss_mib", 0))) + " |")
+    return lines
 
 
 def _what_was_read(steps: dict[str, Any]) -> str:
