@@ -29,6 +29,7 @@ from zfsbackd.config import load_config
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import EXIT_INTEGRITY, IntegrityError
 from zfsbackd.store.index import INDEX_PREFIX, Location
+from zfsbackd.store.indexcache import BlobIndex
 from zfsbackd.store.packs import pack_key
 from zfsbackd.store.records import RECORD_FORMAT, BackupRecord, RecordFormatError, record_key
 from zfsbackd.store.tree import node_name, parse_tree
@@ -303,6 +304,8 @@ def test_damaged_pack_costs_only_the_backups_that_need_it(case: Case, how: str) 
 
     errors = case.engine.check(read_data=True).errors
     assert errors and any(pack.name in e for e in errors), errors
+    if how == "flip":  # the damaged blob's error names the backup and file that use it
+        assert any(e.startswith(f"backup {case.t.b2}: /b/b.bin: ") for e in errors), errors
     size = store_bytes(case.store)
     case.engine.collect_garbage()
     assert store_bytes(case.store) <= size  # never grows; B1 stays whole
@@ -375,3 +378,13 @@ def test_check_reports_every_kind_of_damage_in_one_run(case: Case) -> None:
     assert any(pack.name in e for e in errors), errors
     # And B1, which none of it touches, still restores identical.
     assert case.restore(case.t.b1, "r1") == case.t.manifest1
+
+
+def test_check_names_the_file_of_a_blob_the_index_lacks(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A referenced blob no index object and no pack header lists (a store damaged beyond its packs) is
+    reported with the backup and file that use it, found by a second walk, not by holding a path per blob."""
+    lost = bytes.fromhex(case.node(case.t.b2, b"b", b"b.bin")["chunks"][0][2])
+    present = BlobIndex.present
+    monkeypatch.setattr(BlobIndex, "present", lambda self, ids: present(self, ids) - {lost})
+    errors = case.engine.check().errors
+    assert f"backup {case.t.b2}: /b/b.bin: blob {lost.hex()} is missing from the store" in errors, errors

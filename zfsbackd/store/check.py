@@ -14,13 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zfsbackd.errors import ZfsbackdError
+from zfsbackd.store.blobidset import BlobIdSet
 from zfsbackd.store.packs import PackEntry, pack_id_of, pack_key, parse_header
-from zfsbackd.store.reachability import mark_reachable
-from zfsbackd.store.records import Lifecycle
+from zfsbackd.store.reachability import find_users, mark_reachable
+from zfsbackd.store.records import BackupRecord, Lifecycle
 from zfsbackd.store.repository import Store
 
 #: temporary objects older than this belong to a writer that is gone (a live one finishes a pack in seconds)
 STALE_WRITE_REPORT_SECONDS = 3600
+#: referenced blob ids looked up in the index at a time
+BATCH_IDS = 4096
 
 
 @dataclass
@@ -71,16 +74,16 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
     result.packs = len(present)
     gone = indexed - present  # or deleted meanwhile by a collection on another host: looked at again below
 
-    reach = mark_reachable(store, records, on_error=result.errors.append, track_users=True, from_store=True)
-    result.blobs = len(reach.blobs)
-    for blob_id in reach.blobs:
-        if blob_id not in store.index:
-            backup_id, path = reach.users.get(blob_id, ("?", "?"))
-            result.errors.append(f"backup {backup_id}: {path}: blob {blob_id.hex()} is missing from the store")
-
-    def name_user(blob_id: bytes) -> str:
-        user = reach.users.get(blob_id)
-        return f"backup {user[0]}: {user[1]}: " if user else ""
+    with BlobIdSet(store.scratch_dir) as referenced:
+        mark_reachable(store, records, referenced, on_error=result.errors.append, from_store=True)
+        result.blobs = len(referenced)
+        missing = [
+            blob_id
+            for batch in referenced.batches(BATCH_IDS)
+            for blob_id in sorted(set(batch) - store.index.present(batch))
+        ]
+    # Each damaged blob's error names a file that uses it, found by a second walk when there is one.
+    damaged: list[tuple[bytes, str]] = [(blob_id, "is missing from the store") for blob_id in missing]
 
     def verify(pack_id: bytes) -> list[str]:
         key = pack_key(pack_id)
@@ -100,7 +103,7 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
                 try:
                     store.codec.decode(e.blob_id, data[e.offset : e.offset + e.length], what=f"pack {key}")
                 except ZfsbackdError as exc:
-                    errors.append(f"{name_user(e.blob_id)}{exc.message} (blob {e.blob_id.hex()})")
+                    damaged.append((e.blob_id, exc.message))
             return errors
         except ZfsbackdError as exc:
             return [f"{exc.message}"]
@@ -113,8 +116,25 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> C
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for errors in pool.map(verify, sorted(present)):
             result.errors.extend(errors)
+    result.errors.extend(_damaged_blob_errors(store, records, damaged))
     result.errors.extend(_still_missing(store, gone))
     return result
+
+
+def _damaged_blob_errors(store: Store, records: list[BackupRecord], damaged: list[tuple[bytes, str]]) -> list[str]:
+    """An error per missing or damaged blob, naming a backup and file that use it (if any does)."""
+    if not damaged:
+        return []
+    users = find_users(store, records, {blob_id for blob_id, _ in damaged})
+    errors = []
+    for blob_id, problem in damaged:
+        user = users.get(blob_id)
+        where = f"backup {user[0]}: {user[1]}: " if user else ""
+        if problem == "is missing from the store":
+            errors.append(f"{where}blob {blob_id.hex()} is missing from the store")
+        else:
+            errors.append(f"{where}{problem} (blob {blob_id.hex()})")
+    return errors
 
 
 def _still_missing(store: Store, gone: set[bytes]) -> list[str]:

@@ -48,6 +48,7 @@ import structlog
 
 from zfsbackd import faults
 from zfsbackd.errors import ZfsbackdError
+from zfsbackd.store.blobidset import BlobIdSet
 from zfsbackd.store.candidates import CandidateSet
 from zfsbackd.store.leases import Lease, Operation
 from zfsbackd.store.packs import PackEntry, pack_id_from_key, pack_key
@@ -149,22 +150,23 @@ def _collect(store: Store, grace_seconds: int, deleted_records_retention_seconds
             "`zfsbackd delete-backup --backup-id ID`, a newer-format one needs a newer zfsbackd",
         )
     live = [r for r in records if r.lifecycle != Lifecycle.DELETED]
-    try:
-        referenced = mark_reachable(store, live).blobs
-    except ZfsbackdError as exc:
-        return _skip(
-            store,
-            result,
-            f"a live backup's directory cannot be read ({exc.message}), so what it references is unknown and "
-            "nothing was deleted. Run `zfsbackd check`; delete the damaged backup to let collection proceed",
-        )
     cutoff = now - grace_seconds
     for r in records:
         if r.lifecycle in IN_PROGRESS:  # its blobs are not referenced yet: keep everything since it began
             cutoff = min(cutoff, r.creation_time.timestamp() - grace_seconds)
     sets, unreadable_sets = store.candidates.sets()
     named = frozenset().union(*(c.packs for c in sets))
-    unreferenced, missing = _unreferenced_packs(store, referenced, cutoff, named, result)
+    with BlobIdSet(store.scratch_dir) as referenced:
+        try:
+            mark_reachable(store, live, referenced)
+        except ZfsbackdError as exc:
+            return _skip(
+                store,
+                result,
+                f"a live backup's directory cannot be read ({exc.message}), so what it references is unknown and "
+                "nothing was deleted. Run `zfsbackd check`; delete the damaged backup to let collection proceed",
+            )
+        unreferenced, missing = _unreferenced_packs(store, referenced, cutoff, named, result)
     # Candidates already deleted by a collection killed before it replaced the index objects naming them.
     vanished = missing & named
     executed = [c for c in sets if _ready(c, now, grace_seconds, writers)]
@@ -225,7 +227,7 @@ def _remove_old_deleted_records(
 
 
 def _unreferenced_packs(
-    store: Store, referenced: set[bytes], cutoff: float, candidates: frozenset[bytes], result: GcResult
+    store: Store, referenced: BlobIdSet, cutoff: float, candidates: frozenset[bytes], result: GcResult
 ) -> tuple[dict[bytes, _Unreferenced], set[bytes]]:
     """Old packs holding blobs nothing needs from them: unreferenced blobs, and duplicates of referenced
     ones kept in another pack (a writer that avoided a candidate stored its blobs again: that copy stays).
@@ -234,6 +236,7 @@ def _unreferenced_packs(
     present = {pack_id for key in sizes if (pack_id := pack_id_from_key(key)) is not None}
     found: dict[bytes, _Unreferenced] = {}
     missing: set[bytes] = set()
+    stored_twice = store.index.duplicated()  # only these need the choice of the pack that keeps them
     for pack_id, entries in store.index.iter_packs():  # one pack at a time, from the on-disk index
         info = sizes.get(pack_key(pack_id))
         if info is None:
@@ -242,11 +245,15 @@ def _unreferenced_packs(
         if info.mtime > cutoff:
             result.packs_kept_young += 1
             continue
+        in_use = referenced.present([e.blob_id for e in entries])
         used = [
             e
             for e in entries
-            if e.blob_id in referenced
-            and store.index.keeping_pack(e.blob_id, present=present, avoid=candidates) == pack_id
+            if e.blob_id in in_use
+            and (
+                e.blob_id not in stored_twice
+                or store.index.keeping_pack(e.blob_id, present=present, avoid=candidates) == pack_id
+            )
         ]
         if len(used) < len(entries):
             found[pack_id] = _Unreferenced(used, len(entries) - len(used), info.size - sum(e.length for e in used))

@@ -357,6 +357,12 @@ class BlobIndex:
             query = template.format(",".join("?" * len(part)))
             yield from self._guarded(lambda c, q=query, a=part: c.execute(q, a).fetchall())
 
+    def duplicated(self) -> set[bytes]:
+        """The blobs stored in more than one pack (a scan in SQLite; few in a healthy store)."""
+        return self._guarded(
+            lambda c: {row[0] for row in c.execute("SELECT blob_id FROM blobs GROUP BY blob_id HAVING count(*) > 1")}
+        )
+
     def stored_outside(self, blob_id: bytes, packs: frozenset[bytes]) -> bool:
         """Is ``blob_id`` in at least one pack not in ``packs``?"""
         rows = self._guarded(

@@ -4,94 +4,116 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from typing import Any
 
+from zfsbackd.store.blobidset import BlobIdSet
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
 from zfsbackd.store.tree import node_name, parse_tree
 
 
-@dataclass
-class Reachable:
-    blobs: set[bytes] = field(default_factory=set)
-    # blob id → (backup id, path) of its first user, to name it in errors
-    users: dict[bytes, tuple[str, str]] = field(default_factory=dict)
+def walk_trees(
+    store: Store,
+    record: BackupRecord,
+    seen_trees: set[bytes],
+    *,
+    on_error: Callable[[str], None] | None = None,
+    cached: bool = True,
+) -> Iterator[tuple[bytes, str, list[dict[str, Any]]]]:
+    """``(tree id, path, nodes)`` of each directory of ``record`` whose tree is not in ``seen_trees``.
+
+    ``seen_trees`` (one id per directory, shared by the walks of several
+    backups) makes a tree that several directories or backups share be
+    read once. When ``on_error`` is given, an unreadable tree is reported and
+    skipped (its id is still yielded, with no nodes) instead of raising.
+    ``cached`` False reads every tree from the store, never from the local
+    tree cache (``check``: proving the store holds them).
+    """
+    if not record.root_tree:
+        return
+    stack: list[tuple[bytes, str]] = [(bytes.fromhex(record.root_tree), "")]
+    while stack:
+        tree_id, path = stack.pop()
+        if tree_id in seen_trees:
+            continue
+        seen_trees.add(tree_id)
+        what = f"backup {record.backup_id}: directory {path or '/'}"
+        try:
+            nodes = parse_tree(store.read_tree(tree_id, what=what, cached=cached), what=what)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(str(exc))
+            nodes = []
+        for node in nodes:
+            if "subtree" in node:
+                name = node_name(node)
+                stack.append((bytes.fromhex(node["subtree"]), "" if name == b"." else f"{path}/{os.fsdecode(name)}"))
+        yield tree_id, path, nodes
+
+
+def chunk_ids(node: dict[str, Any]) -> Iterator[bytes]:
+    """The data blobs a file node references."""
+    return (bytes.fromhex(blob_hex) for _offset, _length, blob_hex in node.get("chunks", ()))
 
 
 def mark_reachable(
     store: Store,
     records: Iterable[BackupRecord],
+    into: BlobIdSet,
     *,
     on_error: Callable[[str], None] | None = None,
-    track_users: bool = False,
     from_store: bool = False,
-) -> Reachable:
-    """Every blob referenced by ``records``' trees.
+) -> None:
+    """Add every blob referenced by ``records``' trees (the trees too) to ``into``.
 
-    A tree shared by several backups is walked once (unchanged directories
-    reuse their tree ids, so incremental backups cost little to mark). When
-    ``on_error`` is given, unreadable trees are reported and skipped instead
-    of raising. ``from_store`` reads every tree from the store, never from the
-    local tree cache (``check``: proving the store holds them).
+    Unchanged directories keep their tree ids, so the incremental backups of
+    a file system cost little more to mark than one. ``on_error`` and
+    ``from_store`` (read no tree from the local cache): see :func:`walk_trees`.
+    Memory holds one id per directory; the blobs go to ``into``, on disk.
     """
-    found = Reachable()
+    seen_trees: set[bytes] = set()
     for record in records:
-        if not record.root_tree:
-            continue
-        stack: list[tuple[bytes, str]] = [(bytes.fromhex(record.root_tree), "")]
-        while stack:
-            tree_id, path = stack.pop()
-            if tree_id in found.blobs:
-                continue
-            found.blobs.add(tree_id)
-            if track_users:
-                found.users.setdefault(tree_id, (record.backup_id, path or "/"))
-            what = f"backup {record.backup_id}: directory {path or '/'}"
-            try:
-                nodes = parse_tree(store.read_tree(tree_id, what=what, cached=not from_store), what=what)
-            except Exception as exc:
-                if on_error is None:
-                    raise
-                on_error(str(exc))
-                continue
+        for tree_id, _path, nodes in walk_trees(store, record, seen_trees, on_error=on_error, cached=not from_store):
+            into.add(tree_id)
             for node in nodes:
-                child = f"{path}/{os.fsdecode(node_name(node))}" if path else f"/{os.fsdecode(node_name(node))}"
-                if "subtree" in node:
-                    stack.append((bytes.fromhex(node["subtree"]), child if node_name(node) != b"." else ""))
-                for _offset, _length, blob_hex in node.get("chunks", ()):
-                    blob_id = bytes.fromhex(blob_hex)
-                    found.blobs.add(blob_id)
-                    if track_users:
-                        found.users.setdefault(blob_id, (record.backup_id, child))
-    return found
+                into.add_many(chunk_ids(node))
+
+
+def find_users(store: Store, records: Iterable[BackupRecord], wanted: set[bytes]) -> dict[bytes, tuple[str, str]]:
+    """For each of ``wanted`` (blob ids), the first backup and path found to reference it.
+
+    Errors name the file a damaged or missing blob belongs to; this second
+    walk runs only when there are such errors, so that the walk that found
+    them holds no path per blob. Unreadable trees are skipped.
+    """
+    users: dict[bytes, tuple[str, str]] = {}
+    seen_trees: set[bytes] = set()
+    for record in records:
+        for tree_id, path, nodes in walk_trees(store, record, seen_trees, on_error=lambda _message: None):
+            if tree_id in wanted:
+                users.setdefault(tree_id, (record.backup_id, path or "/"))
+            for node in nodes:
+                for blob_id in chunk_ids(node):
+                    if blob_id in wanted:
+                        users.setdefault(blob_id, (record.backup_id, f"{path}/{os.fsdecode(node_name(node))}"))
+            if len(users) == len(wanted):
+                return users
+    return users
 
 
 def reachable_in_batches(store: Store, record: BackupRecord, *, batch_size: int) -> Iterator[list[bytes]]:
     """The blobs ``record``'s trees reference (the trees too), about ``batch_size`` at a time.
 
     For work that goes through a backup's blobs once (a copy) without holding the set of all of
-    them, which grows with the backup (~100 B per blob): only the trees' ids are kept (one per
-    directory), so that a tree shared by several directories is walked once. A data blob shared
-    by several files may come in more than one batch: callers skip what they already handled.
+    them: only the trees' ids are kept (one per directory). A data blob shared by several files
+    may come in more than one batch: callers skip what they already handled.
     """
-    if not record.root_tree:
-        return
-    seen_trees: set[bytes] = set()
-    stack: list[tuple[bytes, str]] = [(bytes.fromhex(record.root_tree), "")]
     batch: list[bytes] = []
-    while stack:
-        tree_id, path = stack.pop()
-        if tree_id in seen_trees:
-            continue
-        seen_trees.add(tree_id)
+    for tree_id, _path, nodes in walk_trees(store, record, set()):
         batch.append(tree_id)
-        what = f"backup {record.backup_id}: directory {path or '/'}"
-        for node in parse_tree(store.read_tree(tree_id, what=what), what=what):
-            if "subtree" in node:
-                name = node_name(node)
-                child = "" if name == b"." else f"{path}/{os.fsdecode(name)}"
-                stack.append((bytes.fromhex(node["subtree"]), child))
-            batch.extend(bytes.fromhex(blob_hex) for _offset, _length, blob_hex in node.get("chunks", ()))
+        for node in nodes:
+            batch.extend(chunk_ids(node))
         if len(batch) >= batch_size:
             yield batch
             batch = []

@@ -412,6 +412,11 @@ class Store:
             self.tree_cache.put(tree_id, bytes(plaintext))
 
     @property
+    def scratch_dir(self) -> Path:
+        """Where this store's scratch files go (on-disk blob sets): beside its index cache."""
+        return self.index.path.parent
+
+    @property
     def index(self) -> BlobIndex:
         """The blob index (an SQLite cache, see zfsbackd.store.indexcache), opened and validated on first use."""
         index = self._index
