@@ -22,9 +22,10 @@ from zfsbackd.engine import restorer as restorer_module
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.engine.restorer import Restorer
+from zfsbackd.pools import TREE_READ_AHEAD_WORKERS as READ_AHEAD_WORKERS
 from zfsbackd.snapshot import take_snapshot
 from zfsbackd.snapshot.detect import choose_provider
-from zfsbackd.store.tree import READ_AHEAD_WORKERS, TreeReadAhead
+from zfsbackd.store.tree import TreeReadAhead
 from zfsbackd.store.writer import PackWriter
 
 # --------------------------------------------------------------- synthetic trees

@@ -34,6 +34,7 @@ from typing import Literal, TypeVar
 import pyfastcdc
 import structlog
 
+from zfsbackd import pools
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import ArchivedDirectory, ChangeSet, FileChangedError, PendingChanges, Snapshot
@@ -66,8 +67,6 @@ FILES_PER_JOB = 64
 #: ... or fewer, once their sizes add up to this: what a job holds in memory stays small, and a directory
 #: of medium-sized files is still spread over the read threads
 BYTES_PER_JOB = 1024 * 1024
-#: threads reading files: more only fight over the GIL (1M small files, cold: 2 threads 20 s, 3 22 s, 8 27 s)
-READ_WORKERS = 2
 #: Directories whose listing is done but whose files are still being read, at most (see ``Archiver._walk``),
 #: and the entries they hold together.
 UNFINISHED_DIRS = 64
@@ -273,7 +272,7 @@ class Archiver:
         *,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
-        read_workers: int = READ_WORKERS,
+        read_workers: int = pools.READ_WORKERS,
         max_jobs: int = 256,
         changes: ChangeSet | PendingChanges | None = None,
         on_entry_error: EntryErrorPolicy = "skip",
@@ -308,7 +307,7 @@ class Archiver:
         self.cdc = pyfastcdc.FastCDC(avg_size=p.avg_size, min_size=p.min_size, max_size=p.max_size, seed=p.seed)
         self.small_file = p.min_size
         self._pool = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="zfsbackd-read")
-        self._chunk_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-chunk")
+        self._chunk_pool = ThreadPoolExecutor(max_workers=pools.CHUNK_WORKERS, thread_name_prefix="zfsbackd-chunk")
         self._jobs = threading.BoundedSemaphore(max_jobs)
         self.read_ahead_entries = read_ahead_entries
         self._read_ahead: TreeReadAhead[None, dict[bytes, Node] | None] | None = None

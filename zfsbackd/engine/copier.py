@@ -17,6 +17,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from zfsbackd import pools
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.errors import IntegrityError
 from zfsbackd.store.packcache import PackCache
@@ -46,7 +47,7 @@ class Copier:
         record: BackupRecord,
         *,
         cancel: threading.Event | None = None,
-        workers: int = 4,
+        workers: int = pools.COPY_WORKERS,
     ) -> None:
         self.source = source
         self.destination = destination

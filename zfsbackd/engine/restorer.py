@@ -57,7 +57,7 @@ from types import TracebackType
 
 import structlog
 
-from zfsbackd import faults
+from zfsbackd import faults, pools
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import IntegrityError, RestoreError, RestoreTargetFull, StoreError, ZfsbackdError
 from zfsbackd.store.packcache import PackCache
@@ -611,7 +611,7 @@ class Restorer:
         paths: list[str] | None = None,
         *,
         progress: Progress | None = None,
-        workers: int = 3,
+        workers: int = pools.RESTORE_WORKERS,
         read_ahead_entries: int = READ_AHEAD_ENTRIES,
     ) -> None:
         """*read_ahead_entries* bounds the tree entries read ahead of the walk and not yet used."""

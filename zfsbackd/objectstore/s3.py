@@ -48,6 +48,7 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
+from zfsbackd import pools
 from zfsbackd.config import S3Region
 from zfsbackd.errors import StoreError
 from zfsbackd.objectstore.base import ObjectInfo, ObjectStore
@@ -72,7 +73,6 @@ MULTIPART_THRESHOLD = 32 * MiB
 PART_SIZE = 16 * MiB
 MIN_PART_SIZE = 5 * MiB
 #: Parts of one upload sent at once.  The pack writer already runs several uploads in parallel.
-MULTIPART_THREADS = 4
 DEFAULT_MAX_ATTEMPTS = 6
 #: Multipart uploads of ours older than this are abandoned (their writer died) and are aborted.
 STALE_UPLOAD_SECONDS = 86400
@@ -158,7 +158,7 @@ class S3ObjectStore(ObjectStore):
             # One attempt per botocore call: tenacity retries, and counts them.  (botocore's `max_attempts`
             # counts retries, not attempts — `max_attempts: 1` would still retry once, uncounted.)
             "retries": {"total_max_attempts": 1, "mode": "standard"},
-            "max_pool_connections": max(16, MULTIPART_THREADS * 4),
+            "max_pool_connections": max(16, pools.MULTIPART_THREADS * 4),
             "connect_timeout": CONNECT_TIMEOUT,
             "read_timeout": READ_TIMEOUT,
             "tcp_keepalive": True,
@@ -407,7 +407,7 @@ class S3ObjectStore(ObjectStore):
         try:
             bounds = [(number, start, min(start + self.part_size, len(data)))
                       for number, start in enumerate(range(0, len(data), self.part_size), start=1)]
-            pool = ThreadPoolExecutor(max_workers=min(MULTIPART_THREADS, len(bounds)),
+            pool = ThreadPoolExecutor(max_workers=min(pools.MULTIPART_THREADS, len(bounds)),
                                       thread_name_prefix="zfsbackd-s3-part")
             try:
                 futures = [pool.submit(self._upload_part, full_key, upload_id, number, data[start:end])

@@ -37,6 +37,7 @@ from typing import Any
 
 import structlog
 
+from zfsbackd import pools
 from zfsbackd.errors import RestoreError, SnapshotError
 from zfsbackd.snapshot import zfs_encryption
 from zfsbackd.snapshot.base import (
@@ -518,7 +519,7 @@ class ZfsSnapshot(Snapshot):
             if name.startswith(b"zfsbackd-") and name != _b(self.name)
         ]
         bookmarks = {_b(f"{d}#{self.name}"): _b(f"{d}@{self.name}") for d in self.datasets}
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfsbackd-zfs-commit") as pool:
+        with ThreadPoolExecutor(max_workers=pools.ZFS_COMMIT_WORKERS, thread_name_prefix="zfsbackd-zfs-commit") as pool:
             side = [pool.submit(self._release_hold)]
             if old_bookmarks:
                 side.append(pool.submit(lzc.lzc_destroy_bookmarks, old_bookmarks))

@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from zfsbackd import pools
 from zfsbackd.errors import ZfsbackdError
 from zfsbackd.store.blobidset import BlobIdSet
 from zfsbackd.store.packs import PackEntry, pack_id_of, pack_key, parse_header
@@ -51,7 +52,7 @@ class CheckResult:
         }
 
 
-def check_store(store: Store, *, read_data: bool = False, workers: int = 3) -> CheckResult:
+def check_store(store: Store, *, read_data: bool = False, workers: int = pools.CHECK_WORKERS) -> CheckResult:
     result = CheckResult(region=store.region, read_data=read_data)
     store.load_index(force=True, record_adopted=False, verify=True)
     for bad_index in store.unreadable_indexes:

@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import structlog
 import zstandard
 
-from zfsbackd import faults
+from zfsbackd import faults, pools
 from zfsbackd.errors import BackupNotFound, IntegrityError, StoreError, StoreNotInitialized, ZfsbackdError
 from zfsbackd.identity import HostIdentity
 from zfsbackd.objectstore.base import ObjectStore
@@ -55,7 +55,6 @@ PACK_GONE_RETRIES = 2
 #: longest time between two listings of ``data/`` by an index sync that has no other reason to list it
 DATA_LISTING_INTERVAL = 24 * 3600
 #: index objects read (and decoded) at once while syncing the index cache: bounds the memory of a sync
-_INDEX_READ_BATCH = 4
 
 log = structlog.get_logger(__name__)
 
@@ -492,8 +491,8 @@ class Store:
         to_read = keys if verify else [key for key in keys if key not in seen]
 
         def readable() -> Iterator[tuple[str, dict[bytes, list[PackEntry]]]]:
-            for batch in _batches(to_read, _INDEX_READ_BATCH):  # bounded: a few decoded objects in memory
-                with ThreadPoolExecutor(max_workers=_INDEX_READ_BATCH) as pool:
+            for batch in _batches(to_read, pools.INDEX_READ_WORKERS):  # bounded: a few decoded objects in memory
+                with ThreadPoolExecutor(max_workers=pools.INDEX_READ_WORKERS) as pool:
                     for key, packs in zip(batch, pool.map(self._read_index, batch), strict=True):
                         if isinstance(packs, UnreadableIndex):
                             unreadable.append(packs)
@@ -520,7 +519,7 @@ class Store:
         orphans = list(present - index.pack_ids())
         adopted: dict[bytes, list[PackEntry]] = {}
         if orphans:
-            with ThreadPoolExecutor(max_workers=8) as pool:
+            with ThreadPoolExecutor(max_workers=pools.STORE_LISTING_WORKERS) as pool:
                 for pack_id, entries in zip(orphans, pool.map(self._adoptable_header, orphans), strict=True):
                     if entries is not None:
                         index.add_pack(pack_id, entries)
@@ -781,7 +780,7 @@ class Store:
 
         if self.record_cache is not None:
             self.record_cache.keep_only(set(listed))
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        with ThreadPoolExecutor(max_workers=pools.STORE_LISTING_WORKERS) as pool:
             for item in pool.map(load, listed):
                 if isinstance(item, BackupRecord):
                     records.append(item)

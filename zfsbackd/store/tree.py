@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
+from zfsbackd import pools
 from zfsbackd.errors import IntegrityError
 
 Node = dict[str, Any]
@@ -118,8 +119,6 @@ def is_safe_name(name: bytes) -> bool:
 
 #: entries of trees read ahead of a walk and not yet used, at most (beyond it, reading ahead pauses)
 READ_AHEAD_ENTRIES = 20_000
-#: trees being read ahead at once
-READ_AHEAD_WORKERS = 4
 
 _Arg = TypeVar("_Arg")
 _Result = TypeVar("_Result")
@@ -169,7 +168,7 @@ class TreeReadAhead(Generic[_Arg, _Result]):
         starts: Iterable[tuple[str, _Arg]],
         *,
         max_entries: int = READ_AHEAD_ENTRIES,
-        workers: int = READ_AHEAD_WORKERS,
+        workers: int = pools.TREE_READ_AHEAD_WORKERS,
     ) -> None:
         self._read, self._children, self._size = read, children, size
         self.max_entries = max_entries

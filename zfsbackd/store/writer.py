@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from zfsbackd import faults
+from zfsbackd import faults, pools
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.packs import PackEntry, build_trailer, pack_id_of, pack_key
 from zfsbackd.store.repository import Store
@@ -39,8 +39,8 @@ class PackWriter:
         store: Store,
         *,
         pack_size: int = DEFAULT_PACK_SIZE,
-        upload_threads: int = 2,
-        max_packs_in_flight: int = 3,
+        upload_threads: int = pools.UPLOAD_THREADS,
+        max_packs_in_flight: int = pools.PACKS_IN_FLIGHT,
         checkpoint_every: int = 4,
         on_uploaded: Callable[[int], None] | None = None,
     ) -> None:

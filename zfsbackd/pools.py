@@ -1,0 +1,45 @@
+"""Every thread pool's size, in one place: what the pool does and why it is that big.
+
+A host with more cores, a slower object store or less memory is tuned here,
+not by hunting ``max_workers=`` through the code. Each figure says what it
+bounds; the measurements behind the CPU-bound ones are in bench/README.md.
+Memory bounds that follow from these sizes (pack buffers: 16 MiB each) are
+stated where they matter. How many *backups* or *copies* run at once is
+configuration (``daemon.max_parallel_backups``, ``copies.max_in_flight``),
+not a pool size: see zfsbackd/config.py.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ backups
+#: threads reading files: more only fight over the GIL (1M small files, cold: 2 threads 20 s, 3 22 s, 8 27 s)
+READ_WORKERS = 2
+#: threads hashing, compressing and sealing the chunks of large files, while the readers go on
+CHUNK_WORKERS = 2
+#: trees of the parent backup read ahead of the walk at once (their entries are bounded separately)
+TREE_READ_AHEAD_WORKERS = 4
+
+# ------------------------------------------------------------------ writing packs
+#: threads uploading one writer's packs
+UPLOAD_THREADS = 2
+#: packs of one writer being uploaded or waiting for an upload thread: the writer's memory is
+#: (PACKS_IN_FLIGHT + 1) * 16 MiB at most, the +1 being the pack it fills
+PACKS_IN_FLIGHT = 3
+#: parts of one multipart S3 upload sent at once
+MULTIPART_THREADS = 4
+
+# ------------------------------------------------------------------ reading the store
+#: index objects fetched and decoded at once when a store is opened (a batch at a time: few decoded in memory)
+INDEX_READ_WORKERS = 4
+#: pack headers read at once when adopting packs no index lists, and records fetched at once
+STORE_LISTING_WORKERS = 8
+
+# ------------------------------------------------------------------ other operations
+#: source packs one copy reads and re-seals at once (each may hold a whole 16 MiB pack)
+COPY_WORKERS = 4
+#: files one restore writes at once, and (a pool of its own) pack ranges it fetches at once
+RESTORE_WORKERS = 3
+#: packs ``check`` verifies at once (with ``--read-data`` each holds a whole pack)
+CHECK_WORKERS = 3
+#: ZFS commit: the hold's release and the old bookmarks' destruction beside the new bookmark
+ZFS_COMMIT_WORKERS = 2
