@@ -139,3 +139,36 @@ def test_unchanged_backup_of_btrfs_subvolume_reads_nothing(btrfs_subvol: Path, t
     assert again.stats.files_read == 1
     assert again.stats.bytes_read == 1
     assert os.path.exists(btrfs_subvol / "added.txt")
+
+
+def test_owner_and_mode_come_back_whether_or_not_a_file_is_created_with_them(xfs_dir: Path, tmp_path: Path) -> None:
+    """Files are created with their permissions where that is safe and chown/chmod'ed only when they differ:
+    every mix of owner, group and mode (umask-stripped, group-only, set-id) still comes back exactly."""
+    cases = {  # name: (mode, uid, gid)
+        "plain": (0o644, 0, 0),
+        "group-writable": (0o664, 0, 0),  # the umask strips g+w at creation: chmod'ed after
+        "other-group": (0o640, 0, 4242),  # created without group bits, then chown'ed and chmod'ed
+        "other-owner": (0o600, 4242, 4242),
+        "setuid-root": (0o4755, 0, 0),
+        "setgid-other": (0o2750, 0, 4242),
+        "no-access": (0o000, 0, 0),
+    }
+    old_umask = os.umask(0o022)
+    try:
+        for name, (mode, uid, gid) in cases.items():
+            path = xfs_dir / name
+            path.write_bytes(name.encode())
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+        engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+        record = engine.create_backup(BackupRequest("fs-src"))
+        target = tmp_path / "restore"
+        target.mkdir()
+        restored = engine.restore_backup(record.backup_id, target).path
+    finally:
+        os.umask(old_umask)
+    for name, (mode, uid, gid) in cases.items():
+        st = os.lstat(restored / name)
+        assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == (oct(mode), uid, gid), name
+        assert (restored / name).read_bytes() == name.encode()
+    assert_trees_identical(xfs_dir, restored)
