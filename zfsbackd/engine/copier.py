@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from zfsbackd import pools
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.errors import IntegrityError
+from zfsbackd.store.index import Location
 from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.packs import pack_key
 from zfsbackd.store.reachability import reachable_in_batches
@@ -74,13 +75,14 @@ class Copier:
                 writer.flush()  # checkpoint whatever was copied, also when interrupted
         return CopyStats(writer.stats.blobs_new, writer.stats.bytes_new, writer.stats.bytes_uploaded)
 
-    def _missing_by_source_pack(self, batch: list[bytes]) -> dict[bytes, list[bytes]]:
-        """The blobs of ``batch`` the destination does not have, by the source pack that holds them."""
+    def _missing_by_source_pack(self, batch: list[bytes]) -> dict[bytes, dict[bytes, Location]]:
+        """The blobs of ``batch`` the destination does not have, with their locations, by the source pack
+        that holds them."""
         unique = list(dict.fromkeys(batch))
         stored = self.destination.deduplicable(unique)
         missing = [blob_id for blob_id in unique if blob_id not in stored]
         locations = self.source.index.get_many(missing)
-        by_pack: dict[bytes, list[bytes]] = defaultdict(list)
+        by_pack: dict[bytes, dict[bytes, Location]] = defaultdict(dict)
         for blob_id in missing:
             loc = locations.get(blob_id)
             if loc is None:
@@ -89,10 +91,10 @@ class Copier:
                     f"{blob_id.hex()}, which its store does not have; run "
                     f"`zfsbackd check --region {self.record.region}`"
                 )
-            by_pack[loc.pack_id].append(blob_id)
+            by_pack[loc.pack_id][blob_id] = loc
         return by_pack
 
-    def _copy_pack(self, writer: PackWriter, pack_id: bytes, blob_ids: list[bytes]) -> None:
+    def _copy_pack(self, writer: PackWriter, pack_id: bytes, blobs: dict[bytes, Location]) -> None:
         """Copy the blobs of one source pack, read as the PackCache plans (whole, or in ranges).
 
         A pack that garbage collection (of any host) moved meanwhile is found
@@ -101,11 +103,9 @@ class Copier:
         """
         if self.cancel.is_set():
             raise BackupCancelled()
-        packs = PackCache(self.source, blob_ids)
+        packs = PackCache(self.source, blobs, locations=blobs)
         what = f"copy of backup {self.record.backup_id} from region {self.record.region}: pack {pack_key(pack_id)}"
-        for blob_id in blob_ids:
-            loc = packs.location(blob_id)
-            assert loc is not None  # grouped by its location
+        for blob_id, loc in blobs.items():
             if not writer.reserve(blob_id, loc.raw_length):
                 continue
             resealed = self.source.fetch_blob(

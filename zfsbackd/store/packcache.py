@@ -23,15 +23,20 @@ WHOLE_PACK_SHARE = 0.3
 
 
 class PackCache:
-    def __init__(self, store: Store, wanted: Iterable[bytes]) -> None:
-        """``wanted``: the blob ids that will be read, once per read."""
+    def __init__(
+        self, store: Store, wanted: Iterable[bytes], *, locations: dict[bytes, Location] | None = None
+    ) -> None:
+        """``wanted``: the blob ids that will be read, once per read. ``locations``: where they are, when
+        the caller looked that up already (a copy groups its blobs by pack with it)."""
         self.store = store
         self._uses: Counter[bytes] = Counter()  # pack id → reads still to come
         wanted_bytes: Counter[bytes] = Counter()
         # Looked up once here and served to read_blob, instead of a second index query per blob
         # (the index is an SQLite file: each lookup costs a query; restores plan in bounded batches).
         reads = list(wanted)
-        self._locations: dict[bytes, Location] = store.index.get_many(list(dict.fromkeys(reads)))
+        if locations is None:
+            locations = store.index.get_many(list(dict.fromkeys(reads)))
+        self._locations: dict[bytes, Location] = locations
         for loc in self._locations.values():
             wanted_bytes[loc.pack_id] += loc.length
         for blob_id in reads:
