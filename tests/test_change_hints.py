@@ -132,3 +132,33 @@ def test_unchanged_directories_keep_the_parents_trees_without_writing_them(
     serialized.clear()
     every_tree_root, _ = _archive(engine, parent.root_tree or "", None)
     assert every_tree_root == root and len(serialized) > 10
+
+
+def test_clean_entries_of_a_changed_directory_are_taken_without_a_look(xfs_dir: Path, tmp_path: Path) -> None:
+    """Scattered churn: in a wide directory with a few changed files, the clean entries are the parent's
+    nodes taken at once (not stat'ed, not read), except a clean name that is now another object."""
+    wide = xfs_dir / "wide"
+    wide.mkdir()
+    for i in range(500):
+        (wide / f"f{i:03d}").write_bytes(random.Random(i).randbytes(100 + i))
+    (wide / "sub").mkdir()
+    (wide / "sub" / "inner").write_text("inner\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+
+    (wide / "f007").write_text("changed\n")
+    (wide / "f300").unlink()
+    (wide / "f301").unlink()
+    (wide / "f301").write_text("same name, another object\n")  # not in the list: its inode tells
+    (wide / "added").write_text("new\n")
+    touched = [b"wide/f007", b"wide/f300", b"wide/added"]
+
+    full_root, full_stats = _archive(engine, parent.root_tree or "", None)
+    hinted_root, hinted_stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths(touched))
+
+    assert hinted_root == full_root
+    assert (hinted_stats.files, hinted_stats.bytes_total) == (full_stats.files, full_stats.bytes_total)  # type: ignore[attr-defined]
+    assert hinted_stats.files_read == full_stats.files_read == 3  # type: ignore[attr-defined]  # f007, f301, added
+    # 497 clean files and the clean "sub" of "wide"; nothing else in the root but "wide" itself (dirty)
+    assert hinted_stats.entries_not_examined == 498  # type: ignore[attr-defined]
+    assert hinted_stats.files_unchanged == full_stats.files_unchanged == 498  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -339,6 +340,20 @@ class ChangeSet:
 
     def is_clean(self, rel: bytes) -> bool:
         return rel not in self.touched and rel not in self.dirty_dirs
+
+    def names_not_clean(self, rel: bytes) -> frozenset[bytes]:
+        """The names in directory ``rel`` whose paths are not :meth:`is_clean`: one set lookup per entry
+        instead of building each entry's path."""
+        return self._not_clean_by_dir.get(rel, frozenset())
+
+    @cached_property
+    def _not_clean_by_dir(self) -> dict[bytes, frozenset[bytes]]:
+        by_dir: dict[bytes, set[bytes]] = {}
+        for path in self.touched | self.dirty_dirs:
+            parent, _, name = path.rpartition(b"/")
+            if name:
+                by_dir.setdefault(parent, set()).add(name)
+        return {parent: frozenset(names) for parent, names in by_dir.items()}
 
 
 class PendingChanges:
