@@ -95,7 +95,7 @@ class Copier:
         return by_pack
 
     def _copy_pack(self, writer: PackWriter, pack_id: bytes, blobs: dict[bytes, Location]) -> None:
-        """Copy the blobs of one source pack, read as the PackCache plans (whole, or in ranges).
+        """Copy the blobs of one source pack, in pack order, read as the PackCache plans (in spans, or blob by blob).
 
         A pack that garbage collection (of any host) moved meanwhile is found
         again where its live blobs went (Store.fetch_blob): a copy running beside
@@ -105,7 +105,7 @@ class Copier:
             raise BackupCancelled()
         packs = PackCache(self.source, blobs, locations=blobs)
         what = f"copy of backup {self.record.backup_id} from region {self.record.region}: pack {pack_key(pack_id)}"
-        for blob_id, loc in blobs.items():
+        for blob_id, loc in sorted(blobs.items(), key=lambda item: item[1].offset):  # a span at a time
             if not writer.reserve(blob_id, loc.raw_length):
                 continue
             resealed = self.source.fetch_blob(
