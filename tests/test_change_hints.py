@@ -162,3 +162,19 @@ def test_clean_entries_of_a_changed_directory_are_taken_without_a_look(xfs_dir: 
     # 497 clean files and the clean "sub" of "wide"; nothing else in the root but "wide" itself (dirty)
     assert hinted_stats.entries_not_examined == 498  # type: ignore[attr-defined]
     assert hinted_stats.files_unchanged == full_stats.files_unchanged == 498  # type: ignore[attr-defined]
+
+
+def test_a_directory_node_without_usable_totals_is_counted_entry_by_entry() -> None:
+    """The totals of the clean entries come from the parent's directory node only when it has them, as
+    whole non-negative numbers (an older or damaged node makes the archiver count the entries instead)."""
+    totals = archiver_module._Totals
+    assert totals.of_directory({"tree_files": 3, "tree_bytes": 10, "tree_dirs": 1}) == totals(3, 10, 1)
+    assert totals.of_directory(None) is None
+    assert totals.of_directory({"tree_files": 3, "tree_bytes": 10}) is None  # no tree_dirs
+    assert totals.of_directory({"tree_files": -1, "tree_bytes": 10, "tree_dirs": 1}) is None
+    assert totals.of_directory({"tree_files": 3, "tree_bytes": "10", "tree_dirs": 1}) is None
+    assert totals.of_directory({"tree_files": True, "tree_bytes": 10, "tree_dirs": 1}) is None
+    counted = totals(5, 100, 2)
+    counted.add_node({"type": "file", "size": 40}, -1)
+    counted.add_node({"type": "dir", "tree_files": 2, "tree_bytes": 30, "tree_dirs": 0}, -1)
+    assert counted == totals(2, 30, 1)
