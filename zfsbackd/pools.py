@@ -37,10 +37,13 @@ STORE_LISTING_WORKERS = 8
 # ------------------------------------------------------------------ other operations
 #: source packs one copy reads and re-seals at once (each may hold a whole 16 MiB pack)
 COPY_WORKERS = 4
-#: files one restore writes at once, and (a pool of its own) chunks of large files it fetches ahead. Creating
-#: files in the same directories, more threads contend in the file system: 100,000 small files on XFS, cold,
-#: restored in 6.1-6.3 s with 1 thread, 6.2-6.5 s with 2, 6.9-7.0 s with 3, 7.5-7.6 s with 4
+#: files one restore writes at once. Creating files in the same directories, more threads contend in the
+#: file system: 100,000 small files on XFS, cold, restored in 6.1-6.3 s with 1 thread, 6.2-6.5 s with 2,
+#: 6.9-7.0 s with 3, 7.5-7.6 s with 4
 RESTORE_WORKERS = 2
+#: chunks of large files one restore fetches at once (ahead of its writers): on S3 each fetch waits for a
+#: round trip, so these hide the latency; each holds at most a 4 MiB span of a pack (PackCache)
+RESTORE_FETCH_WORKERS = 4
 #: packs ``check`` verifies at once (with ``--read-data`` each holds a whole pack)
 CHECK_WORKERS = 3
 #: ZFS commit: the hold's release and the old bookmarks' destruction beside the new bookmark

@@ -828,7 +828,9 @@ class Restorer:
                 deferred.add_dir(0, 0, self._root)
             with (
                 ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool,
-                ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-fetch") as self._fetch_pool,
+                ThreadPoolExecutor(
+                    max_workers=pools.RESTORE_FETCH_WORKERS, thread_name_prefix="zfsbackd-fetch"
+                ) as self._fetch_pool,
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="zfsbackd-plan") as self._planner,
             ):
                 jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT // FILES_PER_JOB)
