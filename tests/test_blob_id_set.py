@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from zfsbackd.errors import StoreError
 from zfsbackd.store import blobidset
 from zfsbackd.store.blobidset import BlobIdSet
 
@@ -53,3 +56,18 @@ def test_a_killed_process_set_is_removed_by_the_next_one(tmp_path: Path) -> None
         assert not orphan.exists()
         assert foreign.exists()  # only sets are touched
         assert fresh.path.exists() and len(fresh) == 0
+
+
+def test_a_full_file_system_is_a_store_error_naming_the_file(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        with BlobIdSet(small) as marked:
+            with pytest.raises(StoreError) as raised:
+                marked.add_many(_ids(20_000, 3))  # ~1 MiB of keys: does not fit
+                len(marked)
+            assert str(marked.path) in raised.value.message and "state_dir" in raised.value.message
+        assert not any(small.iterdir())  # the scratch file is gone all the same
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -19,9 +19,14 @@ import contextlib
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
+
+from zfsbackd.errors import StoreError
+
+T = TypeVar("T")
 
 #: ids buffered in memory before a sorted batch is written (~100 B each while buffered)
 BUFFER_IDS = 65_536
@@ -36,15 +41,39 @@ class BlobIdSet:
     """An on-disk set of blob ids (32-byte strings); use it as a context manager so its file goes away."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _remove_orphans(directory)
         self.path = directory / f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.sqlite"
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._buffer: list[bytes] = []
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _remove_orphans(directory)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unusable(exc) from exc
+        try:
+            self._guarded(self._create)
+        except StoreError:
+            self.close()
+            raise
+
+    def _create(self) -> None:
         self._conn.execute("PRAGMA journal_mode=OFF")  # a private scratch file: a crash just discards it
         self._conn.execute("PRAGMA synchronous=OFF")
         self._conn.execute(f"PRAGMA cache_size=-{_PAGE_CACHE_KIB}")
         self._conn.execute("CREATE TABLE ids (blob_id BLOB PRIMARY KEY) WITHOUT ROWID")
-        self._buffer: list[bytes] = []
+
+    def _guarded(self, op: Callable[[], T]) -> T:
+        """Run ``op``; an SQLite error (a full or read-only file system) is a StoreError that says where."""
+        try:
+            return op()
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: BaseException) -> StoreError:
+        return StoreError(
+            f"the scratch file {self.path}, which holds the blobs the live backups reference while they are "
+            f"marked, cannot be written ({exc}): check the file system of state_dir (full? read-only?); "
+            "nothing was deleted"
+        )
 
     def add(self, blob_id: bytes) -> None:
         self._buffer.append(blob_id)
@@ -60,14 +89,24 @@ class BlobIdSet:
         if not self._buffer:
             return
         self._buffer.sort()
-        self._conn.execute("BEGIN")
-        self._conn.executemany("INSERT OR IGNORE INTO ids VALUES (?)", ((b,) for b in self._buffer))
-        self._conn.execute("COMMIT")
+        self._guarded(self._insert_buffer)
         self._buffer.clear()
+
+    def _insert_buffer(self) -> None:
+        try:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR IGNORE INTO ids VALUES (?)", ((b,) for b in self._buffer))
+            self._conn.execute("COMMIT")
+        except sqlite3.Error:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
 
     def __contains__(self, blob_id: object) -> bool:
         self._flush()
-        return self._conn.execute("SELECT 1 FROM ids WHERE blob_id = ?", (blob_id,)).fetchone() is not None
+        return self._guarded(
+            lambda: self._conn.execute("SELECT 1 FROM ids WHERE blob_id = ?", (blob_id,)).fetchone() is not None
+        )
 
     def present(self, blob_ids: list[bytes]) -> set[bytes]:
         """Which of ``blob_ids`` are in the set, in a few queries."""
@@ -76,18 +115,18 @@ class BlobIdSet:
         for start in range(0, len(blob_ids), _IN_BATCH):
             part = blob_ids[start : start + _IN_BATCH]
             query = f"SELECT blob_id FROM ids WHERE blob_id IN ({','.join('?' * len(part))})"
-            found.update(row[0] for row in self._conn.execute(query, part))
+            found.update(self._guarded(lambda q=query, p=part: [row[0] for row in self._conn.execute(q, p)]))
         return found
 
     def __len__(self) -> int:
         self._flush()
-        return int(self._conn.execute("SELECT count(*) FROM ids").fetchone()[0])
+        return int(self._guarded(lambda: self._conn.execute("SELECT count(*) FROM ids").fetchone()[0]))
 
     def batches(self, size: int = _IN_BATCH) -> Iterator[list[bytes]]:
         """Every id, in order, ``size`` at a time."""
         self._flush()
-        cursor = self._conn.execute("SELECT blob_id FROM ids ORDER BY blob_id")
-        while rows := cursor.fetchmany(max(size, 1)):
+        cursor = self._guarded(lambda: self._conn.execute("SELECT blob_id FROM ids ORDER BY blob_id"))
+        while rows := self._guarded(lambda: cursor.fetchmany(max(size, 1))):
             yield [row[0] for row in rows]
 
     def close(self) -> None:
