@@ -102,12 +102,6 @@ class BlobIdSet:
                 self._conn.execute("ROLLBACK")
             raise
 
-    def __contains__(self, blob_id: object) -> bool:
-        self._flush()
-        return self._guarded(
-            lambda: self._conn.execute("SELECT 1 FROM ids WHERE blob_id = ?", (blob_id,)).fetchone() is not None
-        )
-
     def present(self, blob_ids: list[bytes]) -> set[bytes]:
         """Which of ``blob_ids`` are in the set, in a few queries."""
         self._flush()

@@ -78,13 +78,15 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = pools.C
     with BlobIdSet(store.scratch_dir) as referenced:
         mark_reachable(store, records, referenced, on_error=result.errors.append, from_store=True)
         result.blobs = len(referenced)
-        missing = [
-            blob_id
+        # (blob id, what is wrong with it; None: missing): each error names a file that uses the blob,
+        # found by a second walk when there is one
+        damaged: list[tuple[bytes, str | None]] = [
+            (blob_id, None)
             for batch in referenced.batches(BATCH_IDS)
-            for blob_id in sorted(set(batch) - store.index.present(batch))
+            for indexed in [store.index.present(batch)]
+            for blob_id in batch
+            if blob_id not in indexed
         ]
-    # Each damaged blob's error names a file that uses it, found by a second walk when there is one.
-    damaged: list[tuple[bytes, str]] = [(blob_id, "is missing from the store") for blob_id in missing]
 
     def verify(pack_id: bytes) -> list[str]:
         key = pack_key(pack_id)
@@ -122,8 +124,10 @@ def check_store(store: Store, *, read_data: bool = False, workers: int = pools.C
     return result
 
 
-def _damaged_blob_errors(store: Store, records: list[BackupRecord], damaged: list[tuple[bytes, str]]) -> list[str]:
-    """An error per missing or damaged blob, naming a backup and file that use it (if any does)."""
+def _damaged_blob_errors(
+    store: Store, records: list[BackupRecord], damaged: list[tuple[bytes, str | None]]
+) -> list[str]:
+    """An error per missing (problem None) or damaged blob, naming a backup and file that use it (if any does)."""
     if not damaged:
         return []
     users = find_users(store, records, {blob_id for blob_id, _ in damaged})
@@ -131,7 +135,7 @@ def _damaged_blob_errors(store: Store, records: list[BackupRecord], damaged: lis
     for blob_id, problem in damaged:
         user = users.get(blob_id)
         where = f"backup {user[0]}: {user[1]}: " if user else ""
-        if problem == "is missing from the store":
+        if problem is None:
             errors.append(f"{where}blob {blob_id.hex()} is missing from the store")
         else:
             errors.append(f"{where}{problem} (blob {blob_id.hex()})")
