@@ -174,6 +174,16 @@ class StoreNotInitialized(ZfsbackdError):
     exit_code = EXIT_NOT_FOUND
 
 
+class WorkerProcessLost(ZfsbackdError):
+    """A process working for a backup died before its part was durable (the OOM killer, a kill by hand).
+
+    The backup fails; the packs the process uploaded are reused by the next attempt.
+    """
+
+    code = "WorkerProcessLost"
+    exit_code = EXIT_BACKUP_FAILED
+
+
 class BackupFailed(ZfsbackdError):
     """A backup or copy the daemon ran ended FAILED; ``create-backup``/``copy-backup --wait`` report it.
 

@@ -11,6 +11,8 @@ not a pool size: see zfsbackd/config.py.
 
 from __future__ import annotations
 
+import os
+
 # ------------------------------------------------------------------ backups
 #: threads reading files: more only fight over the GIL (1M small files, cold: 2 threads 20 s, 3 22 s, 8 27 s)
 READ_WORKERS = 2
@@ -18,6 +20,13 @@ READ_WORKERS = 2
 CHUNK_WORKERS = 2
 #: trees of the parent backup read ahead of the walk at once (their entries are bounded separately)
 TREE_READ_AHEAD_WORKERS = 4
+
+#: worker processes one backup archives subdirectories in (zfsbackd.engine.shards), beside the walk's own
+#: process: per-file Python work is bound by one core's GIL, so a second core needs a second interpreter
+ARCHIVE_PROCESSES = 2
+#: entries a backup lists before it starts its worker processes (an interpreter each, ~0.3 s to start): a
+#: small tree is done sooner in one process. ``ZFSBACKD_PARALLEL_AFTER_ENTRIES`` overrides it (tests)
+PARALLEL_AFTER_ENTRIES = int(os.environ.get("ZFSBACKD_PARALLEL_AFTER_ENTRIES", "20000"))
 
 # ------------------------------------------------------------------ writing packs
 #: threads uploading one writer's packs

@@ -34,8 +34,9 @@ from typing import Literal, TypeVar
 import pyfastcdc
 import structlog
 
-from zfsbackd import pools
+from zfsbackd import faults, pools
 from zfsbackd.engine.progress import Progress
+from zfsbackd.engine.shards import ShardContext, ShardJob, ShardOutcome, ShardPool
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import ArchivedDirectory, ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
@@ -83,6 +84,8 @@ ENTRY_ERROR_POLICIES: tuple[EntryErrorPolicy, ...] = ("skip", "fail")
 # on its path replaced by a file (ENOTDIR) or by a symlink (ELOOP: files are opened
 # following no symlinks). A live tree changing, not an error.
 VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+#: seconds between looks at the cancel event while waiting for a worker process's subdirectory
+CANCEL_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -176,6 +179,15 @@ class _DirFrame:
     same_object: bool = True  # the directory is the object the parent backup had under this name
     kept_totals: _Totals = field(default_factory=_Totals)  # what kept[:kept_counted] stand for
     kept_counted: int = 0
+    #: subdirectories archived by worker processes: (result, the node sent, the parent backup's node)
+    shards: list[tuple[Future[ShardOutcome], Node, Node | None]] = field(default_factory=list)
+
+
+def _results_ready(frame: _DirFrame) -> bool:
+    """Every file job and worker-process subdirectory of the directory has its result."""
+    return all(future.done() for future, _jobs in frame.pending) and all(
+        future.done() for future, _node, _before in frame.shards
+    )
 
 
 def _entries_as_before(frame: _DirFrame) -> bool:
@@ -293,11 +305,19 @@ class Archiver:
         fs_id: str = "",
         backup_id: str = "",
         read_ahead_entries: int = READ_AHEAD_ENTRIES,
+        shards: ShardContext | None = None,
+        processes: int | None = None,
+        parallel_after_entries: int | None = None,
     ) -> None:
         """*on_entry_error*, *fs_id* and *backup_id* say what an unreadable entry does and where to report it.
 
         *read_ahead_entries* bounds the parent backup's tree entries read ahead of the walk
         and not yet used (:class:`~zfsbackd.store.tree.TreeReadAhead`).
+
+        With *shards* (what worker processes need to open the store and the snapshot), subdirectories
+        are archived by *processes* worker processes once the walk has listed *parallel_after_entries*
+        entries (both from zfsbackd.pools by default; see zfsbackd.engine.shards); without it, for a
+        snapshot other processes cannot read, or with a change list, everything is archived here.
         """
         self.store = store
         self.writer = writer
@@ -329,6 +349,17 @@ class Archiver:
         """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
         self.unfinished_peak_dirs = 0
         """The most directories left unfinished at once while their files were read (see ``_walk``)."""
+        self._processes = pools.ARCHIVE_PROCESSES if processes is None else processes
+        usable = shards is not None and self._processes > 1 and snapshot.parallel_walk
+        self._shard_context = shards if usable else None
+        self._parallel_after = parallel_after_entries
+        if parallel_after_entries is None:
+            self._parallel_after = pools.PARALLEL_AFTER_ENTRIES
+        self._entries_listed = 0
+        self._largest_shard = 0  # files of the biggest subdirectory sent whole to a worker (0: any)
+        self._shards: ShardPool | None = None
+        self.subdirectories_sent = 0
+        """Subdirectories archived by worker processes (tests check that the path was taken)."""
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
@@ -353,6 +384,8 @@ class Archiver:
                     [(parent_root["subtree"], None)],
                     max_entries=self.read_ahead_entries,
                 )
+            if parent_root is not None and self.changes is None:
+                self._plan_shards(parent_root)
             parent_subtree = parent_root.get("subtree") if parent_root else None
             root_frame = self._read_root(self._enter_dir, b"", parent_subtree, root_st.st_dev, None, parent_root)
             subtree, totals = self._walk(root_frame)
@@ -362,10 +395,16 @@ class Archiver:
             root_node.update(tree_files=totals.files, tree_bytes=totals.bytes, tree_dirs=totals.dirs)
             root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
             stats = self.counters.stats
+            if self._shards is not None:  # their data is durable before anything names the root
+                worker_stats, writer_stats = self._shards.finish()
+                stats.add(worker_stats, entries_kept=SKIPPED_ENTRIES_KEPT)
+                self.writer.stats.add(writer_stats)
             stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1
             return root_id.hex(), stats
         finally:
             self._stop_read_ahead()
+            if self._shards is not None:
+                self._shards.close()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._chunk_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -380,6 +419,57 @@ class Archiver:
                 f"root of the snapshot ({code}: {exc.strerror or exc}); check that the source is mounted and "
                 "readable, then run the backup again"
             ) from exc
+
+    def archive_job(self, job: ShardJob) -> ShardOutcome:
+        """In a worker process: archive one subdirectory the backup's own archiver sent (see ``_dir_entry``)."""
+        parent_tree = job.before.get("subtree") if job.before else None
+        if parent_tree:
+            self._read_ahead = TreeReadAhead(
+                self._read_ahead_tree, _subtrees, _tree_size, [(parent_tree, None)], max_entries=self.read_ahead_entries
+            )
+        try:
+            frame = self._enter_subdir(job.rel, job.dev, job.node, job.before, job.unchanged)
+            if frame is None:
+                return ShardOutcome(None)
+            subtree, totals = self._walk(frame)
+        finally:
+            self._stop_read_ahead()
+        faults.point("shard-archived")
+        reused = frame.node_before is not None and subtree == frame.tree_before
+        return ShardOutcome(subtree, totals.files, totals.bytes, totals.dirs, reused)
+
+    # ----------------------------------------------------------------- shards
+    def _plan_shards(self, parent_root: Node) -> None:
+        """Size what a worker gets whole by the parent backup; start the workers now if the tree is big."""
+        if self._shard_context is None:
+            return
+        files = int(parent_root.get("tree_files", 0))
+        self._largest_shard = files // (2 * self._processes)  # a fair share, split again if bigger
+        if files >= self._parallel_after:
+            self._start_shards()
+
+    def _start_shards(self) -> None:
+        """From now on, subdirectories go to worker processes (the walk's read-ahead is theirs to do)."""
+        assert self._shard_context is not None
+        self._stop_read_ahead()
+        self._shards = ShardPool(self._shard_context, self._processes, self.progress)
+        self._shard_context = None
+
+    def _sends(self, before: Node | None) -> bool:
+        """Whether the subdirectory whose parent backup's node is *before* goes to a worker whole."""
+        if self._shards is None:
+            return False
+        files = before.get("tree_files") if before else None
+        return not (self._largest_shard and type(files) is int and files > self._largest_shard)
+
+    def _shard_result(self, future: Future[ShardOutcome]) -> ShardOutcome:
+        """A worker's result, waited for as long as the backup is not cancelled."""
+        while True:
+            try:
+                return future.result(timeout=CANCEL_POLL_SECONDS)
+            except TimeoutError:
+                if self.cancel.is_set():
+                    raise BackupCancelled() from None
 
     # ----------------------------------------------------------------- parent
     def _parent_root_node(self) -> Node | None:
@@ -447,7 +537,8 @@ class Archiver:
                 continue
             stack.pop()
             frame.entries = []  # what the finishing does not need any more
-            entries = len(frame.nodes) + len(frame.kept) + sum(len(jobs) for _future, jobs in frame.pending)
+            entries = len(frame.nodes) + len(frame.kept) + len(frame.shards)
+            entries += sum(len(jobs) for _future, jobs in frame.pending)
             unfinished.append((frame, entries))
             held += entries
             self.unfinished_peak_dirs = max(self.unfinished_peak_dirs, len(unfinished))
@@ -455,7 +546,7 @@ class Archiver:
                 not stack
                 or len(unfinished) > UNFINISHED_DIRS
                 or held > UNFINISHED_ENTRIES
-                or all(future.done() for future, _jobs in unfinished[0][0].pending)
+                or _results_ready(unfinished[0][0])
             ):
                 oldest, entries = unfinished.popleft()
                 held -= entries
@@ -487,6 +578,9 @@ class Archiver:
         previous = self._load_tree(parent_tree)
         with os.scandir(self._path(rel)) as it:
             entries = list(it)
+        self._entries_listed += len(entries)
+        if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
+            self._start_shards()
         frame = _DirFrame(rel, dev, previous or {}, entries, node)
         if previous is not None:
             frame.tree_before = parent_tree
@@ -667,15 +761,30 @@ class Archiver:
             node.update(subtree=subtree, tree_files=0, tree_bytes=0, tree_dirs=0)
             frame.nodes.append(node)
             return None
+        unchanged = _unchanged(before, "dir", st)
+        if self._shards is not None and self._sends(before):
+            job = ShardJob(child, st.st_dev, node, before, unchanged)
+            frame.shards.append((self._shards.submit(job), node, before))
+            self.subdirectories_sent += 1
+            return None
+        return self._enter_subdir(child, st.st_dev, node, before, unchanged)
+
+    def _enter_subdir(
+        self, child: bytes, dev: int, node: Node, before: Node | None, unchanged: bool
+    ) -> _DirFrame | None:
+        """The frame of the subdirectory *child* (None when it cannot be listed: an entry problem).
+
+        *unchanged*: the parent backup's node *before* still describes the directory itself.
+        """
         try:
-            child_frame = self._enter_dir(child, before.get("subtree") if before else None, st.st_dev, node, before)
+            child_frame = self._enter_dir(child, before.get("subtree") if before else None, dev, node, before)
         except OSError as exc:
             self.snapshot.directory_archived(child, node, None, False)
             self._entry_problem(child, "list the directory", exc)
             return None
-        if _unchanged(before, "dir", st):
+        if unchanged:
             child_frame.node_before = before
-        child_frame.same_object = before is not None and before.get("inode") == st.st_ino
+        child_frame.same_object = before is not None and before.get("inode") == node["inode"]
         return child_frame
 
     def _finish_dir(self, frame: _DirFrame) -> tuple[str, _Totals]:
@@ -689,6 +798,15 @@ class Archiver:
                 elif outcome.node is not None:
                     nodes.append(outcome.node)
         frame.pending.clear()
+        for future, node, before in frame.shards:
+            outcome = self._shard_result(future)
+            if outcome.reused:
+                frame.kept.append(before)  # type: ignore[arg-type]  # nothing in or below it changed
+            elif outcome.subtree is not None:
+                node.update(subtree=outcome.subtree, tree_files=outcome.files, tree_bytes=outcome.bytes)
+                node["tree_dirs"] = outcome.dirs
+                nodes.append(node)
+        frame.shards.clear()
         totals = frame.kept_totals
         for node in frame.kept[frame.kept_counted :]:
             totals.add_node(node)

@@ -27,6 +27,7 @@ from zfsbackd.engine.known_stores import KnownStores
 from zfsbackd.engine.locks import LockManager
 from zfsbackd.engine.progress import Progress
 from zfsbackd.engine.restorer import Restorer, RestoreResult, check_target
+from zfsbackd.engine.shards import ShardContext
 from zfsbackd.errors import (
     BackupBeingCopied,
     BackupInProgress,
@@ -47,7 +48,7 @@ from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.snapshot import find_or_take_snapshot, zfs_encryption
 from zfsbackd.snapshot import zfs as zfs_snapshots
-from zfsbackd.snapshot.base import PendingChanges
+from zfsbackd.snapshot.base import PendingChanges, Snapshot
 from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.check import CheckResult, check_store
 from zfsbackd.store.crypto import load_key_file
@@ -367,6 +368,7 @@ class Engine:
                     on_entry_error=fs.on_entry_error,
                     fs_id=fs.id,
                     backup_id=record.backup_id,
+                    shards=self._shard_context(store, fs, record, snapshot),
                 )
                 try:
                     root_tree, stats = archiver.run()
@@ -430,6 +432,15 @@ class Engine:
                 else:
                     snapshot.release()
         return record
+
+    def _shard_context(
+        self, store: Store, fs: FileSystemConfig, record: BackupRecord, snapshot: Snapshot
+    ) -> ShardContext | None:
+        """What archive worker processes need to help with this backup; None when they cannot: a store
+        opened by an injected opener (tests' in-memory regions) exists in this process only."""
+        if self._open_objects is not open_object_store or not snapshot.parallel_walk:
+            return None
+        return ShardContext(self.config, store.region, snapshot, fs.id, record.backup_id, fs.on_entry_error)
 
     # ---------------------------------------------------------------- describe
     def describe_backups(

@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -417,6 +417,10 @@ class Snapshot(ABC):
     #: without it: worth waiting for when its cost follows what changed, not when it may take longer
     #: than the walk (``zfs diff``).
     change_list_head_start: float = 1.0
+    #: Whether worker processes may archive parts of the tree (zfsbackd.engine.shards): they read
+    #: through a copy of this object (:meth:`__reduce__`), which opens files like this one but keeps no
+    #: other state, so a provider whose :meth:`directory_archived` or change list keeps state says False.
+    parallel_walk: bool = True
 
     def __init__(
         self,
@@ -440,6 +444,16 @@ class Snapshot(ABC):
         except BaseException:
             self.close()
             raise
+
+    def __reduce__(self) -> tuple[Callable[..., Snapshot], tuple[object, ...]]:
+        """Pickled for an archive worker process: a reader of the same snapshot that opens its own fds.
+
+        The copy only reads (:meth:`open_file`, :meth:`path`) and is closed (:meth:`close`); releasing or
+        committing the snapshot stays with the process that took it.
+        """
+        if not self.parallel_walk:
+            raise TypeError(f"a {self.provider} snapshot is not read by worker processes")
+        return _reader_of, (type(self), self.name, self.root, self.excluded, self.grafts)
 
     def split(self, rel: bytes) -> tuple[bytes, bytes]:
         """(graft prefix, path below it) for *rel*; the prefix is ``b""`` for the snapshot's own root."""
@@ -527,6 +541,15 @@ class Snapshot(ABC):
 
     def _display_path(self, relpath: bytes) -> str:
         return os.fsdecode(self.path(relpath))
+
+
+def _reader_of(
+    kind: type[Snapshot], name: str, root: Path, excluded: frozenset[tuple[int, int]], grafts: Mapping[bytes, Path]
+) -> Snapshot:
+    """A worker's copy of a snapshot (see :meth:`Snapshot.__reduce__`): only the base state, its own fds."""
+    reader = kind.__new__(kind)
+    Snapshot.__init__(reader, name, root, excluded, grafts)
+    return reader
 
 
 class SnapshotProvider(ABC):

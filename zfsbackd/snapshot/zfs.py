@@ -231,6 +231,7 @@ class Layout:
 class ZfsSnapshot(Snapshot):
     provider = "zfs"
     atomic = True
+    parallel_walk = False  # the object map is kept from every directory_archived() of one process
 
     def __init__(self, fs_id: str, name: str, layout: Layout, objmap: ObjectMap | None = None) -> None:
         top, children = layout.members[0], layout.members[1:]

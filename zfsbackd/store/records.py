@@ -102,6 +102,17 @@ class BackupStats:
     blobs_deduplicated: int = 0
     duration_seconds: float = 0.0
 
+    def add(self, other: BackupStats, *, entries_kept: int) -> None:
+        """Count in another process's share of the same backup (an archive worker's); of the skipped
+        entries' details, the first *entries_kept* are kept in all."""
+        for f in fields(self):
+            value = getattr(other, f.name)
+            if isinstance(value, list):
+                mine = getattr(self, f.name)
+                mine.extend(value[: max(0, entries_kept - len(mine))])
+            else:
+                setattr(self, f.name, getattr(self, f.name) + value)
+
 
 @dataclass
 class BackupRecord:

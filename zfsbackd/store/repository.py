@@ -339,16 +339,22 @@ class Store:
         index may still list it until its next sync. Load the index after
         entering, not before.
         """
-        with self.leases.acquire(operation, subject) as lease:
+        with self.leases.acquire(operation, subject) as lease, self.helping_writer():
+            yield lease
+
+    @contextmanager
+    def helping_writer(self) -> Iterator[None]:
+        """Write for a writer whose lease another process holds (a backup's archive worker): avoid the
+        candidate packs as :meth:`writing` does, read now, after that lease was acquired."""
+        with self._writers_lock:
+            avoid = self.candidates.packs()
+            self._excluded_packs = avoid if self._writers == 0 else self._excluded_packs | avoid
+            self._writers += 1
+        try:
+            yield
+        finally:
             with self._writers_lock:
-                avoid = self.candidates.packs()
-                self._excluded_packs = avoid if self._writers == 0 else self._excluded_packs | avoid
-                self._writers += 1
-            try:
-                yield lease
-            finally:
-                with self._writers_lock:
-                    self._writers -= 1
+                self._writers -= 1
 
     def can_deduplicate(self, blob_id: bytes) -> bool:
         """Is ``blob_id`` stored in a pack a writer may point at (one garbage collection will not delete)?"""

@@ -32,6 +32,11 @@ class WriterStats:
     bytes_uploaded: int = 0  # sealed bytes written to the object store (packs incl. headers)
     packs_uploaded: int = 0
 
+    def add(self, other: WriterStats) -> None:
+        """Count in what another writer of the same backup did (an archive worker process's)."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
 
 class PackWriter:
     def __init__(
