@@ -12,7 +12,7 @@ For each dataset it makes a fresh loopback XFS (reflink=1) or btrfs image under
 full backup, no-change backup, backup after ~1 % churn (the same churn, applied
 once), and a full restore that is checked byte- and metadata-identical against
 the source. Per step it measures the child process: wall time, CPU (user+sys,
-from wait4), peak RSS (ru_maxrss from wait4), and the store size afterwards.
+from wait4), peak RSS (ru_maxrss from wait4, or the tool's whole process tree summed if larger), and the store size afterwards.
 
 See bench/README.md for what each column means. Only the standard library plus
 blake3 (a zfsbackd dependency, used for fast deterministic data and hashing).
@@ -494,8 +494,11 @@ class Measure:
 # numbers. Starting the tool straight from this process would be wrong for peak RSS: on exec, Linux
 # carries the forking process's RSS high-water mark into the child's ru_maxrss, so every tool would
 # "peak" at this bench's own size (the source manifest, the text pool, ...).
+# wait4's ru_maxrss is the largest single process of the tool's tree, so the launcher also samples the
+# whole tree's RSS (the tool and every descendant, summed, every 0.1 s): a tool that works in several
+# processes (zfsbackd's archive workers) is measured by what it holds together.
 LAUNCHER = r"""
-import os, signal, sys, time
+import os, signal, sys, threading, time
 out = sys.argv[1]
 t0 = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
@@ -506,10 +509,33 @@ def forward(signum, frame):
         pass
 signal.signal(signal.SIGTERM, forward)
 signal.signal(signal.SIGINT, forward)
+tree_peak = [0]
+def tree_rss():
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(c for c, pp in parents.items() if pp == p and c not in tree)
+    return sum(rss.get(p, 0) for p in tree)
+def sample():
+    while True:
+        tree_peak[0] = max(tree_peak[0], tree_rss())
+        time.sleep(0.1)
+threading.Thread(target=sample, daemon=True).start()
 _, status, ru = os.wait4(pid, 0)
 wall = time.perf_counter() - t0
 with open(out, "w") as f:
-    f.write("%r %r %r %r %r\n" % (wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss, status))
+    f.write("%r %r %r %r %r\n" % (wall, ru.ru_utime, ru.ru_stime, max(ru.ru_maxrss, tree_peak[0]), status))
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
