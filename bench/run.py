@@ -12,7 +12,8 @@ For each dataset it makes a fresh loopback XFS (reflink=1) or btrfs image under
 full backup, no-change backup, backup after ~1 % churn (the same churn, applied
 once), and a full restore that is checked byte- and metadata-identical against
 the source. Per step it measures the child process: wall time, CPU (user+sys,
-from wait4), peak RSS (ru_maxrss from wait4, or the tool's whole process tree summed if larger), and the store size afterwards.
+from wait4), peak RSS (ru_maxrss from wait4, or the tool's whole process tree
+summed if larger), and the store size afterwards.
 
 See bench/README.md for what each column means. Only the standard library plus
 blake3 (a zfsbackd dependency, used for fast deterministic data and hashing).

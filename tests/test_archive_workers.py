@@ -90,12 +90,13 @@ def test_workers_make_the_trees_one_process_makes(
     engine = _engine(tmp_path, root)
 
     monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
+    monkeypatch.setattr(pools, "ARCHIVE_PROCESSES", 3)  # this process and two workers, whatever the cores
     with structlog.testing.capture_logs() as logs:
         parallel = engine.create_backup(BackupRequest("fs-a"))
     monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10**9)
     single = engine.create_backup(BackupRequest("fs-b"))
 
-    assert len(_started_workers(logs)) == pools.ARCHIVE_PROCESSES
+    assert len(_started_workers(logs)) == 2
     assert parallel.lifecycle == single.lifecycle == Lifecycle.AVAILABLE
     assert parallel.root_tree == single.root_tree
     for field in ("files", "directories", "symlinks", "other", "bytes_total", "files_read", "bytes_read"):
@@ -126,28 +127,38 @@ def test_workers_make_the_trees_one_process_makes(
 def test_entries_a_worker_skips_are_counted_and_listed(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Per-entry problems met in a worker reach the record like those of the walk's own process."""
-    levels = _too_deep(source / "dir05")
+    """Per-entry problems met in a worker reach the record like those of the walk's own process.
+
+    ``0deep`` sorts first, so it is the first directory the walk meets once its worker has started:
+    a worker has room then, and gets it."""
+    (source / "0deep").mkdir()
+    levels = _too_deep(source / "0deep")
     engine = _engine(tmp_path, source)
     monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
+    monkeypatch.setattr(pools, "ARCHIVE_PROCESSES", 2)
 
-    record = engine.create_backup(BackupRequest("fs-a"))
+    with structlog.testing.capture_logs() as logs:
+        record = engine.create_backup(BackupRequest("fs-a"))
 
     assert record.lifecycle == Lifecycle.AVAILABLE
     assert record.stats.entries_skipped_with_errors == 1
     (skipped,) = record.stats.skipped_entries
-    assert skipped["path"].startswith("dir05/" + "n" * 200) and skipped["errno"] == "ENAMETOOLONG"
+    assert skipped["path"].startswith("0deep/" + "n" * 200) and skipped["errno"] == "ENAMETOOLONG"
     assert skipped["path"].count("/") < levels
+    (logged,) = [e for e in logs if e["event"] == "entry_skipped"]
+    assert logged["worker_pid"] in _started_workers(logs) and logged["path"] == skipped["path"]
 
 
 def test_on_entry_error_fail_in_a_worker_fails_the_backup(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _too_deep(source / "dir07")
+    (source / "0deep").mkdir()
+    _too_deep(source / "0deep")
     engine = Engine(make_config(tmp_path, {"a": source}, extra_fs={"on_entry_error": "fail"}))
     monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
+    monkeypatch.setattr(pools, "ARCHIVE_PROCESSES", 2)
 
-    with pytest.raises(ZfsbackdError, match=r"dir07/n{200}.*cannot .*ENAMETOOLONG") as caught:
+    with pytest.raises(ZfsbackdError, match=r"0deep/n{200}.*cannot .*ENAMETOOLONG") as caught:
         engine.create_backup(BackupRequest("fs-a"))
 
     assert caught.value.code == "SnapshotFailed"
@@ -218,11 +229,11 @@ def test_the_backup_killed_takes_its_workers_and_resumes(tmp_path: Path) -> None
     config, root = _cli_config(tmp_path)
     command = cli_command(config, "-v", "create-backup", "--file-system-id", "fs-a", "--wait")
 
-    killed = subprocess.run(command, capture_output=True, text=True, env=_cli_env("shard-received:3"), timeout=120)
+    killed = subprocess.run(command, capture_output=True, text=True, env=_cli_env("shard-received:1"), timeout=120)
 
     assert killed.returncode == -signal.SIGKILL
     pids = _worker_pids(killed.stderr)
-    assert len(pids) == pools.ARCHIVE_PROCESSES and _gone(pids)
+    assert len(pids) == pools.ARCHIVE_PROCESSES - 1 and _gone(pids)
     resumed = subprocess.run(command, capture_output=True, text=True, env=_cli_env(), timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "backup_resuming" in resumed.stderr
@@ -232,28 +243,31 @@ def test_the_backup_killed_takes_its_workers_and_resumes(tmp_path: Path) -> None
 
 
 def test_sigterm_stops_the_workers_and_the_backup_resumes(tmp_path: Path) -> None:
-    """SIGTERM to the backup's process while its workers run (each directory takes >= 0.3 s there):
-    one cancellation path stops them all, the command exits 130 at once, and the rerun completes."""
+    """SIGTERM to the backup's process while it waits for its worker (held after its first directory):
+    one cancellation path stops both, the command exits 130 at once, and the rerun completes."""
     config, root = _cli_config(tmp_path)
+    hold = tmp_path / "hold"
     command = cli_command(config, "-v", "create-backup", "--file-system-id", "fs-a", "--wait")
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_cli_env("shard-archived:delay=0.3")
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_cli_env(f"shard-archived:1:pause={hold}"),
     )
-    assert process.stderr is not None
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if "archive_workers_started" in line:
-            break
-    time.sleep(0.5)
-    stopped_at = time.monotonic()
+    deadline = time.monotonic() + 60
+    while not Path(f"{hold}.paused").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    _out, rest = process.communicate(timeout=60)
+    time.sleep(0.5)  # the backup's process has seen it and SIGTERMed the worker, which holds on
+    stopped_at = time.monotonic()
+    hold.touch()
+    _out, err = process.communicate(timeout=60)
 
-    assert process.returncode == EXIT_INTERRUPTED, "".join(lines) + rest
+    assert process.returncode == EXIT_INTERRUPTED, err
     assert time.monotonic() - stopped_at < 10
-    assert _gone(_worker_pids("".join(lines)), 1)
-    assert "backup_interrupted" in rest
+    assert _gone(_worker_pids(err), 1)
+    assert "backup_interrupted" in err
     resumed = run_cli(config, "create-backup", "--file-system-id", "fs-a", "--wait")
     assert resumed.returncode == 0, resumed.stderr
     _restore_matches(config, json.loads(resumed.stdout)["Backup"]["BackupId"], root, tmp_path / "out")

@@ -21,9 +21,10 @@ CHUNK_WORKERS = 2
 #: trees of the parent backup read ahead of the walk at once (their entries are bounded separately)
 TREE_READ_AHEAD_WORKERS = 4
 
-#: worker processes one backup archives subdirectories in (zfsbackd.engine.shards), beside the walk's own
-#: process: per-file Python work is bound by one core's GIL, so a second core needs a second interpreter
-ARCHIVE_PROCESSES = 2
+#: processes one backup archives in: its own and ARCHIVE_PROCESSES - 1 workers (zfsbackd.engine.shards).
+#: Per-file Python work is bound by one core's GIL, so a second core needs a second interpreter; each
+#: worker holds ~100-120 MiB at full speed, so more than 4 are not started whatever the core count
+ARCHIVE_PROCESSES = min(os.cpu_count() or 1, 4)
 #: entries a backup lists before it starts its worker processes (an interpreter each, ~0.3 s to start): a
 #: small tree is done sooner in one process. ``ZFSBACKD_PARALLEL_AFTER_ENTRIES`` overrides it (tests)
 PARALLEL_AFTER_ENTRIES = int(os.environ.get("ZFSBACKD_PARALLEL_AFTER_ENTRIES", "20000"))
@@ -34,6 +35,10 @@ UPLOAD_THREADS = 2
 #: packs of one writer being uploaded or waiting for an upload thread: the writer's memory is
 #: (PACKS_IN_FLIGHT + 1) * 16 MiB at most, the +1 being the pack it fills
 PACKS_IN_FLIGHT = 3
+#: the same for each archive worker process's writer: there are ARCHIVE_PROCESSES of them, and together
+#: they still have as many packs in flight as one backup had before (1M small files: 138 -> ~105 MiB each)
+WORKER_UPLOAD_THREADS = 1
+WORKER_PACKS_IN_FLIGHT = 1
 #: parts of one multipart S3 upload sent at once
 MULTIPART_THREADS = 4
 

@@ -314,10 +314,11 @@ class Archiver:
         *read_ahead_entries* bounds the parent backup's tree entries read ahead of the walk
         and not yet used (:class:`~zfsbackd.store.tree.TreeReadAhead`).
 
-        With *shards* (what worker processes need to open the store and the snapshot), subdirectories
-        are archived by *processes* worker processes once the walk has listed *parallel_after_entries*
-        entries (both from zfsbackd.pools by default; see zfsbackd.engine.shards); without it, for a
-        snapshot other processes cannot read, or with a change list, everything is archived here.
+        With *shards* (what worker processes need to open the store and the snapshot), *processes*
+        processes (this one and workers) archive subdirectories once the walk has listed
+        *parallel_after_entries* entries (both from zfsbackd.pools by default; see
+        zfsbackd.engine.shards); without it, for a snapshot other processes cannot read, or with a
+        change list, everything is archived here.
         """
         self.store = store
         self.writer = writer
@@ -452,12 +453,13 @@ class Archiver:
         """From now on, subdirectories go to worker processes (the walk's read-ahead is theirs to do)."""
         assert self._shard_context is not None
         self._stop_read_ahead()
-        self._shards = ShardPool(self._shard_context, self._processes, self.progress)
+        self._shards = ShardPool(self._shard_context, self._processes - 1, self.progress)
         self._shard_context = None
 
     def _sends(self, before: Node | None) -> bool:
-        """Whether the subdirectory whose parent backup's node is *before* goes to a worker whole."""
-        if self._shards is None:
+        """Whether the subdirectory whose parent backup's node is *before* goes to a worker whole (when
+        one is free and the directory is not bigger than a fair share)."""
+        if self._shards is None or not self._shards.has_room():
             return False
         files = before.get("tree_files") if before else None
         return not (self._largest_shard and type(files) is int and files > self._largest_shard)

@@ -4,10 +4,13 @@ Why processes: a backup of many small files costs about 100 µs of Python per fi
 hash, seal, pack, tree), all under one interpreter's GIL; threads only add contention (measured,
 bench/README.md). A second interpreter is the way to the second core.
 
-Shape: the backup's own :class:`~zfsbackd.engine.archiver.Archiver` walks the top of the tree.
-Once it has listed ``pools.PARALLEL_AFTER_ENTRIES`` entries it starts a :class:`ShardPool`, and from
-then on each subdirectory it would have entered goes to a worker as a :class:`ShardJob` instead
-(one too big for a fair share is entered, and its children sent). A worker is a spawned process with
+Shape: the backup's own :class:`~zfsbackd.engine.archiver.Archiver` walks the tree as always.
+Once it has listed ``pools.PARALLEL_AFTER_ENTRIES`` entries it starts a :class:`ShardPool` of
+``pools.ARCHIVE_PROCESSES - 1`` workers, and from then on a subdirectory it meets goes to a worker
+as a :class:`ShardJob` whenever one has room (:meth:`ShardPool.has_room`); otherwise the walk
+enters it itself, as before. So this process works too, and the work balances itself: whoever is
+free takes the next directory, at any depth (one bigger than a fair share by the parent backup is
+never sent whole: the walk enters it and sends its children). A worker is a spawned process with
 its own :class:`~zfsbackd.store.repository.Store` on the same ``state_dir`` (the SQLite index cache is
 shared, WAL), its own :class:`~zfsbackd.store.writer.PackWriter` for all its jobs, and an Archiver
 that walks each job's directory exactly as the parent would (same trees, same ids), returning the
@@ -47,7 +50,7 @@ from typing import Any
 
 import structlog
 
-from zfsbackd import faults
+from zfsbackd import faults, pools
 from zfsbackd.config import Config
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import WorkerProcessLost, ZfsbackdError
@@ -59,7 +62,8 @@ from zfsbackd.store.writer import WriterStats
 log = structlog.get_logger(__name__)
 
 #: jobs given to one worker at once: one it works on and one waiting in its pipe, so it never idles
-#: for a round trip to the parent; the rest wait in the parent (they are small: a directory's node)
+#: for a round trip to the parent; while every worker has this many, the walk archives the next
+#: directories itself
 JOBS_PER_WORKER = 2
 #: seconds a worker has to stop after SIGTERM (it flushes its pack) before it is killed
 STOP_SECONDS = 60.0
@@ -114,7 +118,7 @@ class _Worker:
 class ShardPool:
     """The worker processes of one backup; :meth:`submit` jobs, :meth:`finish`, always :meth:`close`."""
 
-    def __init__(self, context: ShardContext, processes: int, progress: Progress) -> None:
+    def __init__(self, context: ShardContext, workers: int, progress: Progress) -> None:
         spawn = multiprocessing.get_context("spawn")  # never fork a threaded process
         self._progress = progress
         self._lock = threading.Lock()
@@ -123,7 +127,7 @@ class ShardPool:
         self._workers: list[_Worker] = []
         self._closed = False
         try:
-            for number in range(processes):
+            for number in range(workers):
                 parent_end, worker_end = spawn.Pipe(duplex=True)
                 process = spawn.Process(
                     target=_worker_main, args=(worker_end, context), name=f"zfsbackd-archive-{number}", daemon=True
@@ -139,6 +143,10 @@ class ShardPool:
         self._receiver.start()
 
     # ------------------------------------------------------------------ jobs
+    def has_room(self) -> bool:
+        """Whether a worker would start a job submitted now without waiting (else archive it yourself)."""
+        return any(w.alive and len(w.jobs) < JOBS_PER_WORKER for w in self._workers)
+
     def submit(self, job: ShardJob) -> Future[ShardOutcome]:
         future: Future[ShardOutcome] = Future()
         with self._lock:
@@ -345,7 +353,15 @@ def _archive_jobs(
         channel.send(("progress", *progress.take_unreported()))
 
     progress = Progress(on_update=report)
-    with store.helping_writer(), PackWriter(store, on_uploaded=progress.uploaded) as writer:
+    with (
+        store.helping_writer(),
+        PackWriter(
+            store,
+            upload_threads=pools.WORKER_UPLOAD_THREADS,
+            max_packs_in_flight=pools.WORKER_PACKS_IN_FLIGHT,
+            on_uploaded=progress.uploaded,
+        ) as writer,
+    ):
         store.load_index()
         archiver = Archiver(
             store,
