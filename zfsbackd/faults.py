@@ -28,6 +28,11 @@ The points, where they are, and what is durable when they fire:
   its file, inside the write transaction, not committed yet: a kill here must
   leave the cache as it was (WAL rollback), and the next open reads those index
   objects again.
+- ``shard-archived``: an archive worker process (zfsbackd.engine.shards) archived one
+  subdirectory; its blobs may still be in the worker's unwritten pack. Reached in the
+  worker only: a kill here is a worker lost mid-backup.
+- ``shard-received``: the backup's own process received one subdirectory from a worker;
+  a kill here kills the backup while its workers run.
 - ``backup-data-durable``: a backup's packs and index are durable; its record
   is not AVAILABLE yet.
 - ``gc-index-replaced``: garbage collection wrote its new packs and the

@@ -363,6 +363,30 @@ def test_stop_during_a_backup_checkpoints_and_start_resumes_it() -> None:
     assert [b["BackupId"] for b in out["Backups"]] == [backup_id]  # resumed, not started anew
 
 
+def test_archive_workers_run_in_the_units_sandbox() -> None:
+    """A large tree's backup starts archive worker processes (zfsbackd.engine.shards): under the unit's
+    SystemCallFilter, NoNewPrivileges and KillMode=mixed they start, read the reflink source, write the
+    store, and the backup restores identical. (A drop-in makes "large" 5 entries.)"""
+    sh(
+        f"for d in $(seq 16); do mkdir -p {XFS_MNT}/w$d; "
+        f"for f in $(seq 24); do head -c $((d * 97 + f)) /dev/urandom >{XFS_MNT}/w$d/f$f; done; done"
+    )
+    add_dropin("40-archive-workers.conf", "Environment=ZFSBACKD_PARALLEL_AFTER_ENTRIES=5\n")
+    run("systemctl", "restart", UNIT)
+    mark = cursor()
+    _, out = cli("create-backup", "--file-system-id", "fs-xfs", "--wait")
+    assert out["Backup"]["Lifecycle"] == "AVAILABLE", out
+    started = journal(mark, until=has_event("archive_workers_started"))
+    assert has_event("archive_workers_started")(started), started
+    target = Path("/var/tmp/workers-restore")
+    target.mkdir()
+    _, restored = cli("restore-backup", "--backup-id", out["Backup"]["BackupId"], "--target", str(target))
+    assert run("diff", "-r", str(XFS_MNT), restored["Restore"]["Path"]).returncode == 0
+    (DROPINS / "40-archive-workers.conf").unlink()
+    run("systemctl", "daemon-reload")
+    run("systemctl", "restart", UNIT)
+
+
 def test_watchdog_pings_reach_systemd() -> None:
     """WATCHDOG=1 at half of WATCHDOG_USEC: systemd's WatchdogTimestamp moves and the daemon is not killed.
 
