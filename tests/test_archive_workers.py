@@ -242,9 +242,11 @@ def test_the_backup_killed_takes_its_workers_and_resumes(tmp_path: Path) -> None
     _restore_matches(config, record["BackupId"], root, tmp_path / "out")
 
 
-def test_sigterm_stops_the_workers_and_the_backup_resumes(tmp_path: Path) -> None:
-    """SIGTERM to the backup's process while it waits for its worker (held after its first directory):
-    one cancellation path stops both, the command exits 130 at once, and the rerun completes."""
+@pytest.mark.parametrize("held_at", ["shard-archived", "pack-uploaded"])
+def test_sigterm_stops_the_workers_and_the_backup_resumes(held_at: str, tmp_path: Path) -> None:
+    """SIGTERM to the backup's process while it waits for its worker, held after its first directory
+    (``shard-archived``) or in its final flush (``pack-uploaded``: the tree is too small for a pack
+    before): one cancellation path stops both, the command exits 130 at once, and the rerun completes."""
     config, root = _cli_config(tmp_path)
     hold = tmp_path / "hold"
     command = cli_command(config, "-v", "create-backup", "--file-system-id", "fs-a", "--wait")
@@ -253,7 +255,7 @@ def test_sigterm_stops_the_workers_and_the_backup_resumes(tmp_path: Path) -> Non
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=_cli_env(f"shard-archived:1:pause={hold}"),
+        env=_cli_env(f"{held_at}:1:pause={hold}"),
     )
     deadline = time.monotonic() + 60
     while not Path(f"{hold}.paused").exists() and time.monotonic() < deadline:

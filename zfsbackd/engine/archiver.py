@@ -397,7 +397,7 @@ class Archiver:
             root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
             stats = self.counters.stats
             if self._shards is not None:  # their data is durable before anything names the root
-                worker_stats, writer_stats = self._shards.finish()
+                worker_stats, writer_stats = self._shards.finish(self.cancel)
                 stats.add(worker_stats, entries_kept=SKIPPED_ENTRIES_KEPT)
                 self.writer.stats.add(writer_stats)
             stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1

@@ -170,19 +170,25 @@ class ShardPool:
             with contextlib.suppress(OSError):  # it died: its jobs fail when the receiver sees it go
                 worker.conn.send(("job", job_id, job))
 
-    def finish(self) -> tuple[BackupStats, WriterStats]:
+    def finish(self, cancel: threading.Event) -> tuple[BackupStats, WriterStats]:
         """Every worker flushes (its packs and an index naming them are durable) and reports its
-        statistics; returns them added up. Call when every job's result has been used."""
+        statistics; returns them added up. Call when every job's result has been used. Waits as long
+        as *cancel* is not set (then BackupCancelled: :meth:`close` stops the workers)."""
+        from zfsbackd.engine.archiver import CANCEL_POLL_SECONDS, SKIPPED_ENTRIES_KEPT, BackupCancelled  # a cycle
+
         with self._lock:
             for worker in self._workers:
                 with contextlib.suppress(OSError):
                     worker.conn.send(("finish",))
-        self._receiver.join()
+        while self._receiver.is_alive():
+            if cancel.is_set():
+                raise BackupCancelled()
+            self._receiver.join(CANCEL_POLL_SECONDS)
         stats, writer_stats = BackupStats(), WriterStats()
         for worker in self._workers:
             if worker.finished is None:
                 raise worker.error or self._lost_error(worker)
-            stats.add(worker.finished[0], entries_kept=_entries_kept())
+            stats.add(worker.finished[0], entries_kept=SKIPPED_ENTRIES_KEPT)
             writer_stats.add(worker.finished[1])
         return stats, writer_stats
 
@@ -272,12 +278,6 @@ class ShardPool:
             "again: the packs already uploaded are reused. If the system log shows the OOM killer, give the "
             "service more memory"
         )
-
-
-def _entries_kept() -> int:
-    from zfsbackd.engine.archiver import SKIPPED_ENTRIES_KEPT  # the archiver imports this module
-
-    return SKIPPED_ENTRIES_KEPT
 
 
 # ---------------------------------------------------------------------- worker side
