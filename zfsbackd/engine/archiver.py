@@ -181,6 +181,7 @@ class _DirFrame:
     kept_counted: int = 0
     #: subdirectories archived by worker processes: (result, the node sent, the parent backup's node)
     shards: list[tuple[Future[ShardOutcome], Node, Node | None]] = field(default_factory=list)
+    open_children: int = 0  # subdirectories walked here and not finished yet
 
 
 def _results_ready(frame: _DirFrame) -> bool:
@@ -525,7 +526,9 @@ class Archiver:
         finished in) and the walk goes on, so reading overlaps walking also when each
         directory has only a few changed files (scattered churn with a change list).
         The queue is bounded (``UNFINISHED_DIRS``, ``UNFINISHED_ENTRIES``): past it
-        the oldest directory is waited for.
+        the oldest directory is waited for. With worker processes a directory may wait
+        for a worker's whole subdirectory; then those behind it that are ready are
+        finished first (:meth:`_next_to_finish`), so that it does not hold them all.
         """
         stack = [root_frame]
         unfinished: deque[tuple[_DirFrame, int]] = deque()  # (directory, entries it held when it joined)
@@ -535,6 +538,7 @@ class Archiver:
             child = self._scan(frame)
             if child is not None:
                 child.parent = frame
+                frame.open_children += 1
                 stack.append(child)
                 continue
             stack.pop()
@@ -544,24 +548,42 @@ class Archiver:
             unfinished.append((frame, entries))
             held += entries
             self.unfinished_peak_dirs = max(self.unfinished_peak_dirs, len(unfinished))
-            while unfinished and (
-                not stack
-                or len(unfinished) > UNFINISHED_DIRS
-                or held > UNFINISHED_ENTRIES
-                or _results_ready(unfinished[0][0])
-            ):
-                oldest, entries = unfinished.popleft()
+            while unfinished:
+                forced = not stack or len(unfinished) > UNFINISHED_DIRS or held > UNFINISHED_ENTRIES
+                index = self._next_to_finish(unfinished, forced)
+                if index is None:
+                    break
+                ready, entries = unfinished[index]
+                del unfinished[index]
                 held -= entries
-                result = self._finish_dir(oldest)
-                if oldest.parent is None:
+                result = self._finish_dir(ready)
+                if ready.parent is None:
                     return result
-                self._attach(oldest, *result)
+                self._attach(ready, *result)
+
+    def _next_to_finish(self, unfinished: deque[tuple[_DirFrame, int]], forced: bool) -> int | None:
+        """Which unfinished directory to finish now (its index), or None to walk on.
+
+        The oldest, when its results are in or it must be waited for (*forced*). With worker
+        processes, else any other whose results are in and whose subdirectories are all finished
+        (the oldest's are: they came before it). Without them, directories finish in the order
+        they were left, as a recursive walk would finish them.
+        """
+        if forced or _results_ready(unfinished[0][0]):
+            return 0
+        if self._shards is None:
+            return None
+        for index, (frame, _entries) in enumerate(unfinished):
+            if frame.open_children == 0 and _results_ready(frame):
+                return index
+        return None
 
     @staticmethod
     def _attach(frame: _DirFrame, subtree: str, totals: _Totals) -> None:
         """Give a finished directory's node to its parent's entries."""
         parent = frame.parent
         assert parent is not None and frame.node is not None  # only the root has neither, and it is last
+        parent.open_children -= 1
         if frame.node_before is not None and subtree == frame.tree_before:
             parent.kept.append(frame.node_before)  # nothing in or below it changed
             return
