@@ -360,8 +360,6 @@ class Archiver:
         self._entries_listed = 0
         self._largest_shard = 0  # files of the biggest subdirectory sent whole to a worker (0: any)
         self._shards: ShardPool | None = None
-        self.subdirectories_sent = 0
-        """Subdirectories archived by worker processes (tests check that the path was taken)."""
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
@@ -789,7 +787,6 @@ class Archiver:
         if self._shards is not None and self._sends(before):
             job = ShardJob(child, st.st_dev, node, before, unchanged)
             frame.shards.append((self._shards.submit(job), node, before))
-            self.subdirectories_sent += 1
             return None
         return self._enter_subdir(child, st.st_dev, node, before, unchanged)
 
