@@ -377,13 +377,7 @@ class Archiver:
                     self._change_set()
             if parent_root is not None and self.changes is None:
                 # The walk will visit every directory: read the parent's trees ahead, in its order.
-                self._read_ahead = TreeReadAhead(
-                    self._read_ahead_tree,
-                    _subtrees,
-                    _tree_size,
-                    [(parent_root["subtree"], None)],
-                    max_entries=self.read_ahead_entries,
-                )
+                self._read_ahead_below(parent_root["subtree"])
             if parent_root is not None and self.changes is None:
                 self._plan_shards(parent_root)
             parent_subtree = parent_root.get("subtree") if parent_root else None
@@ -424,9 +418,7 @@ class Archiver:
         """In a worker process: archive one subdirectory the backup's own archiver sent (see ``_dir_entry``)."""
         parent_tree = job.before.get("subtree") if job.before else None
         if parent_tree:
-            self._read_ahead = TreeReadAhead(
-                self._read_ahead_tree, _subtrees, _tree_size, [(parent_tree, None)], max_entries=self.read_ahead_entries
-            )
+            self._read_ahead_below(parent_tree)
         try:
             frame = self._enter_subdir(job.rel, job.dev, job.node, job.before, job.unchanged)
             if frame is None:
@@ -478,6 +470,12 @@ class Archiver:
             return None
         nodes = self._load_tree(self.parent_root_tree)
         return nodes.get(ROOT_NAME.encode()) if nodes else None
+
+    def _read_ahead_below(self, tree_id: str) -> None:
+        """Read the parent backup's trees from *tree_id* down ahead of the walk, in its order."""
+        self._read_ahead = TreeReadAhead(
+            self._read_ahead_tree, _subtrees, _tree_size, [(tree_id, None)], max_entries=self.read_ahead_entries
+        )
 
     def _stop_read_ahead(self) -> None:
         """No more parent trees are read ahead (the walk is over, or a change list spares most of it)."""
