@@ -100,12 +100,15 @@ class Copier:
         A pack that garbage collection (of any host) moved meanwhile is found
         again where its live blobs went (Store.fetch_blob): a copy running beside
         a collection of its source region does not fail.
+
+        Cancellation is looked at before every blob, not only before every pack: the
+        packs of a small backup are all started at once, and a stop must not wait for them.
         """
-        if self.cancel.is_set():
-            raise BackupCancelled()
         packs = PackCache(self.source, blobs, locations=blobs)
         what = f"copy of backup {self.record.backup_id} from region {self.record.region}: pack {pack_key(pack_id)}"
         for blob_id, loc in sorted(blobs.items(), key=lambda item: item[1].offset):  # a span at a time
+            if self.cancel.is_set():
+                raise BackupCancelled()
             if not writer.reserve(blob_id, loc.raw_length):
                 continue
             resealed = self.source.fetch_blob(
