@@ -8,7 +8,6 @@ when it is a terminal and stay quiet when piped.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import json
 import logging
@@ -47,6 +46,7 @@ from zfsbackd.errors import (
 )
 from zfsbackd.logs import configure_logging
 from zfsbackd.output import render
+from zfsbackd.runtime import tune_process
 from zfsbackd.snapshot.zfs_encryption import KEY_FORMATS, TargetEncryption
 from zfsbackd.store.crypto import generate_key_file
 from zfsbackd.validation import parse_tags, validate_client_request_token, validate_file_system_id
@@ -463,12 +463,6 @@ def _number_at_least(kind: type[int] | type[float], low: float) -> Callable[[str
 
 #: the AWS CLI's output formats (``--output``)
 OUTPUT_FORMATS = ("json", "table", "text")
-#: mallopt(3) parameter numbers of M_ARENA_MAX and M_MMAP_THRESHOLD (glibc's malloc.h), how many arenas to
-#: allow, and from what size a block is mapped on its own (and unmapped when freed)
-M_ARENA_MAX = -8
-M_MMAP_THRESHOLD = -3
-MALLOC_ARENAS = 2
-MMAP_THRESHOLD = 1024 * 1024
 REGION_HELP = "a region of the config (default: the home region)"
 #: what the global options mean when given nowhere (see _global_options)
 GLOBAL_DEFAULTS: dict[str, Any] = {
@@ -669,32 +663,8 @@ def _print_error_payload(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, indent=2, ensure_ascii=False), file=sys.stderr)
 
 
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
-    """Cap glibc's malloc arenas before any worker thread starts.
-
-    By default glibc gives each thread that allocates its own arena (up to 8 per
-    core), and freed pack buffers (16 MiB each) stay cached in them: measured at
-    300,000 files, backups and restores peaked 35 to 47 MiB higher than with two
-    arenas, at no measurable speed difference. ``mallopt`` is used rather than
-    ``MALLOC_ARENA_MAX`` because the environment is read only at process start.
-
-    Blocks of ``MMAP_THRESHOLD`` (1 MiB) and more are mapped on their own and so
-    given back when freed. glibc's default threshold starts at 128 KiB but rises
-    to the size of each large block freed (up to 32 MiB), after which 16 MiB pack
-    and read buffers come from the arenas and stay there: measured at 300,000
-    small files, a copy peaked at 327 MiB with the default and 261 MiB with the
-    fixed threshold (setting it also switches the rising off).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return  # not glibc: nothing to tune
-    libc.mallopt(M_ARENA_MAX, arenas)
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    limit_malloc_arenas()
+    tune_process()
     try:
         args = build_parser().parse_args(argv)
     except ZfsbackdError as error:  # a wrong argument (_ArgumentParser.error)

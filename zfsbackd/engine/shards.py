@@ -54,6 +54,7 @@ from zfsbackd import faults, pools
 from zfsbackd.config import Config
 from zfsbackd.engine.progress import Progress
 from zfsbackd.errors import WorkerProcessLost, ZfsbackdError
+from zfsbackd.runtime import tune_process
 from zfsbackd.snapshot.base import Snapshot
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.tree import Node
@@ -303,6 +304,7 @@ class _Channel:
 def _worker_main(conn: Connection, context: ShardContext) -> None:
     """A worker process: archive the jobs the parent sends until told to finish, then flush and report."""
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # a killed backup leaves no worker behind
+    tune_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cancel = _Cancel()
     signal.signal(signal.SIGTERM, cancel.on_sigterm)
