@@ -9,7 +9,9 @@ in a worker, ``shard-received`` in the backup's process), never timing.
 
 from __future__ import annotations
 
+import errno
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -23,6 +25,7 @@ from enginekit import cli_command, make_config, run_cli, write_config
 from fsfixtures import assert_trees_identical, populate_sample_tree
 
 from zfsbackd import pools
+from zfsbackd.engine import shards
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import EXIT_BACKUP_FAILED, EXIT_INTERRUPTED, ZfsbackdError
 from zfsbackd.snapshot.base import Snapshot
@@ -293,3 +296,43 @@ def test_worker_statistics_add_up() -> None:
     written = WriterStats(blobs_new=1, bytes_uploaded=7)
     written.add(WriterStats(blobs_new=2, bytes_uploaded=1, packs_uploaded=1))
     assert (written.blobs_new, written.bytes_uploaded, written.packs_uploaded) == (3, 8, 1)
+
+
+def test_workers_that_cannot_start_leave_the_backup_to_its_own_process(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pids limit (EAGAIN from fork) met by the second worker: the first is stopped, a warning says
+    so, and the backup is made whole in one process."""
+    real = multiprocessing.get_context("spawn")
+    started: list[multiprocessing.process.BaseProcess] = []
+
+    class RefusingContext:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def Process(self, *args: object, **kwargs: object) -> object:
+            process = real.Process(*args, **kwargs)
+            if started:
+                process.start = lambda: (_ for _ in ()).throw(OSError(errno.EAGAIN, "Resource temporarily unavailable"))
+            started.append(process)
+            return process
+
+    monkeypatch.setattr(shards.multiprocessing, "get_context", lambda method: RefusingContext())
+    monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
+    monkeypatch.setattr(pools, "ARCHIVE_PROCESSES", 3)
+    engine = _engine(tmp_path, source)
+
+    with structlog.testing.capture_logs() as logs:
+        record = engine.create_backup(BackupRequest("fs-a"))
+
+    assert record.lifecycle == Lifecycle.AVAILABLE
+    (warning,) = [e for e in logs if e["event"] == "archive_workers_not_started"]
+    assert warning["log_level"] == "warning" and warning["error"].startswith("EAGAIN")
+    assert _started_workers(logs) == []
+    first = started[0]
+    first.join(10)
+    assert first.exitcode is not None  # the worker that did start was stopped
+    assert record.stats.files > DIRS * FILES
+    target = tmp_path / "out"
+    target.mkdir()
+    assert_trees_identical(source, engine.restore_backup(record.backup_id, target).path)

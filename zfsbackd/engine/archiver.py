@@ -443,9 +443,18 @@ class Archiver:
     def _start_shards(self) -> None:
         """From now on, subdirectories go to worker processes (the walk's read-ahead is theirs to do)."""
         assert self._shard_context is not None
+        context, self._shard_context = self._shard_context, None  # tried once, whatever happens
+        try:
+            self._shards = ShardPool(context, self._processes - 1, self.progress)
+        except OSError as exc:  # no process to be had (EAGAIN: a pids limit; ENOMEM): slower, not wrong
+            log.warning(
+                "archive_workers_not_started",
+                backup_id=context.backup_id,
+                error=f"{errno.errorcode.get(exc.errno or 0, 'OSError')}: {exc.strerror or exc}",
+                consequence="the backup goes on in this process alone",
+            )
+            return
         self._stop_read_ahead()
-        self._shards = ShardPool(self._shard_context, self._processes - 1, self.progress)
-        self._shard_context = None
 
     def _sends(self, before: Node | None) -> bool:
         """Whether the subdirectory whose parent backup's node is *before* goes to a worker whole (when
