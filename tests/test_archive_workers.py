@@ -4,7 +4,7 @@ way a worker or the backup's own process can stop.
 The trees are small; the walk is told to start its workers after a few entries
 (``pools.PARALLEL_AFTER_ENTRIES`` in this process, ``ZFSBACKD_PARALLEL_AFTER_ENTRIES`` for a CLI
 process), so every test takes the path a large tree takes. Kills are fault points (``shard-archived``
-in a worker, ``shard-received`` in the backup's process), never timing.
+in a worker, ``archive-result-received`` in the backup's process), never timing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from enginekit import cli_command, make_config, run_cli, write_config
 from fsfixtures import assert_trees_identical, populate_sample_tree
 
 from zfsbackd import pools
-from zfsbackd.engine import shards
+from zfsbackd.engine import workers
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import EXIT_BACKUP_FAILED, EXIT_INTERRUPTED, ZfsbackdError
 from zfsbackd.snapshot.base import Snapshot
@@ -232,7 +232,9 @@ def test_the_backup_killed_takes_its_workers_and_resumes(tmp_path: Path) -> None
     config, root = _cli_config(tmp_path)
     command = cli_command(config, "-v", "create-backup", "--file-system-id", "fs-a", "--wait")
 
-    killed = subprocess.run(command, capture_output=True, text=True, env=_cli_env("shard-received:1"), timeout=120)
+    killed = subprocess.run(
+        command, capture_output=True, text=True, env=_cli_env("archive-result-received:1"), timeout=120
+    )
 
     assert killed.returncode == -signal.SIGKILL
     pids = _worker_pids(killed.stderr)
@@ -317,7 +319,7 @@ def test_workers_that_cannot_start_leave_the_backup_to_its_own_process(
             started.append(process)
             return process
 
-    monkeypatch.setattr(shards.multiprocessing, "get_context", lambda method: RefusingContext())
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: RefusingContext())
     monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
     monkeypatch.setattr(pools, "ARCHIVE_PROCESSES", 3)
     engine = _engine(tmp_path, source)

@@ -31,8 +31,13 @@ The points, where they are, and what is durable when they fire:
 - ``shard-archived``: an archive worker process (zfsbackd.engine.shards) archived one
   subdirectory; its blobs may still be in the worker's unwritten pack. Reached in the
   worker only: a kill here is a worker lost mid-backup.
-- ``shard-received``: the backup's own process received one subdirectory from a worker;
-  a kill here kills the backup while its workers run.
+- ``archive-result-received`` / ``restore-result-received``: the operation's own process
+  received one job's result from a worker process (zfsbackd.engine.workers: a backup's
+  subdirectory, a restore's batch of files); a kill here kills the operation while its
+  workers run.
+- ``restore-batch-written``: a restore worker process (zfsbackd.engine.restore_workers)
+  wrote one batch of files, before it reports it. Reached in the worker only: a kill here
+  is a worker lost mid-restore.
 - ``backup-data-durable``: a backup's packs and index are durable; its record
   is not AVAILABLE yet.
 - ``gc-index-replaced``: garbage collection wrote its new packs and the

@@ -37,6 +37,7 @@ import structlog
 from zfsbackd import faults, pools
 from zfsbackd.engine.progress import Progress
 from zfsbackd.engine.shards import ShardContext, ShardJob, ShardOutcome, ShardPool
+from zfsbackd.engine.workers import CANCEL_POLL_SECONDS
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import ArchivedDirectory, ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
@@ -84,8 +85,6 @@ ENTRY_ERROR_POLICIES: tuple[EntryErrorPolicy, ...] = ("skip", "fail")
 # on its path replaced by a file (ENOTDIR) or by a symlink (ELOOP: files are opened
 # following no symlinks). A live tree changing, not an error.
 VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
-#: seconds between looks at the cancel event while waiting for a worker process's subdirectory
-CANCEL_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -390,7 +389,7 @@ class Archiver:
             root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
             stats = self.counters.stats
             if self._shards is not None:  # their data is durable before anything names the root
-                worker_stats, writer_stats = self._shards.finish(self.cancel)
+                worker_stats, writer_stats = self._shards.finish_backup(self.cancel)
                 stats.add(worker_stats, entries_kept=SKIPPED_ENTRIES_KEPT)
                 self.writer.stats.add(writer_stats)
             stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1
