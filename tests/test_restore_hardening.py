@@ -25,6 +25,7 @@ from enginekit import make_config, run_cli, write_config
 from fsfixtures import LoopFs, assert_trees_identical, make_loop_fs, tree_manifest
 
 from zfsbackd.engine.engine import BackupRequest, Engine
+from zfsbackd.engine.restore_files import FileWriter, RestoreTarget
 from zfsbackd.engine.restorer import Restorer
 from zfsbackd.errors import (
     EXIT_BAD_REQUEST,
@@ -185,10 +186,10 @@ def test_a_directory_swapped_for_a_symlink_mid_restore_cannot_redirect_writes(
     backup_id = crafted_backup(engine, [dir_node("d", [file_node(f"f{i:02}", b"x" * i) for i in range(40)])])
     outside = tmp_path / "outside"
     outside.mkdir()
-    write_file = Restorer._write_file
+    write_file = FileWriter._write_file
     lock, swapped = threading.Lock(), []
 
-    def swap_then_write(self: Restorer, *args: Any) -> int:
+    def swap_then_write(self: FileWriter, *args: Any) -> int:
         with lock:
             if not swapped:
                 dest = only_entry(target)
@@ -197,7 +198,7 @@ def test_a_directory_swapped_for_a_symlink_mid_restore_cannot_redirect_writes(
                 swapped.append(dest)
         return write_file(self, *args)
 
-    monkeypatch.setattr(Restorer, "_write_file", swap_then_write)
+    monkeypatch.setattr(FileWriter, "_write_file", swap_then_write)
     try:
         engine.restore_backup(backup_id, target)
     except RestoreError as exc:  # acceptable too: the swap is noticed when the directory is reopened
@@ -264,13 +265,11 @@ def test_full_target_is_insufficient_storage_and_the_same_restore_works_after_fr
 def test_errors_of_the_target_are_classified_with_path_and_fix(
     code: int, error_class: type[RestoreError], words: str, tmp_path: Path
 ) -> None:
-    record = BackupRecord("backup-0", "fs", "local", BackupType.USER_INITIATED, Lifecycle.AVAILABLE, utc_now())
-    restorer = Restorer(None, record, tmp_path)  # type: ignore[arg-type]  # the store is not used
-    restorer._space_fd = os.open(tmp_path, os.O_RDONLY)
+    target = RestoreTarget("backup-0", tmp_path, tmp_path, space_fd=os.open(tmp_path, os.O_RDONLY))
     try:
-        error = restorer.target_error(OSError(code, os.strerror(code)), "write", b"dir/file")
+        error = target.error(OSError(code, os.strerror(code)), "write", b"dir/file")
     finally:
-        os.close(restorer._space_fd)
+        os.close(target.space_fd)
     assert type(error) is error_class
     assert error.exit_code == (EXIT_TARGET_FULL if error_class is RestoreTargetFull else EXIT_BAD_REQUEST)
     assert "backup-0" in error.message and "/dir/file" in error.message and errno.errorcode[code] in error.message

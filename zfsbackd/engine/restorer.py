@@ -39,7 +39,6 @@ Safety (DESIGN invariant 5) rests on file descriptors, not on paths:
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import os
 import re
@@ -47,19 +46,26 @@ import sqlite3
 import stat
 import tempfile
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 
 import structlog
 
-from zfsbackd import faults, pools
+from zfsbackd import pools
 from zfsbackd.engine.progress import Progress
-from zfsbackd.errors import IntegrityError, RestoreError, RestoreTargetFull, StoreError, ZfsbackdError
+from zfsbackd.engine.restore_files import (
+    FIXES,
+    MAX_WARNINGS,
+    BoundedJobs,
+    FileWriter,
+    RestoreTarget,
+    describe,
+)
+from zfsbackd.errors import IntegrityError, RestoreError, ZfsbackdError
 from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.records import BackupRecord
 from zfsbackd.store.repository import Store
@@ -68,7 +74,6 @@ from zfsbackd.store.tree import (
     ROOT_NAME,
     Node,
     TreeReadAhead,
-    decode_xattrs,
     is_safe_name,
     node_name,
     node_target,
@@ -82,63 +87,12 @@ FAILED_PREFIX = "zfsbackd-failed-restore_"
 #: the name while the restore runs: a process killed mid-restore (SIGKILL, power cut) leaves a
 #: directory whose name says it is not a restore, never a partial tree named like a finished one
 INCOMPLETE_PREFIX = "zfsbackd-incomplete-restore_"
-MAX_FILES_IN_FLIGHT = 256  # bounds the directories held open (each file in flight pins its own)
-#: files (of at most one chunk each) written by one pool job: a job per file cost more in futures,
-#: semaphores and thread hand-offs than writing a 4 KiB file does
-FILES_PER_JOB = 32
-FETCH_AHEAD = 4  # chunks of one big file fetched (read, decrypted, verified) ahead of the writer
 CACHED_DIR_FDS = 128  # directory descriptors kept open between uses, besides those in use
-MAX_WARNINGS = 20  # listed in the result and logged one by one; all are counted
 #: files whose reads are planned together (one PackCache): bounds the nodes and blob ids held for it
 BATCH_FILES = 16_384
 #: blobs whose reads are planned together: a batch spans a few packs of small files, so most packs are read whole
 BATCH_BLOBS = 32_768
-#: an xattr refused with ENOSPC while less than this (plus its size) is free means the file system is full
-XATTR_FULL_MARGIN = 1024 * 1024
-
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_TARGET_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-#: setxattr errors that mean "this attribute does not fit this file system": skipped and reported
-_XATTR_DOES_NOT_FIT = frozenset(
-    {errno.ENOSPC, errno.E2BIG, errno.ERANGE, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.EINVAL}
-)
-_REPLACED = (
-    "something replaced a directory of the restore while it ran (another process is changing the target); "
-    "the restore does not follow it: make sure nothing else writes there and run the restore again"
-)
-#: what to do about an error of the target, by errno (full and quota have their own message)
-_FIXES: dict[int, str] = {
-    errno.EROFS: "the target file system is mounted read-only: remount it read-write or give another --target",
-    errno.EACCES: (
-        "restores run as root (owners and modes are restored): check the target's permissions, ACLs and "
-        "security modules (SELinux, AppArmor)"
-    ),
-    errno.EPERM: (
-        "the target (or a directory in it) may be immutable or append-only (`lsattr`, `chattr -i`), or the "
-        "file system does not allow this operation; restores run as root"
-    ),
-    errno.EIO: "the target's device reported an I/O error: check the kernel log (`dmesg`) and the disk",
-    errno.EEXIST: (
-        "the name exists already: the backup lists it twice, which no directory can hold, so it may have "
-        "been tampered with; run `zfsbackd check --read-data`"
-    ),
-    errno.ELOOP: _REPLACED,
-    errno.ENOTDIR: _REPLACED,
-    errno.ENOENT: _REPLACED,
-    errno.EMLINK: (
-        "the target file system allows fewer hard links or subdirectories than this backup needs: "
-        "restore to one that allows more (XFS, btrfs, ZFS)"
-    ),
-    errno.EFBIG: "the file is larger than the target file system allows: restore to one that allows it",
-    errno.EMFILE: "too many open files: raise the limit (`ulimit -n`, systemd `LimitNOFILE=`)",
-    errno.ENFILE: "the system ran out of open files (fs.file-max): try again when fewer files are open",
-    errno.EINVAL: "the target file system refused this value (a name or attribute it cannot hold)",
-    errno.EILSEQ: (
-        "the target file system only takes names in its own encoding (e.g. ext4 with casefold or strict "
-        "UTF-8): restore to one that takes any bytes"
-    ),
-}
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _INT64 = 1 << 63
 _UINT32 = 1 << 32
@@ -169,61 +123,6 @@ class RestoreResult:
         if self.encryption is not None:
             out["Encryption"] = self.encryption
         return out
-
-
-_FileToWrite = tuple[int, int, bytes, Node, bytes]  # (directory index, its pinned fd, name, node, path)
-
-
-class _BoundedJobs:
-    """File jobs on a pool with at most ``limit`` queued or running: memory stays flat for millions of files."""
-
-    def __init__(self, pool: ThreadPoolExecutor, limit: int) -> None:
-        self._pool = pool
-        self._slots = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self._total = 0
-        self._error: BaseException | None = None
-        self._cancelled = False
-        self._futures: set[Future[int]] = set()
-
-    @property
-    def stopping(self) -> bool:
-        """A job failed or the walk gave up: queued jobs return at once instead of writing for nothing."""
-        return self._cancelled or self._error is not None
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    def submit(self, fn: Callable[..., int], *args: object) -> None:
-        if self._error is not None:
-            raise self._error
-        self._slots.acquire()
-        future = self._pool.submit(fn, *args)
-        with self._lock:
-            self._futures.add(future)
-        future.add_done_callback(self._done)
-
-    def _done(self, future: Future[int]) -> None:
-        with self._lock:
-            self._futures.discard(future)
-            if future.exception() is not None:
-                self._error = self._error or future.exception()
-            else:
-                self._total += future.result()
-        self._slots.release()
-
-    def wait(self) -> int:
-        """Bytes written by all jobs; raises the first job's error."""
-        while True:
-            with self._lock:
-                remaining = list(self._futures)
-            if not remaining:
-                break
-            for future in remaining:
-                future.exception()  # waits
-        if self._error is not None:
-            raise self._error
-        return self._total
 
 
 @dataclass(slots=True)
@@ -388,22 +287,6 @@ class _Selection:
     chain: list[Node]
 
 
-class _OnTarget:
-    """``with restorer._on_target(action, rel):`` turns an OSError of the target into a classified error."""
-
-    __slots__ = ("_action", "_rel", "_restorer")
-
-    def __init__(self, restorer: Restorer, action: str, rel: bytes | None) -> None:
-        self._restorer, self._action, self._rel = restorer, action, rel
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if isinstance(exc, OSError):
-            raise self._restorer.target_error(exc, self._action, self._rel) from exc
-
-
 def split_request_path(raw: str, backup_id: str) -> list[bytes]:
     """``--path`` value → safe name components (a leading ``/`` means the backup root)."""
     parts = [p for p in os.fsencode(raw).split(b"/") if p and p != b"."]
@@ -416,19 +299,6 @@ def split_request_path(raw: str, backup_id: str) -> list[bytes]:
                 f"give a path inside backup {backup_id}, e.g. `home/alice/report.txt`"
             )
     return parts
-
-
-def _errno_name(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
-
-
-def _describe(exc: OSError) -> str:
-    """``No space left on device (ENOSPC)``: the words for people, the symbol for searching."""
-    return f"{exc.strerror or exc} ({_errno_name(exc)})"
-
-
-def _size(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB ({n} bytes)"
 
 
 def _is_int(value: object, low: int, high: int) -> bool:
@@ -534,8 +404,8 @@ def _target_refused(target: Path, exc: OSError) -> RestoreError:
         return RestoreError(
             f"--target {target} {what}; give an existing directory (the restore goes into a new subdirectory of it)"
         )
-    fix = _FIXES.get(exc.errno or 0, "give another --target")
-    return RestoreError(f"--target {target} cannot be opened: {_describe(exc)}; {fix}")
+    fix = FIXES.get(exc.errno or 0, "give another --target")
+    return RestoreError(f"--target {target} cannot be opened: {describe(exc)}; {fix}")
 
 
 def check_target(target: Path | None) -> Path:
@@ -636,14 +506,9 @@ class Restorer:
         self._fds: _DirFds | None = None
         self._on_the_way: dict[bytes, int] = {}  # directories created to reach a --path
         self._existing_dirs: frozenset[bytes] = frozenset()  # run_into: the children's mount points
-        self._lock = threading.Lock()
         self._result = RestoreResult(path=target)
-        self._dest_path = target
-        self._target_path = target  # the directory whose file system receives the restore, for messages
-        self._space_fd = -1  # where free space is measured for a "target full" message
-        self._planned_bytes = 0
-        self._bytes_done = 0
-        self._egid = os.getegid()  # the group new files get (see _creation_mode)
+        self._target = RestoreTarget(record.backup_id, target, target)
+        self._writer: FileWriter | None = None  # set while the restore runs
 
     # ----------------------------------------------------------------- entry
     def run(self) -> RestoreResult:
@@ -661,9 +526,9 @@ class Restorer:
         try:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
             name, final = f"{INCOMPLETE_PREFIX}{stamp}", f"{RESTORE_PREFIX}{stamp}"
-            self._dest_path, self._target_path = real_target / name, real_target
-            self._space_fd = target_fd
-            with self._on_target("create the restore directory", None):
+            self._target.dest_path, self._target.target_path = real_target / name, real_target
+            self._target.space_fd = target_fd
+            with self._target.on_target("create the restore directory", None):
                 os.mkdir(name, 0o700, dir_fd=target_fd)
                 dest_fd = os.open(name, _DIR_FLAGS, dir_fd=target_fd)
             prepared = False
@@ -671,9 +536,9 @@ class Restorer:
                 selection = self._prepare()
                 prepared = True
                 self._restore_into(dest_fd, selection)
-                with self._on_target("give the restore directory its final name", None):
+                with self._target.on_target("give the restore directory its final name", None):
                     _rename_own(target_fd, dest_fd, name, final)
-                self._result.path = self._dest_path = real_target / final
+                self._result.path = self._target.dest_path = real_target / final
             except BaseException as exc:
                 if prepared or not isinstance(exc, RestoreError) or not _remove_empty(target_fd, name):
                     self._keep_failed(target_fd, dest_fd, name, f"{FAILED_PREFIX}{stamp}", exc)
@@ -701,8 +566,8 @@ class Restorer:
             existing.update(os.fsencode(p) for p in (rel, *rel.parents) if p != Path("."))
         self._existing_dirs = frozenset(existing)
         selection = self._prepare()
-        self._dest_path = self._target_path = dest
-        with self._on_target("open the restore directory", None):
+        self._target.dest_path = self._target.target_path = dest
+        with self._target.on_target("open the restore directory", None):
             fd = os.open(dest, _DIR_FLAGS)
         try:
             self._restore_into(fd, selection)
@@ -712,11 +577,11 @@ class Restorer:
 
     def _keep_failed(self, target_fd: int, dest_fd: int, name: str, failed: str, exc: BaseException) -> None:
         """Rename the partial restore ``failed`` — only if ``name`` is still the directory this restore made."""
-        where = self._dest_path.parent / failed
+        where = self._target.dest_path.parent / failed
         try:
             _rename_own(target_fd, dest_fd, name, failed)
         except OSError as rename_error:
-            where = self._dest_path
+            where = self._target.dest_path
             log.error("restore_failed_not_renamed", path=str(where), error=str(rename_error))
         log.error("restore_failed", backup_id=self.record.backup_id, path=str(where), error=str(exc))
         if isinstance(exc, ZfsbackdError):
@@ -813,14 +678,14 @@ class Restorer:
             else:
                 planned = node.get("size", 0)
             if _is_int(planned, 0, _INT64):
-                self._planned_bytes += planned
+                self._target.planned_bytes += planned
 
     # ----------------------------------------------------------------- walk
     def _restore_into(self, root_fd: int, selection: list[_Selection] | None) -> None:
-        result = self._result = RestoreResult(path=self._dest_path)
+        result = self._result = RestoreResult(path=self._target.dest_path)
         self._dirs = [_Dir(-1, b"", b"", 0)]
         self._fds = _DirFds(self._dirs, root_fd)
-        self._space_fd = root_fd
+        self._target.space_fd = root_fd
         self._deferred = deferred = _Deferred()
         try:
             if selection is None:  # the root's own metadata; a partial restore's root stays as created
@@ -830,10 +695,11 @@ class Restorer:
                 ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="zfsbackd-restore") as pool,
                 ThreadPoolExecutor(
                     max_workers=pools.RESTORE_FETCH_WORKERS, thread_name_prefix="zfsbackd-fetch"
-                ) as self._fetch_pool,
+                ) as fetch_pool,
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="zfsbackd-plan") as self._planner,
             ):
-                jobs = _BoundedJobs(pool, MAX_FILES_IN_FLIGHT // FILES_PER_JOB)
+                self._writer = FileWriter(self.store, self._target, self.progress, fetch_pool)
+                jobs = BoundedJobs(pool)
                 try:
                     read_ahead = TreeReadAhead(
                         self._read_tree, _subtrees, len, self._starts, max_entries=self.read_ahead_entries
@@ -864,6 +730,7 @@ class Restorer:
             self._fds.close_all()
             deferred.close()
             self._deferred = None
+        result.xattrs_not_restored, result.warnings = self._writer.xattrs_not_restored, self._writer.warnings
         if result.xattrs_not_restored > MAX_WARNINGS:
             log.warning(
                 "xattrs_not_restored",
@@ -872,7 +739,7 @@ class Restorer:
                 logged=MAX_WARNINGS,
             )
 
-    def _walk(self, jobs: _BoundedJobs, start: int, node: Node) -> None:
+    def _walk(self, jobs: BoundedJobs, start: int, node: Node) -> None:
         """Create everything below directory ``start``: pre-order, in tree order, with a stack instead of
         recursion (depth is bounded by the file system, not by Python).
 
@@ -896,7 +763,7 @@ class Restorer:
             finally:
                 self._fds.unpin(index)
 
-    def _create(self, jobs: _BoundedJobs, parent: int, parent_fd: int, node: Node) -> int | None:
+    def _create(self, jobs: BoundedJobs, parent: int, parent_fd: int, node: Node) -> int | None:
         """Create ``node`` in directory ``parent`` (or plan it); a new directory's index is returned, to walk."""
         assert self._fds is not None
         name = node_name(node)
@@ -927,7 +794,7 @@ class Restorer:
             self._make_device(parent_fd, name, node, rel)
         return None
 
-    def _dispatch(self, jobs: _BoundedJobs, *, last: bool = False) -> None:
+    def _dispatch(self, jobs: BoundedJobs, *, last: bool = False) -> None:
         """Plan the pack reads of the files batched so far (one PackCache for them); write the batch before.
 
         Planning per batch rather than for the whole restore keeps what the plan holds
@@ -947,21 +814,12 @@ class Restorer:
         if last and self._planned is not None:
             to_write.append(self._planned)
             self._planned = None
+        assert self._writer is not None and self._fds is not None
         for files, plan in to_write:
-            packs = plan.result()
-            group: list[_FileToWrite] = []
-            for parent, name, node, rel in files:
-                # the job unpins; a submit that raises means the restore is over, and close_all() closes it
-                item = (parent, self._pin(parent), name, node, rel)
-                if len(node.get("chunks", ())) > 1:  # a job of its own: its chunks are fetched ahead
-                    jobs.submit(self._write_files, jobs, packs, [item])
-                    continue
-                group.append(item)
-                if len(group) == FILES_PER_JOB:
-                    jobs.submit(self._write_files, jobs, packs, group)
-                    group = []
-            if group:
-                jobs.submit(self._write_files, jobs, packs, group)
+            # each file's directory is pinned until it is written; a submit that raises means the restore
+            # is over, and close_all() closes what is still pinned
+            pinned = ((parent, self._pin(parent), name, node, rel) for parent, name, node, rel in files)
+            self._writer.submit(jobs, plan.result(), pinned, self._fds.unpin)
 
     def _add_dir(self, parent: int, name: bytes, rel: bytes, node: Node) -> int:
         assert self._deferred is not None
@@ -972,7 +830,7 @@ class Restorer:
 
     def _mkdir(self, parent_fd: int, name: bytes, rel: bytes) -> None:
         """A new directory, private (0700) until its metadata is applied at the end."""
-        with self._on_target("create the directory", rel):
+        with self._target.on_target("create the directory", rel):
             try:
                 os.mkdir(name, 0o700, dir_fd=parent_fd)
             except FileExistsError:
@@ -998,166 +856,24 @@ class Restorer:
 
     def _pin(self, index: int) -> int:
         assert self._fds is not None
-        with self._on_target("open the directory", self._dirs[index].rel):
+        with self._target.on_target("open the directory", self._dirs[index].rel):
             return self._fds.pin(index)
 
     def _make_device(self, parent_fd: int, name: bytes, node: Node, rel: bytes) -> None:
         """``mknod`` relative to the parent, then metadata through an ``O_PATH`` descriptor (opening a
         device would open the device itself)."""
         dev_type = stat.S_IFCHR if node["type"] == "chardev" else stat.S_IFBLK
-        with self._on_target("create the device", rel):
+        with self._target.on_target("create the device", rel):
             os.mknod(name, dev_type | 0o600, node["rdev"], dir_fd=parent_fd)
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
         try:
             if stat.S_IFMT(os.fstat(fd).st_mode) != dev_type:
-                raise self.target_error(OSError(errno.ENOENT, "replaced"), "set the metadata of", rel)
-            self._apply_metadata(f"/proc/self/fd/{fd}", node, rel)
+                raise self._target.error(OSError(errno.ENOENT, "replaced"), "set the metadata of", rel)
+            self._writer.apply_metadata(f"/proc/self/fd/{fd}", node, rel)
         finally:
             os.close(fd)
 
     # ------------------------------------------------------------ file data
-    def _write_files(self, jobs: _BoundedJobs, packs: PackCache, files: list[_FileToWrite]) -> int:
-        """Runs on the pool: write *files* in order; unpin each one's directory, whatever happens."""
-        assert self._fds is not None
-        written = 0
-        try:
-            for _parent, dir_fd, name, node, rel in files:
-                if jobs.stopping:
-                    break
-                written += self._write_file(packs, dir_fd, name, node, rel)
-        finally:
-            for parent, *_ in files:
-                self._fds.unpin(parent)
-        return written
-
-    def _write_file(self, packs: PackCache, dir_fd: int, name: bytes, node: Node, rel: bytes) -> int:
-        """Create the file in its directory, write its chunks at their offsets (holes stay holes), apply its
-        metadata."""
-        with self._on_target("create the file", rel):
-            fd = os.open(name, _NEW_FILE_FLAGS, self._creation_mode(node), dir_fd=dir_fd)
-        try:
-            written = self._write_data(fd, node, rel, packs)
-            self._apply_metadata(fd, node, rel)
-        finally:
-            os.close(fd)
-        faults.point("restore-file-written")
-        self.progress.advance(files=1)
-        return written
-
-    def _write_data(self, fd: int, node: Node, rel: bytes, packs: PackCache) -> int:
-        what = f"backup {self.record.backup_id}: file /{os.fsdecode(rel)}"
-        chunks = node.get("chunks", ())
-        written = 0
-        try:
-            for (offset, length, _blob), data in zip(chunks, self._fetch(chunks, what, packs), strict=True):
-                if len(data) != length:
-                    raise IntegrityError(f"{what}: chunk at offset {offset} has {len(data)} bytes, expected {length}")
-                with self._on_target("write", rel):
-                    view = memoryview(data)
-                    pos = offset
-                    while view:
-                        n = os.pwrite(fd, view, pos)
-                        view, pos = view[n:], pos + n
-                written += length
-                with self._lock:
-                    self._bytes_done += length
-                self.progress.advance(nbytes=length)
-        except (IntegrityError, StoreError) as exc:
-            if what not in exc.message:  # name the backup and the file, whoever raised it
-                exc.message = f"{what}: {exc.message}"
-                exc.args = (exc.message,)
-            raise
-        end = chunks[-1][0] + chunks[-1][1] if chunks else 0
-        if node["size"] > end:  # a trailing hole (truncating to the same size costs XFS a flush)
-            with self._on_target("extend", rel):
-                os.ftruncate(fd, node["size"])
-        return written
-
-    def _fetch(self, chunks: Sequence[list], what: str, packs: PackCache) -> Iterator[bytes]:
-        """The chunks' plaintexts in order; for big files a few are fetched ahead on the fetch pool."""
-        if len(chunks) <= 1:
-            for _offset, _length, blob_hex in chunks:
-                yield self.store.read_blob(bytes.fromhex(blob_hex), what=what, packs=packs)
-            return
-        ahead: deque[Future[bytes]] = deque()
-        pending = iter(chunks)
-        for _offset, _length, blob_hex in itertools.islice(pending, FETCH_AHEAD):
-            ahead.append(self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(blob_hex), what=what, packs=packs))
-        while ahead:
-            data = ahead.popleft().result()
-            nxt = next(pending, None)
-            if nxt is not None:
-                ahead.append(
-                    self._fetch_pool.submit(self.store.read_blob, bytes.fromhex(nxt[2]), what=what, packs=packs)
-                )
-            yield data
-
-    # -------------------------------------------------------------- metadata
-    def _creation_mode(self, node: Node) -> int:
-        """The permissions a file is created with, so that most files need no chmod after it.
-
-        Never set-id or sticky bits (they follow the owner, set after the data). Group bits
-        only when the file's group is the one it is created with: until the chown, the group
-        is this process's. The directory it goes into stays 0700 until the restore ends.
-        """
-        mode = node["mode"] & 0o777
-        return mode if node["gid"] == self._egid else mode & ~0o070
-
-    def _apply_metadata(self, target: int | str, node: Node, rel: bytes) -> None:
-        """Owner, then mode (chown clears setuid), xattrs and ACLs, then times — in that order.
-
-        Owner and mode are changed only when they differ (one ``fstat``, no inode update): restoring a
-        million small files, the chown and chmod of files created right were two journal transactions each.
-        """
-        with self._on_target("set the owner, mode and times of", rel):
-            current = os.fstat(target) if isinstance(target, int) else None
-            if current is None or (current.st_uid, current.st_gid) != (node["uid"], node["gid"]):
-                os.chown(target, node["uid"], node["gid"])
-                current = None  # a chown may clear set-id bits: the mode goes on after it
-            if current is None or stat.S_IMODE(current.st_mode) != stat.S_IMODE(node["mode"]):
-                os.chmod(target, node["mode"])
-            try:
-                xattrs = decode_xattrs(node)
-            except ValueError:
-                raise IntegrityError(
-                    f"backup {self.record.backup_id}: /{os.fsdecode(rel)} has a malformed extended attribute value"
-                ) from None
-            for name, value in xattrs:
-                try:
-                    os.setxattr(target, name, value)
-                except OSError as exc:
-                    if not self._xattr_does_not_fit(exc, value):
-                        raise
-                    self._xattr_not_restored(rel, name, value, exc)
-            os.utime(target, ns=(node["mtime_ns"], node["mtime_ns"]))
-
-    def _xattr_does_not_fit(self, exc: OSError, value: bytes) -> bool:
-        """ENOSPC is both "too large for this file system's xattr space" and "the file system is full":
-        only the first is skipped (free space tells them apart)."""
-        if exc.errno not in _XATTR_DOES_NOT_FIT:
-            return False
-        return exc.errno != errno.ENOSPC or self._available() >= XATTR_FULL_MARGIN + len(value)
-
-    def _xattr_not_restored(self, rel: bytes, name: str, value: bytes, exc: OSError) -> None:
-        result = self._result
-        with self._lock:
-            result.xattrs_not_restored += 1
-            listed = len(result.warnings) < MAX_WARNINGS
-            if listed:
-                result.warnings.append(
-                    f"/{os.fsdecode(rel)}: extended attribute {name} ({len(value)} bytes) not restored: "
-                    f"{_describe(exc)}"
-                )
-        if listed:
-            log.warning(
-                "xattr_not_restored",
-                backup_id=self.record.backup_id,
-                path="/" + os.fsdecode(rel),
-                xattr=name,
-                size=len(value),
-                error=_errno_name(exc),
-            )
-
     # --------------------------------------------------------------- finish
     def _finish(self) -> None:
         """Hard links, then symlinks, then directory metadata deepest first (so that setting a
@@ -1169,7 +885,7 @@ class Restorer:
             try:
                 fd = self._pin(parent)
                 try:
-                    with self._on_target("create the hard link", rel):
+                    with self._target.on_target("create the hard link", rel):
                         os.link(first_name, name, src_dir_fd=first_fd, dst_dir_fd=fd, follow_symlinks=False)
                 finally:
                     self._fds.unpin(parent)
@@ -1178,7 +894,7 @@ class Restorer:
         for parent, name, node, rel in self._deferred.symlinks():
             fd = self._pin(parent)
             try:
-                with self._on_target("create the symlink", rel):
+                with self._target.on_target("create the symlink", rel):
                     os.symlink(node_target(node), name, dir_fd=fd)
                     os.chown(name, node["uid"], node["gid"], dir_fd=fd, follow_symlinks=False)
                     os.utime(name, ns=(node["mtime_ns"], node["mtime_ns"]), dir_fd=fd, follow_symlinks=False)
@@ -1187,48 +903,6 @@ class Restorer:
         for index, node in self._deferred.dirs_deepest_first():
             fd = self._pin(index)
             try:
-                self._apply_metadata(fd, node, self._dirs[index].rel)
+                self._writer.apply_metadata(fd, node, self._dirs[index].rel)
             finally:
                 self._fds.unpin(index)
-
-    # ---------------------------------------------------------------- errors
-    def _on_target(self, action: str, rel: bytes | None) -> _OnTarget:
-        return _OnTarget(self, action, rel)
-
-    def _available(self) -> int:
-        st = os.fstatvfs(self._space_fd)
-        return st.f_bavail * st.f_frsize
-
-    def target_error(self, exc: OSError, action: str, rel: bytes | None) -> RestoreError:
-        """An OSError of the target (``rel`` inside the restore; None: the restore directory itself) as the
-        error a person can act on: what failed, where, why, and what to do."""
-        where = str(self._dest_path) if rel is None else f"/{os.fsdecode(rel)}"
-        head = f"restore of backup {self.record.backup_id}: cannot {action} {where}: {_describe(exc)}"
-        if exc.errno in _TARGET_FULL:
-            try:
-                available = _size(self._available())
-            except OSError:
-                available = "an unknown amount"
-            what = "quota on the target" if exc.errno == errno.EDQUOT else f"file system of {self._target_path}"
-            return RestoreTargetFull(
-                f"{head}. The {what} is full: this restore needs about "
-                f"{_size(max(0, self._planned_bytes - self._bytes_done))} more of file data "
-                f"({self._bytes_done} of {self._planned_bytes} bytes written), and {available} are available. "
-                "Free space (delete the partial restore, if one was left) or raise the quota, or restore to a larger "
-                "file system, then run the restore again"
-            )
-        if exc.errno == errno.ENAMETOOLONG and rel is not None:
-            name = rel.rsplit(b"/", 1)[-1]
-            try:
-                limit = f"at most {os.fstatvfs(self._space_fd).f_namemax} bytes"
-            except OSError:
-                limit = "fewer"
-            fix = (
-                f"the name is {len(name)} bytes and the target file system allows {limit}: restore to a file "
-                "system that allows longer names, or restore the other paths with --path"
-            )
-        elif exc.errno == errno.EEXIST and rel is None:
-            fix = "another process created this name at the same moment: run the restore again"
-        else:
-            fix = _FIXES.get(exc.errno or 0, "fix the target and run the restore again")
-        return RestoreError(f"{head}. {fix[0].upper()}{fix[1:]}")
