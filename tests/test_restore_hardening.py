@@ -26,7 +26,6 @@ from fsfixtures import LoopFs, assert_trees_identical, make_loop_fs, tree_manife
 
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.engine.restore_files import FileWriter, RestoreTarget
-from zfsbackd.engine.restorer import Restorer
 from zfsbackd.errors import (
     EXIT_BAD_REQUEST,
     EXIT_INTEGRITY,

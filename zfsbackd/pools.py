@@ -55,6 +55,10 @@ COPY_WORKERS = 4
 #: file system: 100,000 small files on XFS, cold, restored in 6.1-6.3 s with 1 thread, 6.2-6.5 s with 2,
 #: 6.9-7.0 s with 3, 7.5-7.6 s with 4
 RESTORE_WORKERS = 2
+#: processes one restore writes files in: its own and RESTORE_PROCESSES - 1 workers (zfsbackd.engine.restore_workers),
+#: started once a restore has more files than one batch. Creating a small file is a few system calls and as much
+#: Python, under one GIL; measured in bench/README.md ("Restore worker processes")
+RESTORE_PROCESSES = min(os.cpu_count() or 1, 4)
 #: chunks of large files one restore fetches at once (ahead of its writers): on S3 each fetch waits for a
 #: round trip, so these hide the latency; each holds at most a 4 MiB span of a pack (PackCache)
 RESTORE_FETCH_WORKERS = 4

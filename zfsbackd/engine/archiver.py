@@ -36,8 +36,8 @@ import structlog
 
 from zfsbackd import faults, pools
 from zfsbackd.engine.progress import Progress
-from zfsbackd.engine.shards import ShardContext, ShardJob, ShardOutcome, ShardPool
-from zfsbackd.engine.workers import CANCEL_POLL_SECONDS
+from zfsbackd.engine.shards import ShardContext, ShardJob, ShardOutcome
+from zfsbackd.engine.workers import CANCEL_POLL_SECONDS, WorkerPool, start_workers
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import ArchivedDirectory, ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
@@ -358,7 +358,7 @@ class Archiver:
             self._parallel_after = pools.PARALLEL_AFTER_ENTRIES
         self._entries_listed = 0
         self._largest_shard = 0  # files of the biggest subdirectory sent whole to a worker (0: any)
-        self._shards: ShardPool | None = None
+        self._shards: WorkerPool | None = None
 
     # ------------------------------------------------------------------ public
     def run(self) -> tuple[str, BackupStats]:
@@ -389,9 +389,9 @@ class Archiver:
             root_id, _ = self.writer.add(BlobType.TREE, serialize_tree([root_node]))
             stats = self.counters.stats
             if self._shards is not None:  # their data is durable before anything names the root
-                worker_stats, writer_stats = self._shards.finish_backup(self.cancel)
-                stats.add(worker_stats, entries_kept=SKIPPED_ENTRIES_KEPT)
-                self.writer.stats.add(writer_stats)
+                for worker_stats, writer_stats in self._shards.finish(self.cancel):  # type: ignore[misc]
+                    stats.add(worker_stats, entries_kept=SKIPPED_ENTRIES_KEPT)
+                    self.writer.stats.add(writer_stats)
             stats.files, stats.bytes_total, stats.directories = totals.files, totals.bytes, totals.dirs + 1
             return root_id.hex(), stats
         finally:
@@ -443,15 +443,8 @@ class Archiver:
         """From now on, subdirectories go to worker processes (the walk's read-ahead is theirs to do)."""
         assert self._shard_context is not None
         context, self._shard_context = self._shard_context, None  # tried once, whatever happens
-        try:
-            self._shards = ShardPool(context, self._processes - 1, self.progress)
-        except OSError as exc:  # no process to be had (EAGAIN: a pids limit; ENOMEM): slower, not wrong
-            log.warning(
-                "archive_workers_not_started",
-                backup_id=context.backup_id,
-                error=f"{errno.errorcode.get(exc.errno or 0, 'OSError')}: {exc.strerror or exc}",
-                consequence="the backup goes on in this process alone",
-            )
+        self._shards = start_workers(context, self._processes - 1, self.progress, backup_id=context.backup_id)
+        if self._shards is None:
             return
         self._stop_read_ahead()
 

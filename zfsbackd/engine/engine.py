@@ -436,11 +436,17 @@ class Engine:
     def _shard_context(
         self, store: Store, fs: FileSystemConfig, record: BackupRecord, snapshot: Snapshot
     ) -> ShardContext | None:
-        """What archive worker processes need to help with this backup; None when they cannot: a store
-        opened by an injected opener (tests' in-memory regions) exists in this process only."""
-        if self._open_objects is not open_object_store or not snapshot.parallel_walk:
+        """What archive worker processes need to help with this backup; None when they cannot (see
+        _config_for_workers; a ZFS snapshot is walked in one process)."""
+        config = self._config_for_workers()
+        if config is None or not snapshot.parallel_walk:
             return None
-        return ShardContext(self.config, store.region, snapshot, fs.id, record.backup_id, fs.on_entry_error)
+        return ShardContext(config, store.region, snapshot, fs.id, record.backup_id, fs.on_entry_error)
+
+    def _config_for_workers(self) -> Config | None:
+        """The config a worker process opens this engine's stores with; None when it cannot: a store opened
+        by an injected opener (tests' in-memory regions) exists in this process only."""
+        return self.config if self._open_objects is open_object_store else None
 
     # ---------------------------------------------------------------- describe
     def describe_backups(
@@ -763,7 +769,14 @@ class Engine:
         # moved by collection elsewhere is found again by Store.read_blob.
         with self.locks.store(store.region, exclusive=False):
             store.load_index(record_adopted=False)
-            restorer = Restorer(store, record, target or Path("/"), list(paths), progress=progress)
+            restorer = Restorer(
+                store,
+                record,
+                target or Path("/"),
+                list(paths),
+                progress=progress,
+                config_for_workers=self._config_for_workers(),
+            )
             try:
                 result = self._restore_to_dataset(restorer, record, *new_dataset) if new_dataset else restorer.run()
             except IntegrityError as exc:

@@ -108,8 +108,15 @@ FileToWrite = tuple[int, int, bytes, Node, bytes]
 class BoundedJobs:
     """File jobs on a pool with at most ``limit`` queued or running: memory stays flat for millions of files."""
 
-    def __init__(self, pool: ThreadPoolExecutor, limit: int = MAX_FILES_IN_FLIGHT // FILES_PER_JOB) -> None:
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        limit: int = MAX_FILES_IN_FLIGHT // FILES_PER_JOB,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """*stop*, when set, makes the jobs not started yet return at once (a worker process told to stop)."""
         self._pool = pool
+        self._stop = stop
         self._slots = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
         self._total = 0
@@ -120,7 +127,7 @@ class BoundedJobs:
     @property
     def stopping(self) -> bool:
         """A job failed or the walk gave up: queued jobs return at once instead of writing for nothing."""
-        return self._cancelled or self._error is not None
+        return self._cancelled or self._error is not None or (self._stop is not None and self._stop.is_set())
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -254,6 +261,12 @@ class FileWriter:
         self._fetch_pool = fetch_pool
         self._lock = threading.Lock()
         self._egid = os.getegid()  # the group new files get (see _creation_mode)
+
+    def add_not_restored(self, count: int, warnings: Sequence[str]) -> None:
+        """Count what another process's writer could not restore (its warnings listed while there is room)."""
+        with self._lock:
+            self.xattrs_not_restored += count
+            self.warnings.extend(warnings[: max(0, MAX_WARNINGS - len(self.warnings))])
 
     def submit(
         self, jobs: BoundedJobs, packs: PackCache, files: Iterable[FileToWrite], release: Callable[[int], None]

@@ -46,7 +46,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +56,7 @@ from pathlib import Path
 import structlog
 
 from zfsbackd import pools
+from zfsbackd.config import Config
 from zfsbackd.engine.progress import Progress
 from zfsbackd.engine.restore_files import (
     FIXES,
@@ -65,6 +66,8 @@ from zfsbackd.engine.restore_files import (
     RestoreTarget,
     describe,
 )
+from zfsbackd.engine.restore_workers import BatchFile, BatchOutcome, RestoreBatch, RestoreContext
+from zfsbackd.engine.workers import WorkerPool, start_workers
 from zfsbackd.errors import IntegrityError, RestoreError, ZfsbackdError
 from zfsbackd.store.packcache import PackCache
 from zfsbackd.store.records import BackupRecord
@@ -92,6 +95,9 @@ CACHED_DIR_FDS = 128  # directory descriptors kept open between uses, besides th
 BATCH_FILES = 16_384
 #: blobs whose reads are planned together: a batch spans a few packs of small files, so most packs are read whole
 BATCH_BLOBS = 32_768
+#: directories the files of one batch are in: a batch given to a worker process carries a descriptor of
+#: each (one SCM_RIGHTS message holds at most 253), and the worker holds them open while it writes
+BATCH_DIRS = 128
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _INT64 = 1 << 63
@@ -482,9 +488,14 @@ class Restorer:
         *,
         progress: Progress | None = None,
         workers: int = pools.RESTORE_WORKERS,
+        config_for_workers: Config | None = None,
+        processes: int | None = None,
         read_ahead_entries: int = READ_AHEAD_ENTRIES,
     ) -> None:
-        """*read_ahead_entries* bounds the tree entries read ahead of the walk and not yet used."""
+        """*read_ahead_entries* bounds the tree entries read ahead of the walk and not yet used. With
+        *config_for_workers* (this store's config: a worker opens the store itself), a restore of more than
+        one batch of files starts worker processes (*processes* in all, this one included; default
+        ``pools.RESTORE_PROCESSES``) and gives them batches (zfsbackd.engine.restore_workers)."""
         self.store = store
         self.record = record
         self.target = target
@@ -499,6 +510,12 @@ class Restorer:
         """The most tree entries held by the read-ahead at once (tests check the bound with it)."""
         self._batch: _Batch = []  # files waiting for their reads to be planned
         self._batch_blobs = 0
+        self._batch_dirs = 0  # directories the batch's files are in (a directory met twice counts twice)
+        self._batch_parent = -1  # the directory of the batch's last file
+        self._config_for_workers = config_for_workers  # None: no worker processes (or they were started)
+        self._processes = processes
+        self._pool: WorkerPool | None = None  # worker processes, once the restore outgrew one batch
+        self._sent: deque[Future[BatchOutcome]] = deque()  # batches given to workers, oldest first
         self._planned: tuple[_Batch, Future[PackCache]] | None = None  # the batch planned, to write next
         self._planner: ThreadPoolExecutor  # plans the next batch's reads (set while a restore runs)
         self._deferred: _Deferred | None = None
@@ -721,12 +738,18 @@ class Restorer:
                     self.read_ahead_peak_entries = read_ahead.peak_entries
                     self._dispatch(jobs, last=True)
                     result.bytes += jobs.wait()
+                    if self._pool is not None:  # every batch written before the links and metadata
+                        self._collect_sent(wait=True)
+                        self._pool.finish()
                 except BaseException:
                     self._read_ahead = None
                     jobs.cancel()  # the pools wait for queued jobs on the way out: let them skip
                     raise
             self._finish()
         finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
             self._fds.close_all()
             deferred.close()
             self._deferred = None
@@ -784,7 +807,14 @@ class Restorer:
             else:
                 self._batch.append((parent, name, node, rel))
                 self._batch_blobs += len(node.get("chunks", ()))
-                if len(self._batch) >= BATCH_FILES or self._batch_blobs >= BATCH_BLOBS:
+                if parent != self._batch_parent:
+                    self._batch_parent = parent
+                    self._batch_dirs += 1
+                if (
+                    len(self._batch) >= BATCH_FILES
+                    or self._batch_blobs >= BATCH_BLOBS
+                    or self._batch_dirs >= BATCH_DIRS
+                ):
                     self._dispatch(jobs)
             result.files += 1
         elif kind == "symlink":
@@ -806,6 +836,13 @@ class Restorer:
         (an index lookup per blob): at most two batches are held at once.
         """
         batch, self._batch, self._batch_blobs = self._batch, [], 0
+        self._batch_dirs, self._batch_parent = 0, -1
+        if not last and self._config_for_workers is not None:
+            self._start_workers()
+        if self._pool is not None:
+            self._collect_sent(wait=False)
+            if batch and self._send(batch):
+                batch = []
         ready, self._planned = self._planned, None
         if batch:
             blobs = (bytes.fromhex(c[2]) for entry in batch for c in entry[2].get("chunks", ()))
@@ -820,6 +857,56 @@ class Restorer:
             # is over, and close_all() closes what is still pinned
             pinned = ((parent, self._pin(parent), name, node, rel) for parent, name, node, rel in files)
             self._writer.submit(jobs, plan.result(), pinned, self._fds.unpin)
+
+    # ------------------------------------------------------- worker processes
+    def _start_workers(self) -> None:
+        """The restore outgrew one batch: from now on batches go to worker processes that have room."""
+        config, self._config_for_workers = self._config_for_workers, None  # tried once, whatever happens
+        processes = self._processes if self._processes is not None else pools.RESTORE_PROCESSES
+        if config is None or processes < 2:
+            return
+        target = self._target
+        context = RestoreContext(
+            config, self.store.region, self.record.backup_id, target.dest_path, target.target_path, target.planned_bytes
+        )
+        self._pool = start_workers(context, processes - 1, self.progress, backup_id=self.record.backup_id)
+
+    def _send(self, batch: _Batch) -> bool:
+        """Give *batch* to a worker process with room, with a descriptor of each of its files' directories;
+        False when none has room (this process writes it)."""
+        assert self._pool is not None and self._fds is not None
+        if not self._pool.has_room():
+            return False
+        keys: dict[int, int] = {}
+        fds: list[int] = []
+        files: list[BatchFile] = []
+        try:
+            for parent, name, node, rel in batch:
+                key = keys.get(parent)
+                if key is None:
+                    fd = self._pin(parent)
+                    try:
+                        with self._target.on_target("open the directory", self._dirs[parent].rel):
+                            fds.append(os.dup(fd))
+                    finally:
+                        self._fds.unpin(parent)
+                    key = keys[parent] = len(fds) - 1
+                files.append((key, name, node, rel))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._sent.append(self._pool.submit(RestoreBatch(files, self._target.bytes_done), fds))
+        return True
+
+    def _collect_sent(self, *, wait: bool) -> None:
+        """Count the batches workers have written (all of them, waiting, when *wait*); a batch's error (a
+        full target, a damaged blob, a worker that died) is raised here and fails the restore."""
+        assert self._writer is not None
+        while self._sent and (wait or self._sent[0].done()):
+            outcome = self._sent.popleft().result()
+            self._result.bytes += outcome.bytes
+            self._writer.add_not_restored(outcome.xattrs_not_restored, outcome.warnings)
 
     def _add_dir(self, parent: int, name: bytes, rel: bytes, node: Node) -> int:
         assert self._deferred is not None

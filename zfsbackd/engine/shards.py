@@ -4,9 +4,9 @@ The processes themselves (spawning, the pipe, results, progress, logs, a worker 
 cancellation) are :mod:`zfsbackd.engine.workers`'; this module is what a backup gives them to do.
 
 Shape: the backup's own :class:`~zfsbackd.engine.archiver.Archiver` walks the tree as always.
-Once it has listed ``pools.PARALLEL_AFTER_ENTRIES`` entries it starts a :class:`ShardPool` of
-``pools.ARCHIVE_PROCESSES - 1`` workers, and from then on a subdirectory it meets goes to a worker
-as a :class:`ShardJob` whenever one has room (:meth:`ShardPool.has_room`); otherwise the walk
+Once it has listed ``pools.PARALLEL_AFTER_ENTRIES`` entries it starts a :class:`~zfsbackd.engine.workers.WorkerPool`
+of ``pools.ARCHIVE_PROCESSES - 1`` workers, and from then on a subdirectory it meets goes to a worker
+as a :class:`ShardJob` whenever one has room (``WorkerPool.has_room``); otherwise the walk
 enters it itself, as before. So this process works too, and the work balances itself: whoever is
 free takes the next directory, at any depth (one bigger than a fair share by the parent backup is
 never sent whole: the walk enters it and sends its children). A worker has its own
@@ -16,7 +16,7 @@ that walks each job's directory exactly as the parent would (same trees, same id
 subtree id and its totals; the parent puts the directory's node in its tree.
 
 Commit order is kept: a worker's subtrees may name blobs still in its unfinished pack, so the parent
-writes the backup's record only after :meth:`ShardPool.finish`, which returns when every worker has
+writes the backup's record only after ``WorkerPool.finish``, which returns when every worker has
 flushed (packs, then an index naming them). A worker that dies before that fails the backup
 (:class:`~zfsbackd.errors.WorkerProcessLost`): what it returned may not be durable. Its uploaded
 packs are reused by the next backup, like those of any killed writer. A cancelled worker stops like
@@ -33,7 +33,7 @@ from typing import ClassVar
 from zfsbackd import pools
 from zfsbackd.config import Config
 from zfsbackd.engine.progress import Progress
-from zfsbackd.engine.workers import Channel, Job, WorkerPool
+from zfsbackd.engine.workers import Channel, Job
 from zfsbackd.errors import WorkerProcessLost, ZfsbackdError
 from zfsbackd.snapshot.base import Snapshot
 from zfsbackd.store.records import BackupStats
@@ -55,7 +55,8 @@ class ShardContext:
     on_entry_error: str
 
     def serve(self, jobs: Iterator[Job], channel: Channel, cancel: threading.Event) -> tuple[BackupStats, WriterStats]:
-        """Archive each job's directory; flush (also when cancelled); report the stats of it all."""
+        """Archive each job's directory; flush (also when cancelled); report the stats of it all (the
+        backup's process adds every worker's to its own)."""
         from zfsbackd.engine.archiver import Archiver  # the archiver imports this module
         from zfsbackd.engine.engine import Engine
         from zfsbackd.store.writer import PackWriter
@@ -135,22 +136,3 @@ class ShardOutcome:
     bytes: int = 0
     dirs: int = 0
     reused: bool = False
-
-
-class ShardPool(WorkerPool):
-    """The worker processes of one backup; :meth:`finish` adds up their statistics."""
-
-    def __init__(self, context: ShardContext, workers: int, progress: Progress) -> None:
-        super().__init__(context, workers, progress, backup_id=context.backup_id)
-
-    def finish_backup(self, cancel: threading.Event) -> tuple[BackupStats, WriterStats]:
-        """Every worker flushes (its packs and an index naming them are durable) and reports its
-        statistics; returns them added up. Call when every job's result has been used. Waits as long
-        as *cancel* is not set (then BackupCancelled: :meth:`close` stops the workers)."""
-        from zfsbackd.engine.archiver import SKIPPED_ENTRIES_KEPT  # the archiver imports this module
-
-        stats, writer_stats = BackupStats(), WriterStats()
-        for worker_stats, worker_writer_stats in self.finish(cancel):  # type: ignore[misc]
-            stats.add(worker_stats, entries_kept=SKIPPED_ENTRIES_KEPT)
-            writer_stats.add(worker_writer_stats)
-        return stats, writer_stats

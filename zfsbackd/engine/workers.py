@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import multiprocessing
 import os
 import pickle
@@ -276,6 +277,21 @@ class WorkerPool:
         code = worker.process.exitcode if worker else None
         how = f" (killed by signal {-code})" if code is not None and code < 0 else ""
         return self._context.lost(which, how)
+
+
+def start_workers(context: WorkerContext, workers: int, progress: Progress, **about: str) -> WorkerPool | None:
+    """A pool of *workers* processes, or None (with a warning) when the system gives no process (EAGAIN
+    from a pids limit, ENOMEM): the operation is slower in one process, not wrong."""
+    try:
+        return WorkerPool(context, workers, progress, **about)
+    except OSError as exc:
+        log.warning(
+            f"{context.kind}_workers_not_started",
+            error=f"{errno.errorcode.get(exc.errno or 0, 'OSError')}: {exc.strerror or exc}",
+            consequence="it goes on in this process alone",
+            **about,
+        )
+        return None
 
 
 def _close_all(fds: Sequence[int]) -> None:
