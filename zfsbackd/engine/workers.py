@@ -30,6 +30,7 @@ import errno
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import threading
 from collections import deque
@@ -373,24 +374,44 @@ class _Cancel(threading.Event):
 
 
 def _jobs(conn: Connection, cancel: _Cancel, context: WorkerContext) -> Iterator[Job]:
-    """The parent's jobs, until it says finish; a SIGTERM meanwhile raises the context's cancelled error."""
+    """The parent's jobs, until it says finish; a SIGTERM meanwhile raises the context's cancelled error.
+
+    A thread takes them off the pipe as soon as they come: a job can be megabytes (a restore's batch
+    of files), more than the pipe holds, and the parent must not wait for this worker to finish one job
+    before it can send the next (it has other work to do meanwhile). At most JOBS_PER_WORKER are sent.
+    """
+    arrived: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+    threading.Thread(target=_take_jobs, args=(conn, arrived), name="zfsbackd-jobs", daemon=True).start()
     while not cancel.is_set():
         cancel.waiting = True
         try:
-            message = conn.recv()
-            if message[0] == "job" and message[3]:
-                with socket(AF_UNIX, SOCK_STREAM, fileno=os.dup(conn.fileno())) as sock:
-                    fds = recvfds(sock, message[3])
-            else:
-                fds = []
+            job = arrived.get()
         except _Stopped:
             break
         finally:
             cancel.waiting = False
-        if message[0] != "job":
+        if job is None:
             return
-        yield Job(message[1], message[2], fds)
+        yield job
     raise context.cancelled()
+
+
+def _take_jobs(conn: Connection, arrived: queue.SimpleQueue[Job | None]) -> None:
+    """Runs on its own thread in a worker: each job off the pipe (with its descriptors), then None at
+    "finish" or when the parent is gone."""
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] != "job":
+                break
+            fds: list[int] = []
+            if message[3]:
+                with socket(AF_UNIX, SOCK_STREAM, fileno=os.dup(conn.fileno())) as sock:
+                    fds = recvfds(sock, message[3])
+            arrived.put(Job(message[1], message[2], fds))
+    except (EOFError, OSError):
+        pass  # the parent is gone: this process dies with it (PR_SET_PDEATHSIG)
+    arrived.put(None)
 
 
 def transferable(exc: BaseException) -> BaseException:
