@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from fsfixtures import assert_trees_identical, populate_sample_tree, remove_tree
 from zfsbackd import pools
 from zfsbackd.engine import restorer
 from zfsbackd.engine.engine import BackupRequest, Engine
-from zfsbackd.errors import EXIT_BACKUP_FAILED
+from zfsbackd.errors import EXIT_BACKUP_FAILED, EXIT_INTERRUPTED
 from zfsbackd.store.records import Lifecycle
 
 DIRS, FILES = 3 * restorer.BATCH_DIRS, 3  # three batches and then some
@@ -166,10 +167,9 @@ def test_the_restore_killed_takes_its_workers(source: Path, tmp_path: Path) -> N
     assert killed.returncode == -signal.SIGKILL
     pids = _worker_pids(killed.stderr)
     assert pids, killed.stderr
-    deadline_checks = 50
-    while any(_alive(pid) for pid in pids) and deadline_checks:
-        subprocess.run(["sleep", "0.1"], check=True)
-        deadline_checks -= 1
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
     (left,) = list(target.iterdir())
     assert left.name.startswith(restorer.INCOMPLETE_PREFIX)
@@ -177,3 +177,29 @@ def test_the_restore_killed_takes_its_workers(source: Path, tmp_path: Path) -> N
     ok = run_cli(config, "restore-backup", "--backup-id", backup_id, "--target", str(target))
     assert ok.returncode == 0, ok.stderr
     assert_trees_identical(source, Path(ok.json["Restore"]["Path"]))
+
+
+def test_ctrl_c_stops_the_restore_and_its_workers(source: Path, tmp_path: Path) -> None:
+    """SIGINT to the restore's process while its worker is held after its first batch: the command exits
+    130 soon after the worker is let go, the worker is gone, the partial restore is kept as failed."""
+    config, backup_id = _cli_backup(tmp_path, source)
+    target = tmp_path / "target"
+    target.mkdir()
+    hold = tmp_path / "hold"
+    command = cli_command(config, "-v", "restore-backup", "--backup-id", backup_id, "--target", str(target))
+    env = _env(f"restore-batch-written:1:pause={hold}")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not Path(f"{hold}.paused").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the restore's process has stopped and SIGTERMed its worker, which is held
+    let_go = time.monotonic()
+    hold.touch()
+    _out, err = process.communicate(timeout=60)
+
+    assert process.returncode == EXIT_INTERRUPTED, err
+    assert time.monotonic() - let_go < 10
+    assert not any(_alive(pid) for pid in _worker_pids(err))
+    (left,) = list(target.iterdir())
+    assert left.name.startswith(restorer.FAILED_PREFIX)
