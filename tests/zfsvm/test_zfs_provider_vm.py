@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 from enginekit import write_config
 from fsfixtures import tree_manifest
 from zfsvm_util import sh
 
+from zfsbackd import pools
 from zfsbackd.config import load_config
+from zfsbackd.engine import restorer
 from zfsbackd.engine.archiver import Archiver
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import SnapshotError
@@ -167,6 +170,30 @@ def test_restore_to_new_dataset_has_recorded_properties(dataset: str, tmp_path: 
     assert props == {"recordsize": "16384", "compression": "zle", "atime": "off", "org.example:owner": "storage-team"}
     with pytest.raises(Exception, match="exists"):
         engine.restore_backup(record.backup_id, None, target_dataset=new)
+
+
+def test_a_restore_worker_writes_into_a_new_dataset(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore of more than one batch (BATCH_DIRS directories) into a new dataset starts a worker process,
+    which writes through the directory descriptors it is given: on ZFS as on XFS."""
+    root = _mnt(dataset)
+    for d in range(restorer.BATCH_DIRS + 20):
+        sub = root / f"d{d:03d}"
+        sub.mkdir()
+        for f in range(2):
+            (sub / f"f{f}").write_bytes(os.urandom(10 + d + f))
+    engine = _engine(tmp_path, dataset)
+    record = engine.create_backup(BackupRequest("fs-zfs"))
+    monkeypatch.setattr(pools, "RESTORE_PROCESSES", 2)
+
+    new = f"{dataset}-restored"
+    with structlog.testing.capture_logs() as logs:
+        result = engine.restore_backup(record.backup_id, None, target_dataset=new)
+
+    assert [e for e in logs if e["event"] == "restore_workers_started"], logs
+    assert result.files == record.stats.files == 2 * (restorer.BATCH_DIRS + 20)
+    assert _manifest(_mnt(new)) == _manifest(root)
 
 
 def test_held_snapshot_survives_cleanup_and_missing_base_falls_back(dataset: str, tmp_path: Path) -> None:
