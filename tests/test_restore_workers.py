@@ -2,8 +2,9 @@
 and every way a worker or the restore's own process can stop.
 
 A batch is cut at ``BATCH_DIRS`` directories, so a tree of a few hundred small directories is restored
-in several batches and starts the workers, in this process (the engine) and in a CLI process alike,
-without any knob. Kills are fault points (``restore-batch-written`` in a worker,
+in several batches; workers start once a restore has batched ``PARALLEL_AFTER_ENTRIES`` files, which the
+tests lower (``pools`` in this process, ``ZFSBACKD_PARALLEL_AFTER_ENTRIES`` for a CLI process). Kills are
+fault points (``restore-batch-written`` in a worker,
 ``restore-result-received`` in the restore's process), never timing.
 """
 
@@ -71,6 +72,7 @@ def test_workers_restore_what_one_process_restores(
     engine = Engine(make_config(tmp_path, {"a": source}))
     record = engine.create_backup(BackupRequest("fs-a"))
     monkeypatch.setattr(pools, "RESTORE_PROCESSES", 3)
+    monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
 
     out = tmp_path / "out"
     out.mkdir()
@@ -96,17 +98,18 @@ def test_workers_restore_what_one_process_restores(
     assert_trees_identical(source / "many", selected.path / "many")
 
 
-def test_a_small_restore_stays_in_one_process(tmp_path: Path, xfs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = xfs_dir / "small"
-    root.mkdir()
-    populate_sample_tree(root)
+def test_a_small_restore_stays_in_one_process(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several batches, but fewer files than PARALLEL_AFTER_ENTRIES: no worker is worth its start."""
+    root = source
     engine = Engine(make_config(tmp_path, {"a": root}))
     record = engine.create_backup(BackupRequest("fs-a"))
     monkeypatch.setattr(pools, "RESTORE_PROCESSES", 3)
+    monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", record.stats.files + 1)
     out = tmp_path / "out"
     out.mkdir()
     with structlog.testing.capture_logs() as logs:
         result = engine.restore_backup(record.backup_id, out)
+    assert record.stats.files > 2 * restorer.BATCH_DIRS  # several batches
     assert _started(logs) == []
     assert_trees_identical(root, result.path)
 
@@ -121,7 +124,8 @@ def _cli_backup(tmp_path: Path, source: Path) -> tuple[Path, str]:
 
 
 def _env(fault: str) -> dict[str, str]:
-    return {**os.environ, "ZFSBACKD_FAULT_POINT": fault}
+    """A restore's environment: workers after 10 files, and the fault point armed."""
+    return {**os.environ, "ZFSBACKD_FAULT_POINT": fault, "ZFSBACKD_PARALLEL_AFTER_ENTRIES": "10"}
 
 
 def _worker_pids(stderr: str) -> list[int]:

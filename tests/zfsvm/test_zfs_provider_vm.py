@@ -175,7 +175,7 @@ def test_restore_to_new_dataset_has_recorded_properties(dataset: str, tmp_path: 
 def test_a_restore_worker_writes_into_a_new_dataset(
     dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A restore of more than one batch (BATCH_DIRS directories) into a new dataset starts a worker process,
+    """A restore of several batches (BATCH_DIRS directories each) into a new dataset starts a worker process,
     which writes through the directory descriptors it is given: on ZFS as on XFS."""
     root = _mnt(dataset)
     for d in range(restorer.BATCH_DIRS + 20):
@@ -186,6 +186,7 @@ def test_a_restore_worker_writes_into_a_new_dataset(
     engine = _engine(tmp_path, dataset)
     record = engine.create_backup(BackupRequest("fs-zfs"))
     monkeypatch.setattr(pools, "RESTORE_PROCESSES", 2)
+    monkeypatch.setattr(pools, "PARALLEL_AFTER_ENTRIES", 10)
 
     new = f"{dataset}-restored"
     with structlog.testing.capture_logs() as logs:

@@ -8,8 +8,9 @@ blob read and authenticated) under one GIL; the system calls of two writer threa
 Python of one, not of two. A second interpreter is the way to the second core.
 
 Shape: the restore's own :class:`~zfsbackd.engine.restorer.Restorer` walks the backup's trees,
-creates the directories and batches the files, as always. Once a restore has more files than one
-batch, it starts ``pools.RESTORE_PROCESSES - 1`` workers, and from then on a batch it cuts goes to
+creates the directories and batches the files, as always. Once a restore has batched
+``pools.PARALLEL_AFTER_ENTRIES`` files (20,000), it starts ``pools.RESTORE_PROCESSES - 1`` workers,
+and from then on a batch it cuts goes to
 a worker as a :class:`RestoreBatch` whenever one has room; otherwise its own threads write the
 batch. A worker gets the batch's files (name, node, path in the restore) and, with them, a
 descriptor of each of their directories (``SCM_RIGHTS``): it never opens a path of the target, so

@@ -496,8 +496,8 @@ class Restorer:
         read_ahead_entries: int = READ_AHEAD_ENTRIES,
     ) -> None:
         """*read_ahead_entries* bounds the tree entries read ahead of the walk and not yet used. With
-        *config_for_workers* (this store's config: a worker opens the store itself), a restore of more than
-        one batch of files starts worker processes (*processes* in all, this one included; default
+        *config_for_workers* (this store's config: a worker opens the store itself), a restore that has batched
+        ``pools.PARALLEL_AFTER_ENTRIES`` files starts worker processes (*processes* in all, this one included; default
         ``pools.RESTORE_PROCESSES``) and gives them batches (zfsbackd.engine.restore_workers)."""
         self.store = store
         self.record = record
@@ -517,7 +517,7 @@ class Restorer:
         self._batch_parent = -1  # the directory of the batch's last file
         self._config_for_workers = config_for_workers  # None: no worker processes (or they were started)
         self._processes = processes
-        self._pool: WorkerPool | None = None  # worker processes, once the restore outgrew one batch
+        self._pool: WorkerPool | None = None  # worker processes, once the restore is large
         self._sent: deque[Future[BatchOutcome]] = deque()  # batches given to workers, oldest first
         self._planned: tuple[_Batch, Future[PackCache]] | None = None  # the batch planned, to write next
         self._planner: ThreadPoolExecutor  # plans the next batch's reads (set while a restore runs)
@@ -840,7 +840,7 @@ class Restorer:
         """
         batch, self._batch, self._batch_blobs = self._batch, [], 0
         self._batch_dirs, self._batch_parent = 0, -1
-        if not last and self._config_for_workers is not None:
+        if not last and self._config_for_workers is not None and self._result.files >= pools.PARALLEL_AFTER_ENTRIES:
             self._start_workers()
         if self._pool is not None:
             self._collect_sent(wait=False)
@@ -863,7 +863,7 @@ class Restorer:
 
     # ------------------------------------------------------- worker processes
     def _start_workers(self) -> None:
-        """The restore outgrew one batch: from now on batches go to worker processes that have room."""
+        """The restore is large: from now on batches go to worker processes that have room."""
         config, self._config_for_workers = self._config_for_workers, None  # tried once, whatever happens
         processes = self._processes if self._processes is not None else pools.RESTORE_PROCESSES
         if config is None or processes < 2:
