@@ -9,6 +9,7 @@ fails, resets and delays requests between the engine and Ceph.
 from __future__ import annotations
 
 import random
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +33,7 @@ from s3kit import (
 from zfsbackd.config import S3Region, load_config
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.errors import StoreError
-from zfsbackd.objectstore import s3
+from zfsbackd.objectstore import quickack, s3
 from zfsbackd.objectstore.s3 import S3ObjectStore
 from zfsbackd.store.records import Lifecycle
 
@@ -119,6 +120,34 @@ def test_conditional_put_probe_detects_support_and_cleans_up(
     assert store.get("config") == b"one"
     assert list(store.list("locks/")) == []
     assert store.metrics.requests["head"] == 0  # create-only writes need no HEAD where If-None-Match works
+
+
+def test_every_reply_is_read_with_quick_acks(
+    ceph: S3Server, ceph_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ceph RGW holds a reply's body until the client ACKs its headers; delayed ACKs made each request 44 ms.
+
+    Every response must be read on a socket in quick-ACK mode: a botocore that
+    no longer takes the connection classes (install returns False) fails here
+    instead of silently making every request 40 ms slower.
+    """
+    armed: list[int] = []
+    arm = quickack._ack_replies_at_once
+
+    def arm_and_record(sock: socket.socket | None) -> None:
+        arm(sock)
+        assert sock is not None
+        armed.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+
+    monkeypatch.setattr(quickack, "_ack_replies_at_once", arm_and_record)
+    store = S3ObjectStore(_region(ceph, ceph_bucket, _credentials(tmp_path, ceph)))
+    assert quickack.installed(store._client)
+    for i in range(4):
+        store.put(f"records/r{i}", b"x" * 100)
+        assert store.get(f"records/r{i}") == b"x" * 100
+        assert len(list(store.list("records/"))) == i + 1
+    assert armed == [1] * sum(store.metrics.requests.values())
+    assert len(armed) >= 12
 
 
 def test_listing_follows_continuation_tokens(ceph: S3Server, ceph_bucket: str, tmp_path: Path) -> None:

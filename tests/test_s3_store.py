@@ -30,7 +30,7 @@ from s3kit import (
 
 from zfsbackd.config import S3Region
 from zfsbackd.errors import StoreError
-from zfsbackd.objectstore import retry
+from zfsbackd.objectstore import quickack, retry
 from zfsbackd.objectstore.base import ObjectStore
 from zfsbackd.objectstore.factory import open_object_store
 from zfsbackd.objectstore.local import LocalObjectStore
@@ -343,3 +343,16 @@ def test_exhausted_retries_name_the_key_and_count(
     assert store.metrics.requests["head"] == 4
     assert store.metrics.retries["head"] == 3
     assert store.metrics.errors["head"] == 1
+
+
+def test_quick_acks_leave_an_unknown_client_alone() -> None:
+    """A client whose http session botocore no longer keeps where expected is left as it is (slower, not broken)."""
+
+    class Endpoint:
+        http_session = object()
+
+    class Client:
+        _endpoint = Endpoint()
+
+    assert quickack.install(Client()) is False
+    assert quickack.installed(Client()) is False

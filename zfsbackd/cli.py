@@ -29,7 +29,6 @@ from zfsbackd import __version__
 from zfsbackd.clidoc import completion_script
 from zfsbackd.config import load_config, resolve_config_path
 from zfsbackd.daemon.client import DaemonClient, DaemonUnavailable
-from zfsbackd.daemon.service import DEFAULT_TICK_SECONDS, Daemon
 from zfsbackd.engine.archiver import BackupCancelled
 from zfsbackd.engine.engine import FILTER_NAMES, BackupRequest, Engine
 from zfsbackd.engine.locks import SlotWaitCancelled
@@ -342,7 +341,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     configure_logging(stream=sys.stdout, level=logging.INFO)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack to the journal
-    return Daemon(resolve_config_path(args.config), tick_seconds=args.tick_seconds).run()
+    # Imported here: the service's scheduler, control server and metrics (asyncio, prometheus_client) are
+    # ~30 ms that every one-shot command would pay at start.
+    from zfsbackd.daemon.service import DEFAULT_TICK_SECONDS, Daemon
+
+    tick_seconds = DEFAULT_TICK_SECONDS if args.tick_seconds is None else args.tick_seconds
+    return Daemon(resolve_config_path(args.config), tick_seconds=tick_seconds).run()
 
 
 def cmd_restore_backup(args: argparse.Namespace) -> int:
@@ -617,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("daemon", parents=[common], help="run the service (systemd starts it)")
     p.add_argument(
-        "--tick-seconds", type=_number_at_least(float, 0.01), default=DEFAULT_TICK_SECONDS, help=argparse.SUPPRESS
+        "--tick-seconds", type=_number_at_least(float, 0.01), default=None, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_daemon)
 

@@ -51,6 +51,7 @@ from botocore.exceptions import (
 from zfsbackd import pools
 from zfsbackd.config import S3Region
 from zfsbackd.errors import StoreError
+from zfsbackd.objectstore import quickack
 from zfsbackd.objectstore.base import ObjectInfo, ObjectStore
 from zfsbackd.objectstore.retry import (
     call_with_retries,
@@ -169,12 +170,16 @@ class S3ObjectStore(ObjectStore):
         if mode is not None:
             options["request_checksum_calculation"] = mode
             options["response_checksum_validation"] = mode
-        return boto3.session.Session(botocore_session=session).client(
+        client = boto3.session.Session(botocore_session=session).client(
             "s3",
             endpoint_url=region.endpoint_url,
             verify=str(region.ca_bundle) if region.ca_bundle is not None else None,
             config=BotoConfig(**options),
         )
+        if not quickack.install(client):
+            log.info("s3_quick_ack_unavailable", region=region.name,
+                     consequence="replies from servers that delay them (Ceph RGW) take ~40 ms longer per request")
+        return client
 
     def _use_credentials_file(self, session: botocore.session.Session, path: Path) -> None:
         """Take credentials from profile ``default`` of ``path`` only.

@@ -11,26 +11,33 @@ work before (and without) libzfs_core being loaded, as pyzfs's do.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import cffi
 
-_ffi = cffi.FFI()
-_ffi.cdef("typedef enum { B_FALSE = 0, B_TRUE = 1 } boolean_t; typedef unsigned char uchar_t;")
+
+@functools.cache
+def _ffi() -> cffi.FFI:
+    """Made on first use: parsing C declarations imports pycparser, ~15 ms every CLI start would pay."""
+    ffi = cffi.FFI()
+    ffi.cdef("typedef enum { B_FALSE = 0, B_TRUE = 1 } boolean_t; typedef unsigned char uchar_t;")
+    return ffi
 
 
 def _cast(type_name: str) -> Callable[[int], Any]:
     """A function that makes a ``type_name`` value, refusing what does not fit (pyzfs's ``_ffi_cast``)."""
-    type_info = _ffi.typeof(type_name)
 
     def cast(value: int) -> Any:
+        ffi = _ffi()
+        type_info = ffi.typeof(type_name)
         if type_info.kind == "enum":
             if value not in type_info.elements:
                 raise OverflowError(f"Invalid enum <{type_info.cname}> value {value}: {value!r}")
         else:
-            _ffi.new(type_name + "*", value)  # raises OverflowError when out of range
-        return _ffi.cast(type_name, value)
+            ffi.new(type_name + "*", value)  # raises OverflowError when out of range
+        return ffi.cast(type_name, value)
 
     cast.__name__ = type_name
     return cast
