@@ -25,7 +25,7 @@ from zfsbackd.engine.restorer import Restorer
 from zfsbackd.pools import TREE_READ_AHEAD_WORKERS as READ_AHEAD_WORKERS
 from zfsbackd.snapshot import take_snapshot
 from zfsbackd.snapshot.detect import choose_provider
-from zfsbackd.store.tree import TreeReadAhead
+from zfsbackd.store.tree import TreeReadAhead, expected_entries
 from zfsbackd.store.writer import PackWriter
 
 # --------------------------------------------------------------- synthetic trees
@@ -50,13 +50,16 @@ def _wide_and_deep(dirs: int, files_per_dir: int) -> Trees:
 class _Synthetic:
     """A TreeReadAhead over ``trees`` that counts reads; results are (tree id, entries)."""
 
-    def __init__(self, trees: Trees, max_entries: int, fail: str | None = None) -> None:
+    def __init__(
+        self, trees: Trees, max_entries: int, fail: str | None = None, workers: int = READ_AHEAD_WORKERS
+    ) -> None:
         self.trees = trees
         self.reads = 0
         self.fail = fail
         self._lock = threading.Lock()
         self.ahead: TreeReadAhead[None, tuple[str, int]] = TreeReadAhead(
-            self._read, self._children, lambda result: result[1], [("root", None)], max_entries=max_entries
+            self._read, self._children, lambda result: result[1], [("root", None)], max_entries=max_entries,
+            workers=workers,
         )
 
     def _read(self, tree_id: str, _arg: None) -> tuple[str, int]:
@@ -67,8 +70,13 @@ class _Synthetic:
         files, subdirs = self.trees[tree_id]
         return tree_id, files + len(subdirs)
 
-    def _children(self, result: tuple[str, int], _arg: None) -> list[tuple[str, None]]:
-        return [(child, None) for child in self.trees[result[0]][1]]
+    def _children(self, result: tuple[str, int], _arg: None) -> list[tuple[str, None, int]]:
+        """Subtrees with what their parent knows of their size: exact for a leaf (as a directory node's totals)."""
+        return [(child, None, self._expected(child)) for child in self.trees[result[0]][1]]
+
+    def _expected(self, tree_id: str) -> int:
+        files, subdirs = self.trees[tree_id]
+        return 0 if subdirs else files
 
     def walk(self, tree_id: str = "root", skip: frozenset[str] = frozenset()) -> list[str]:
         """Take every tree depth first as a walk would (iteratively), passing over ``skip``; the order taken."""
@@ -95,6 +103,22 @@ def test_read_ahead_of_2000_directories_stays_within_its_bound() -> None:
     # Reading pauses at the bound; the reads already under way may each add one tree.
     assert 0 < synthetic.ahead.peak_entries <= bound + READ_AHEAD_WORKERS * largest
     assert synthetic.ahead.held_entries == 0
+
+
+def test_reads_under_way_count_against_the_bound() -> None:
+    """Eight read threads must not each add a tree past the bound: a read under way counts as what it will hold.
+
+    What may exceed the bound: the last read started below it, and the tree the
+    walk waits for (read at once, whatever is held).
+    """
+    trees = _wide_and_deep(2000, files_per_dir=500)
+    bound = 2000
+    synthetic = _Synthetic(trees, max_entries=bound, workers=8)
+    with synthetic.ahead:
+        taken = synthetic.walk()
+    assert len(taken) == len(trees)
+    largest = max(files + len(subdirs) for files, subdirs in trees.values())
+    assert 0 < synthetic.ahead.peak_entries <= bound + 2 * largest
 
 
 def test_one_huge_directory_is_read_alone() -> None:
@@ -219,3 +243,11 @@ def test_full_restore_streams_trees_and_plans_reads_in_batches(
     assert_trees_identical(xfs_dir, result.path)
     assert result.files == DIRS + 2
     assert 0 < restorer.read_ahead_peak_entries <= BOUND + READ_AHEAD_WORKERS * 100
+
+
+def test_a_directory_node_tells_its_entries_only_when_it_has_no_subdirectories() -> None:
+    assert expected_entries({"type": "dir", "tree_files": 700, "tree_dirs": 0}) == 700
+    assert expected_entries({"type": "dir", "tree_files": 700, "tree_dirs": 3}) == 0  # its own entries unknown
+    assert expected_entries({"type": "dir"}) == 0  # no totals (older trees)
+    for bad in ("700", -5, True, None, 7.5):
+        assert expected_entries({"type": "dir", "tree_files": bad, "tree_dirs": 0}) == 0

@@ -51,6 +51,7 @@ from zfsbackd.store.tree import (
     encode_name,
     encode_target,
     encode_xattrs,
+    expected_entries,
     nodes_by_name,
     parse_tree,
     serialize_tree,
@@ -279,9 +280,13 @@ _NO_INODE = -1  # what a name that is not listed any more "has": never a node's 
 _SPECIAL_TYPES = {stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev"}
 
 
-def _subtrees(nodes: dict[bytes, Node] | None, _arg: None) -> list[tuple[str, None]]:
+def _subtrees(nodes: dict[bytes, Node] | None, _arg: None) -> list[tuple[str, None, int]]:
     """A parent tree's subdirectories' trees, in the walk's order (by name, as trees store them)."""
-    return [(n["subtree"], None) for n in (nodes or {}).values() if n.get("type") == "dir" and "subtree" in n]
+    return [
+        (n["subtree"], None, expected_entries(n))
+        for n in (nodes or {}).values()
+        if n.get("type") == "dir" and "subtree" in n
+    ]
 
 
 def _tree_size(nodes: dict[bytes, Node] | None) -> int:

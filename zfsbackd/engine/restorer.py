@@ -77,6 +77,7 @@ from zfsbackd.store.tree import (
     ROOT_NAME,
     Node,
     TreeReadAhead,
+    expected_entries,
     is_safe_name,
     node_name,
     node_target,
@@ -466,7 +467,7 @@ def _join(rel: bytes, name: bytes) -> bytes:
     return rel + b"/" + name if rel else name
 
 
-def _subtrees(nodes: list[Node], rel: bytes) -> list[tuple[str, bytes]]:
+def _subtrees(nodes: list[Node], rel: bytes) -> list[tuple[str, bytes, int]]:
     """The subdirectories' trees of the directory ``rel``, in tree order (the walk's), each with its path.
 
     Runs before the entries are checked (the walk checks them): a malformed one is passed over.
@@ -475,7 +476,7 @@ def _subtrees(nodes: list[Node], rel: bytes) -> list[tuple[str, bytes]]:
     for node in nodes:
         try:
             if node.get("type") == "dir" and _is_hex(node.get("subtree")):
-                found.append((node["subtree"], _join(rel, node_name(node))))
+                found.append((node["subtree"], _join(rel, node_name(node)), expected_entries(node)))
         except (KeyError, TypeError, ValueError):
             continue
     return found

@@ -120,6 +120,20 @@ def is_safe_name(name: bytes) -> bool:
 #: entries of trees read ahead of a walk and not yet used, at most (beyond it, reading ahead pauses)
 READ_AHEAD_ENTRIES = 20_000
 
+
+def expected_entries(node: Node) -> int:
+    """The entries a directory's tree holds, known before reading it when the directory has no subdirectories.
+
+    Its totals (``tree_files``, ``tree_dirs``) are then exactly its own files;
+    for a directory with subdirectories, or a node without (valid) totals, 0:
+    not known.
+    """
+    files, dirs = node.get("tree_files"), node.get("tree_dirs")
+    if type(files) is int and type(dirs) is int and dirs == 0 and files >= 0:
+        return files
+    return 0
+
+
 _Arg = TypeVar("_Arg")
 _Result = TypeVar("_Result")
 _Position = tuple[int, ...]
@@ -131,6 +145,7 @@ class _Ahead(Generic[_Arg, _Result]):
 
     tree_id: str
     arg: _Arg
+    expected: int = 0  # its entries if known before reading it (0: counted at the mean of the trees read)
     future: Future[_Result] | None = None
     size: int = 0  # entries it holds once read (counted in ``TreeReadAhead.held_entries``)
     dropped: bool = False  # the walk went past it: its read is for nothing, its subtrees are not wanted
@@ -144,11 +159,14 @@ class TreeReadAhead(Generic[_Arg, _Result]):
     a row would dominate it. Reading them ahead on a few threads hides that, but reading
     *everything* ahead held a whole backup's trees in memory (about 1 KiB per file). So
     trees are read in the walk's own order — depth first, entries by name, which is the
-    order trees store them in — and reading pauses while the trees read but not yet taken
-    hold more than ``max_entries`` entries (each tree counts at least one, so empty
-    trees are bounded too), plus what the reads under way bring. A tree larger than the
-    bound is still read: a walk cannot do without the directory it is in. Subtrees known
-    but not read yet cost only their id.
+    order trees store them in — and no read starts while the trees read but not yet taken,
+    plus the reads under way, hold ``max_entries`` entries or more (each tree counts at
+    least one, so empty trees are bounded too). A read under way counts as the entries
+    its parent said it has (:func:`expected_entries`: exact for a directory without
+    subdirectories) or else as the mean of the trees read so far; counting reads under
+    way as nothing let each read thread add a tree past the bound. A tree larger than
+    the bound is still read: a walk cannot do without the directory it is in. Subtrees
+    known but not read yet cost only their id.
 
     Each tree has a position, the path of child indices from the start trees; positions
     compare in depth-first order. When the walk takes a tree, everything before it that
@@ -157,13 +175,13 @@ class TreeReadAhead(Generic[_Arg, _Result]):
 
     ``read(tree_id, arg)`` reads one tree (on the read-ahead's threads; an exception is
     raised again by :meth:`take`), ``children(result, arg)`` lists its subtrees as
-    ``(tree_id, arg)`` in walk order and ``size(result)`` its entries.
+    ``(tree_id, arg, expected entries or 0)`` in walk order and ``size(result)`` its entries.
     """
 
     def __init__(
         self,
         read: Callable[[str, _Arg], _Result],
-        children: Callable[[_Result, _Arg], Iterable[tuple[str, _Arg]]],
+        children: Callable[[_Result, _Arg], Iterable[tuple[str, _Arg, int]]],
         size: Callable[[_Result], int],
         starts: Iterable[tuple[str, _Arg]],
         *,
@@ -180,6 +198,9 @@ class TreeReadAhead(Generic[_Arg, _Result]):
         self._todo: list[_Position] = []  # heap of positions not submitted yet (stale ones skipped)
         self._by_id: dict[str, list[_Position]] = {}  # heaps: where each tree id is, first in walk order first
         self._in_flight = 0
+        self._expected_in_flight = 0  # entries the reads under way are expected to bring
+        self._entries_read = 0
+        self._trees_read = 0
         self._closed = False
         self.held_entries = 0
         """Entries of trees read and not yet taken (what the bound is about)."""
@@ -187,7 +208,7 @@ class TreeReadAhead(Generic[_Arg, _Result]):
         """The most entries held at once: for tests and the benchmark."""
         with self._lock:
             for index, (tree_id, arg) in enumerate(starts):
-                self._learn((index,), tree_id, arg)
+                self._learn((index,), tree_id, arg, 0)
             self._top_up()
 
     def take(self, tree_id: str) -> _Result | None:
@@ -227,8 +248,8 @@ class TreeReadAhead(Generic[_Arg, _Result]):
         self.close()
 
     # ----------------------------------------------------------- lock held
-    def _learn(self, position: _Position, tree_id: str, arg: _Arg) -> None:
-        self._known[position] = _Ahead(tree_id, arg)
+    def _learn(self, position: _Position, tree_id: str, arg: _Arg, expected: int) -> None:
+        self._known[position] = _Ahead(tree_id, arg, expected)
         heapq.heappush(self._order, position)
         heapq.heappush(self._todo, position)
         heapq.heappush(self._by_id.setdefault(tree_id, []), position)
@@ -260,14 +281,25 @@ class TreeReadAhead(Generic[_Arg, _Result]):
     def _top_up(self) -> None:
         """Submit the next trees in walk order while the bound and the thread count allow."""
         while (
-            not self._closed and self._todo and self._in_flight < self._workers and self.held_entries < self.max_entries
+            not self._closed
+            and self._todo
+            and self._in_flight < self._workers
+            and self.held_entries + self._expected_in_flight < self.max_entries
         ):
             position = heapq.heappop(self._todo)
             ahead = self._known.get(position)
             if ahead is not None and ahead.future is None:
                 self._submit(position, ahead)
 
+    def _expected(self, ahead: _Ahead[_Arg, _Result]) -> int:
+        """What a read will bring: what its parent said, else the mean of the trees read so far (at least 1)."""
+        if ahead.expected:
+            return ahead.expected
+        return max(1, self._entries_read // self._trees_read) if self._trees_read else 1
+
     def _submit(self, position: _Position, ahead: _Ahead[_Arg, _Result]) -> None:
+        ahead.expected = self._expected(ahead)
+        self._expected_in_flight += ahead.expected
         self._in_flight += 1
         ahead.future = self._pool.submit(self._run, position, ahead)
 
@@ -279,16 +311,21 @@ class TreeReadAhead(Generic[_Arg, _Result]):
         except BaseException:
             with self._lock:
                 self._in_flight -= 1
+                self._expected_in_flight -= ahead.expected
                 self._top_up()
             raise
         children = [] if ahead.dropped else list(self._children(result, ahead.arg))
         with self._lock:
             self._in_flight -= 1
+            self._expected_in_flight -= ahead.expected
+            size = max(1, self._size(result))
+            self._entries_read += size
+            self._trees_read += 1
             if not ahead.dropped and self._known.get(position) is ahead:
-                ahead.size = max(1, self._size(result))
+                ahead.size = size
                 self.held_entries += ahead.size
                 self.peak_entries = max(self.peak_entries, self.held_entries)
-                for index, (tree_id, arg) in enumerate(children):
-                    self._learn((*position, index), tree_id, arg)
+                for index, (tree_id, arg, expected) in enumerate(children):
+                    self._learn((*position, index), tree_id, arg, expected)
             self._top_up()
         return result
