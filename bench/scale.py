@@ -179,6 +179,51 @@ def sample_predicate(fraction: float) -> Callable[[bytes], bool]:
 
 
 # ============================================================ the synthetic store
+class Floor(base.Tool):
+    """What the machine allows without any backup tool: GNU find, xargs, cat and cp, 8 streams in parallel.
+
+    ``full``: read every file once (``cat`` to /dev/null); ``nochange`` and ``churn``:
+    ``lstat`` every entry (``find -printf %s``), which is all a backup that reads no
+    file content must do. Both cold, like the tools. ``restore``: ``cp -a`` of the
+    source tree into the target, timed after the source was read into the page cache
+    (untimed), so what is measured is creating the files and writing their bytes,
+    which a restore must do and a tool cannot do for less. A target below these times
+    is out of reach on this machine, whatever the tool.
+    """
+
+    name = "floor"
+    STREAMS = 8
+
+    def setup(self) -> dict[str, Any]:
+        return {"version": f"GNU find/xargs/cat, {self.STREAMS} streams"}
+
+    def backup(self, step: str) -> tuple[base.Measure, dict[str, Any]]:
+        data, streams = str(self.data), str(self.STREAMS)
+        if step == "full":
+            script = 'find "$1" -type f -print0 | xargs -0 -r -P "$2" -n 512 cat > /dev/null'
+        else:
+            script = ('find "$1" -mindepth 1 -maxdepth 1 -print0 | '
+                      'xargs -0 -r -P "$2" -I{} find {} -printf "%s\\n" > /dev/null')
+        m = self.runner.run(f"floor-{step}", ["sh", "-c", script, "floor", data, streams], env=self.env, cwd="/")
+        return m, {}
+
+    def restore(self, target: Path) -> tuple[base.Measure, Path | None]:
+        data, streams, restored = str(self.data), str(self.STREAMS), target / self.data.name
+        self.runner.run_checked("floor-restore-warm", ["sh", "-c", 'find "$1" -type f -print0 | '
+                                'xargs -0 -r -P "$2" -n 512 cat > /dev/null', "warm", data, streams],
+                                env=self.env, cwd="/")
+        restored.mkdir()
+        script = ('find "$1" -mindepth 1 -maxdepth 1 -print0 | xargs -0 -r -P "$2" -I{} cp -a {} "$3"/ && '
+                  'touch -r "$1" "$3" && chmod --reference="$1" "$3"')
+        m = self.runner.run("floor-restore", ["sh", "-c", script, "floor", data, streams, str(restored)],
+                            env=self.env, cwd="/")
+        return m, restored if m.rc == 0 else None
+
+
+#: the tools --tools can name: bench/run.py's and the floor
+SCALE_TOOL_CLASSES: dict[str, type[base.Tool]] = {**base.TOOL_CLASSES, "floor": Floor}
+
+
 class SyntheticStore(base.Zfsbackd):
     """run.py's zfsbackd set-up (key, config with ``create_if_missing``), driven through this file's child modes.
 
@@ -327,7 +372,7 @@ class ScaleBench(base.Bench):
             ds["generated"] = asdict(info)
             log(f"generated {info.files:,} files in {info.dirs:,} directories, {info.bytes / MiB:,.0f} MiB in "
                 f"{info.seconds:.1f} s ({info.files / max(info.seconds, 1e-9):,.0f} files/s)")
-            tools = [base.TOOL_CLASSES[t](self.runner, mnt / "work", data) for t in self.tools]
+            tools = [SCALE_TOOL_CLASSES[t](self.runner, mnt / "work", data) for t in self.tools]
             for tool in tools:
                 if isinstance(tool, base.Zfsbackd):
                     tool.copy_region = mnt / "work" / "repos" / "zfsbackd-copy"
@@ -592,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-layout", choices=("checkpoints", "consolidated"), default="checkpoints",
                         help="index objects as a backup's checkpoints write them (every 4 packs), or one object "
                              "for everything as garbage collection leaves it")
-    parser.add_argument("--tools", default=",".join(SCALE_TOOLS), help="comma list of: zfsbackd, restic, borg")
+    parser.add_argument("--tools", default=",".join(SCALE_TOOLS),
+                        help="comma list of: zfsbackd, restic, borg, floor (GNU find/cat/cp: what the machine allows)")
     parser.add_argument("--churn", type=float, default=0.01, help="fraction of files rewritten (default 0.01)")
     parser.add_argument("--verify-full-max", type=int, default=300_000, metavar="N",
                         help="hash every restored file up to N files; above, a sampled check (default 300000)")
@@ -626,8 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.files is None:
         args.files = [] if args.synthetic_blobs else list(DEFAULT_FILES)
     for name in args.tools.split(","):
-        if name not in base.TOOLS:
-            parser.error(f"--tools: unknown tool {name!r}; use {', '.join(base.TOOLS)}")
+        if name not in SCALE_TOOL_CLASSES:
+            parser.error(f"--tools: unknown tool {name!r}; use {', '.join(SCALE_TOOL_CLASSES)}")
     if not 0 < args.churn <= 1 or not 0 < args.verify_sample <= 1:
         parser.error("--churn and --verify-sample are fractions in (0, 1]")
     if os.geteuid() != 0:
