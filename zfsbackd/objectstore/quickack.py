@@ -43,27 +43,33 @@ def _ack_replies_at_once(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
 
 
-class QuickAckHTTPConnection(AWSHTTPConnection):
-    """botocore's plain-HTTP connection, acknowledging each reply's segments as they arrive."""
+class _QuickAck:
+    """Mixed into botocore's connections: each reply's segments are acknowledged as they arrive."""
+
+    sock: socket.socket | None
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         _ack_replies_at_once(self.sock)
-        return super().getresponse(*args, **kwargs)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
 
-class QuickAckHTTPSConnection(AWSHTTPSConnection):
-    """botocore's TLS connection, acknowledging each reply's segments as they arrive."""
+class QuickAckHTTPConnection(_QuickAck, AWSHTTPConnection):
+    """botocore's plain-HTTP connection with quick ACKs."""
 
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        _ack_replies_at_once(self.sock)
-        return super().getresponse(*args, **kwargs)
+
+class QuickAckHTTPSConnection(_QuickAck, AWSHTTPSConnection):
+    """botocore's TLS connection with quick ACKs."""
 
 
 class QuickAckHTTPConnectionPool(AWSHTTPConnectionPool):
+    """botocore's plain-HTTP pool, opening quick-ACK connections."""
+
     ConnectionCls = QuickAckHTTPConnection
 
 
 class QuickAckHTTPSConnectionPool(AWSHTTPSConnectionPool):
+    """botocore's TLS pool, opening quick-ACK connections."""
+
     ConnectionCls = QuickAckHTTPSConnection
 
 
