@@ -10,6 +10,7 @@ MiB belong to the benchmark (bench/scale.py), not here.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from zfsbackd.engine.restorer import Restorer
 from zfsbackd.pools import TREE_READ_AHEAD_WORKERS as READ_AHEAD_WORKERS
 from zfsbackd.snapshot import take_snapshot
 from zfsbackd.snapshot.detect import choose_provider
+from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.tree import TreeReadAhead, expected_entries
 from zfsbackd.store.writer import PackWriter
 
@@ -251,3 +253,55 @@ def test_a_directory_node_tells_its_entries_only_when_it_has_no_subdirectories()
     assert expected_entries({"type": "dir"}) == 0  # no totals (older trees)
     for bad in ("700", -5, True, None, 7.5):
         assert expected_entries({"type": "dir", "tree_files": bad, "tree_dirs": 0}) == 0
+
+
+def test_a_writer_holds_no_more_packs_than_its_slots_and_the_one_it_fills(tmp_path: Path) -> None:
+    """Four threads add blobs while uploads are slow: a thread that fills a pack while every slot
+    is taken must not take it and wait holding it while the others fill more (the old writer held
+    one such pack per adding thread)."""
+    engine = Engine(make_config(tmp_path, {}))
+    store = engine.store()
+    store.load_index()
+    held, peak, lock = [0], [0], threading.Lock()
+    put = store.objects.put_if_absent
+
+    def slow_put(key: str, data: object) -> object:
+        threading.Event().wait(0.02)
+        return put(key, data)
+
+    store.objects.put_if_absent = slow_put  # type: ignore[method-assign]
+    with PackWriter(store, pack_size=4096, max_packs_in_flight=1, upload_threads=1) as writer:
+        take, slots = writer._take_pack, writer._slots
+
+        def counted_take() -> tuple[bytearray, list]:
+            with lock:
+                held[0] += 1
+                peak[0] = max(peak[0], held[0])
+            return take()
+
+        class CountedSlots:
+            """The writer's slots; a pack is let go when its upload gives its slot back."""
+
+            acquire = slots.acquire
+
+            def release(self) -> None:
+                with lock:
+                    held[0] -= 1
+                slots.release()
+
+        writer._take_pack = counted_take  # type: ignore[method-assign]
+        writer._slots = CountedSlots()  # type: ignore[assignment]
+
+        def add() -> None:
+            for _ in range(40):
+                writer.add(BlobType.DATA, os.urandom(1500))
+
+        threads = [threading.Thread(target=add) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        writer.flush()
+    assert writer.stats.packs_uploaded > 20
+    # One slot: the pack uploading, and at the end the last partial pack taken while it waits for the slot.
+    assert peak[0] <= 2, f"{peak[0]} packs taken and not yet uploaded at once, with one slot"

@@ -56,6 +56,9 @@ class PackWriter:
         self.checkpoint_every = checkpoint_every
         self.stats = WriterStats()
         self._lock = threading.Lock()
+        #: signalled when a full pack got its upload slot, so the next pack may start filling
+        self._room = threading.Condition(self._lock)
+        self._full_waiting = False  # the buffer is full and waits for a slot: nobody adds to it
         self._pending: set[bytes] = set()  # reserved: being encoded or in an unuploaded pack
         self._buffer = bytearray()
         self._entries: list[PackEntry] = []
@@ -105,16 +108,38 @@ class PackWriter:
     def add_sealed(self, blob_type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
         """Append an already-sealed blob (reserved by the caller); used by copies and repacking too."""
         self._raise_upload_error()
-        full: tuple[bytes, list[PackEntry]] | None = None
-        with self._lock:
+        with self._room:
+            while self._full_waiting:
+                self._room.wait()
             self._entries.append(PackEntry(blob_type, blob_id, len(self._buffer), len(sealed), raw_length))
             self._buffer += sealed
             self.stats.blobs_new += 1
             self.stats.bytes_new += raw_length
-            if len(self._buffer) >= self.pack_size:
-                full = self._take_pack()
-        if full is not None:
-            self._submit(*full)
+            if len(self._buffer) < self.pack_size:
+                return
+            self._full_waiting = True
+        self._submit_full()
+
+    def _submit_full(self) -> None:
+        """Upload the full buffer once a slot is free; until then every adding thread waits.
+
+        Why they wait rather than fill the next buffer: each thread that found a buffer full
+        and then waited for a slot held a whole pack, so a writer with N adding threads held
+        up to N packs beyond its slots (1M small files: an archive worker's RSS swung by
+        ±30 MiB). Now the writer holds at most its slots' packs and the one it fills.
+        """
+        try:
+            self._slots.acquire()
+        except BaseException:
+            with self._room:
+                self._full_waiting = False
+                self._room.notify_all()
+            raise
+        with self._room:
+            full = self._take_pack()
+            self._full_waiting = False
+            self._room.notify_all()
+        self._start_upload(*full)
 
     def _take_pack(self) -> tuple[bytearray, list[PackEntry]]:
         """The filled buffer itself: a copy cost 16 MiB of memcpy under the lock, and the pack was held
@@ -125,8 +150,8 @@ class PackWriter:
         return data, entries
 
     # ---------------------------------------------------------------- uploading
-    def _submit(self, body: bytearray, entries: list[PackEntry]) -> None:
-        self._slots.acquire()
+    def _start_upload(self, body: bytearray, entries: list[PackEntry]) -> None:
+        """Hand a pack to the upload pool; the caller holds its slot (released when the upload ends)."""
         try:
             self._futures.append(self._pool.submit(self._upload, body, entries))
         except BaseException:
@@ -168,7 +193,8 @@ class PackWriter:
         with self._lock:
             last = self._take_pack() if self._entries else None
         if last is not None:
-            self._submit(*last)
+            self._slots.acquire()
+            self._start_upload(*last)
         for future in self._futures:
             future.result()
         self._futures.clear()
