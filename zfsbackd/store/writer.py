@@ -125,20 +125,17 @@ class PackWriter:
 
         Why they wait rather than fill the next buffer: each thread that found a buffer full
         and then waited for a slot held a whole pack, so a writer with N adding threads held
-        up to N packs beyond its slots (1M small files: an archive worker's RSS swung by
-        ±30 MiB). Now the writer holds at most its slots' packs and the one it fills.
+        up to N packs beyond its slots (four threads, one slot: five packs held at once).
+        Now the writer holds at most its slots' packs and the one it fills.
         """
         try:
             self._slots.acquire()
-        except BaseException:
+            with self._room:
+                full = self._take_pack()
+        finally:
             with self._room:
                 self._full_waiting = False
                 self._room.notify_all()
-            raise
-        with self._room:
-            full = self._take_pack()
-            self._full_waiting = False
-            self._room.notify_all()
         self._start_upload(*full)
 
     def _take_pack(self) -> tuple[bytearray, list[PackEntry]]:
