@@ -69,6 +69,16 @@ class DaemonProcess:
             self.messages.append(msg)
         raise AssertionError(f"no {prefix!r} notification within {timeout} s; log:\n{self.log_text()[-3000:]}")
 
+    def forget_notifications(self) -> None:
+        """Drop every notification received so far, e.g. a killed earlier start's READY=1."""
+        self.messages.clear()
+        self.notify.setblocking(False)
+        try:
+            while True:
+                self.notify.recv(65536)
+        except BlockingIOError:
+            pass
+
     def wait_ready(self, timeout: float = 60.0) -> float:
         self.wait_for("READY=1", timeout)
         return time.monotonic() - self.started_at

@@ -82,6 +82,7 @@ class SoakDaemon(DaemonProcess):
         self.name = name
         self.socket = workdir / "control.sock"
         self.starts = 0
+        self.ready_start = 0  # the start whose READY=1 was last seen
         self.armed: str | None = None
 
     def start(self, fault_point: str | None = None) -> None:  # type: ignore[override]
@@ -91,6 +92,7 @@ class SoakDaemon(DaemonProcess):
             env[faults.ENV_VAR] = fault_point
         self.armed = fault_point
         self.starts += 1
+        self.forget_notifications()  # so that wait_ready() waits for this start's READY=1
         with self.log_path.open("ab") as log:
             log.write(f"\n=== test: start {self.starts} fault_point={fault_point}\n".encode())
             log.flush()
@@ -98,6 +100,13 @@ class SoakDaemon(DaemonProcess):
             self.proc = subprocess.Popen(
                 cli_command(self.config, "daemon", "--tick-seconds", str(self.tick)), env=env, stdout=log, stderr=log
             )
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Wait for this start's READY=1, once (a daemon not restarted since is still ready)."""
+        if self.ready_start != self.starts:
+            super().wait_ready(timeout)
+            self.ready_start = self.starts
+        return time.monotonic() - self.started_at
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -394,6 +403,8 @@ def test_three_daemons_share_one_store(xfs_dir: Path, tmp_path: Path, backend: d
         for d in daemons.values():
             if not d.alive():
                 d.start()
+        for d in daemons.values():  # SIGTERM before its handler is installed would kill it, not stop it
+            d.wait_ready(120)
         assert soak.thread_errors == [], f"{soak.thread_errors} {why}\n{_log_tails(daemons)}"
 
         # --- the restarted daemons finish every backup and copy left unfinished

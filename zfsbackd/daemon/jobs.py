@@ -82,6 +82,12 @@ class JobRunner:
             return dict(self._running)
 
     def submit(self, request: BackupRequest) -> BackupJob:
+        """Start a backup of the request's file system, or return the running one it is a retry of.
+
+        A retry (same client request token) may arrive before the running job has a
+        record, e.g. while a restarted daemon resumes the backup the request's first
+        attempt made: it gets that job, not BackupInProgress.
+        """
         fs_id = request.file_system_id
         job = BackupJob(request)
         if self._on_progress is not None:
@@ -94,6 +100,13 @@ class JobRunner:
                 if current is None:
                     self._running[fs_id] = job
                     break
+            token = request.client_request_token
+            if token is not None and current.request.client_request_token == token:
+                earlier = current.request
+                request.check_retry_of(
+                    earlier.file_system_id, earlier.name, earlier.backup_type, earlier.tags, f"a backup of {fs_id}"
+                )
+                return current
             # A backup whose record already says AVAILABLE (or FAILED) is only cleaning up: a client that
             # saw it end and asks for the next one waits for that instead of getting BackupInProgress.
             if not self._has_ended(current) or not current.done.wait(max(0.0, deadline - time.monotonic())):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,6 +112,21 @@ class BackupRequest:
     name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     client_request_token: str | None = None
+
+    def check_retry_of(self, file_system_id: str, name: str | None, backup_type: BackupType,
+                       tags: Mapping[str, str], earlier: str) -> None:
+        """Refuse this request if it reuses its client request token for other parameters.
+
+        ``earlier`` names what the token was used for, for the message. Tags given
+        replace the file system's (FSx), so they must match exactly; none given means
+        "whatever the file system's were then", which cannot conflict.
+        """
+        same = (file_system_id, name, backup_type) == (self.file_system_id, self.name, self.backup_type)
+        if not same or (self.tags and dict(tags) != dict(self.tags)):
+            raise IncompatibleParameterError(
+                f"--client-request-token {self.client_request_token} was already used for {earlier} with other "
+                "parameters; use a new token for a new request"
+            )
 
 
 class Engine:
@@ -287,18 +302,7 @@ class Engine:
         for r in self.own_records():  # a token names one host's request: hosts may reuse each other's
             if r.client_request_token != token or r.lifecycle == Lifecycle.FAILED:
                 continue
-            same = (r.file_system_id, r.name, r.backup_type) == (
-                request.file_system_id,
-                request.name,
-                request.backup_type,
-            )
-            # Tags given replace the file system's (FSx), so they must match exactly; none given
-            # means "whatever the file system's were then", which cannot conflict.
-            if not same or (request.tags and dict(r.tags) != dict(request.tags)):
-                raise IncompatibleParameterError(
-                    f"--client-request-token {token} was already used for backup {r.backup_id} with other "
-                    "parameters; use a new token for a new request"
-                )
+            request.check_retry_of(r.file_system_id, r.name, r.backup_type, r.tags, f"backup {r.backup_id}")
             if r.lifecycle == Lifecycle.CREATING and not self.locks.is_file_system_busy(r.file_system_id):
                 return None
             return r
