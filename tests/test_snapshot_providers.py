@@ -140,6 +140,35 @@ def test_reflink_reads_small_files_directly_and_notices_changes(xfs_dir: Path) -
         snap.release()
 
 
+def _cached_bytes(path: Path) -> int:
+    """Bytes of *path* in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def test_prefetch_queues_the_reads_of_a_batch_of_files(xfs_dir: Path) -> None:
+    """Files evicted from the page cache are read in by the hint alone; a missing one is passed over."""
+    files = [xfs_dir / f"small-{i}" for i in range(8)]
+    for f in files:
+        f.write_bytes(os.urandom(64 * 1024))
+    snap = ReflinkProvider().take(Source("fs-a", xfs_dir), "backup-0123456789abcdef0")
+    try:
+        os.sync()
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        assert sum(_cached_bytes(f) for f in files) < len(files) * 64 * 1024
+        snap.prefetch([f.name.encode() for f in files] + [b"gone", b"../escape"])
+        deadline = time.monotonic() + 10
+        while sum(_cached_bytes(f) for f in files) < len(files) * 64 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [_cached_bytes(f) for f in files] == [64 * 1024] * len(files)
+    finally:
+        snap.release()
+
+
 def _read_all(fd: int) -> bytes:
     chunks = []
     while chunk := os.read(fd, 1 << 20):

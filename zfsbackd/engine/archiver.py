@@ -923,6 +923,8 @@ class Archiver:
         The small files' contents are stored together at the end (one index lookup for all
         of them), and only what was finally read: not the reads of a file that moved meanwhile.
         """
+        if len(jobs) > 1:
+            self.snapshot.prefetch(child for child, _name in jobs)
         outcomes = [self._read_file(child, name) for child, name in jobs]
         small = [outcome for outcome in outcomes if outcome.small_data]
         if small:

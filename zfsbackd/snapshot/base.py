@@ -519,6 +519,32 @@ class Snapshot(ABC):
     def describe(self) -> dict[str, object]:
         return {"Provider": self.provider, "Name": self.name, "Atomic": self.atomic}
 
+    def prefetch(self, relpaths: Iterable[bytes]) -> None:
+        """Have the kernel start reading these files' data now (``POSIX_FADV_WILLNEED``), all at once.
+
+        Why: a batch of small files read one after another from a cold cache waits
+        for the disk once per file, one request in flight per read thread; hinted
+        first, their reads are queued together and the reads that follow find the
+        data in the page cache (1M small files, cold: GNU ``cat`` in 8 streams reads
+        them in 24 s, a backup with 4 read threads spent half of its 79 s waiting).
+        Only a hint: a file that cannot be opened is left to the read that follows,
+        which reports it.
+        """
+        if self._root_fd < 0:
+            return
+        for relpath in relpaths:
+            prefix, rest = self.split(relpath) if self._graft_order else (b"", relpath)
+            try:
+                fd = open_beneath(self._graft_fds[prefix] if prefix else self._root_fd, rest)
+            except (OSError, ValueError):
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
         """Open *relpath* and make sure it is (still) a regular file."""
         if self._root_fd < 0:
