@@ -533,9 +533,8 @@ class Snapshot(ABC):
         if self._root_fd < 0:
             return
         for relpath in relpaths:
-            prefix, rest = self.split(relpath) if self._graft_order else (b"", relpath)
             try:
-                fd = open_beneath(self._graft_fds[prefix] if prefix else self._root_fd, rest)
+                fd = self._open_below_root(relpath)
             except (OSError, ValueError):
                 continue
             try:
@@ -549,9 +548,8 @@ class Snapshot(ABC):
         """Open *relpath* and make sure it is (still) a regular file."""
         if self._root_fd < 0:
             raise ValueError(f"snapshot {self.name} has been released")
-        prefix, rest = self.split(relpath) if self._graft_order else (b"", relpath)
         try:
-            fd = open_beneath(self._graft_fds[prefix] if prefix else self._root_fd, rest)
+            fd = self._open_below_root(relpath)
         except OSError as exc:
             exc.filename = self._display_path(relpath)  # the full path, for the archiver's error report
             raise
@@ -564,6 +562,11 @@ class Snapshot(ABC):
             os.close(fd)
             raise
         return fd, st
+
+    def _open_below_root(self, relpath: bytes) -> int:
+        """Open *relpath* below the snapshot's root (or the graft it lies in), following no symlinks."""
+        prefix, rest = self.split(relpath) if self._graft_order else (b"", relpath)
+        return open_beneath(self._graft_fds[prefix] if prefix else self._root_fd, rest)
 
     def _display_path(self, relpath: bytes) -> str:
         return os.fsdecode(self.path(relpath))
