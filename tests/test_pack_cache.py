@@ -10,6 +10,8 @@ from enginekit import make_config
 from zfsbackd.engine.engine import BackupRequest, Engine
 from zfsbackd.objectstore.memory import MemoryRegions
 from zfsbackd.store import packcache
+from zfsbackd.store.blobs import BlobType
+from zfsbackd.store.index import Location
 from zfsbackd.store.packcache import SPAN_BYTES, PackCache
 from zfsbackd.store.tree import parse_tree
 
@@ -52,8 +54,7 @@ def test_a_pack_read_in_order_is_held_one_span_at_a_time(tmp_path: Path) -> None
     assert not packs._loaded  # every span was let go after its last blob
 
 
-def test_a_pack_of_which_little_is_wanted_is_read_blob_by_blob(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(packcache, "WHOLE_PACK_SHARE", 2.0)  # never enough of a pack wanted
+def test_a_blob_with_no_wanted_neighbour_is_read_by_itself(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(random.Random(1).randbytes(100 * KiB))
@@ -66,3 +67,52 @@ def test_a_pack_of_which_little_is_wanted_is_read_blob_by_blob(tmp_path: Path, m
     packs = PackCache(store, [root])
     assert packs._span_of == {}
     assert parse_tree(store.read_blob(root, what="root", packs=packs), what="root")
+
+
+def _loc(pack: bytes, offset: int, length: int) -> Location:
+    return Location(pack, offset, length, length, BlobType.DATA)
+
+
+def test_spans_bridge_gaps_up_to_the_object_stores_gap_and_no_further() -> None:
+    gap = 64 * KiB
+    a, b = b"a" * 32, b"b" * 32
+    wanted = [
+        _loc(a, 0, 100), _loc(a, 100, 100),  # touching
+        _loc(a, 200 + gap, 50),  # exactly the gap further: same span
+        _loc(a, 250 + 2 * gap + 1, 10),  # one byte more than the gap: alone
+        _loc(b, 0, 100),  # another pack: never in a span with pack a's blobs
+        *(_loc(b, 1 * MiB + i * MiB, MiB) for i in range(5)),  # 5 MiB of touching blobs: two spans (4 + 1)
+    ]
+    span_of = packcache._plan_spans(gap, reversed(wanted))  # the order they are wanted in does not matter
+    first = (a, 0, 250 + gap)
+    assert {key: span for key, span in span_of.items() if key[0] == a} == {
+        (a, 0): first, (a, 100): first, (a, 200 + gap): first,
+    }
+    assert span_of[(b, 1 * MiB)] == span_of[(b, 4 * MiB)] == (b, 1 * MiB, 4 * MiB)
+    assert (b, 5 * MiB) not in span_of  # the fifth is alone after the first span filled up
+    assert (b, 0) not in span_of  # 1 MiB before the next one: further than the gap
+    assert all(length <= SPAN_BYTES for _pack, _start, length in span_of.values())
+
+
+def test_restoring_part_of_a_pack_reads_it_in_spans_not_blob_by_blob(tmp_path: Path) -> None:
+    """One directory of five, all of them in one pack: a fifth of the pack is wanted, in runs of blobs
+    written together. It is read in a few requests, not one per file (before: 200)."""
+    src = tmp_path / "src"
+    rng = random.Random(4)
+    for d in range(5):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(200):
+            (src / f"d{d}" / f"f{i:03}").write_bytes(rng.randbytes(rng.randrange(64, 4 * KiB)))
+    regions = MemoryRegions()
+    engine = Engine(make_config(tmp_path / "host", {"src": src}, extra_fs={"allow_copy_snapshots": True}),
+                    objects=regions.open)
+    record = engine.create_backup(BackupRequest("fs-src"))
+    objects = regions.stores["local"]
+    reads_before = objects.metrics.requests["get"]
+    target = tmp_path / "restore"
+    target.mkdir()
+    restored = engine.restore_backup(record.backup_id, target, paths=["d2"]).path
+    assert sorted(p.name for p in (restored / "d2").iterdir()) == sorted(p.name for p in (src / "d2").iterdir())
+    assert all((restored / "d2" / p.name).read_bytes() == p.read_bytes() for p in (src / "d2").iterdir())
+    reads = objects.metrics.requests["get"] - reads_before
+    assert reads <= 20, f"{reads} reads for 200 small files"

@@ -61,6 +61,11 @@ class ObjectStore(ABC):
     location: str
     #: the region's config keys that choose the location, named in errors ("path"; "bucket", "prefix")
     location_settings: tuple[str, ...] = ()
+    #: unwanted bytes worth reading over rather than making one more ranged read: blobs of a pack read
+    #: together (a restore, a copy) are fetched in spans that bridge gaps up to this size. A local read
+    #: costs an open, a ``pread`` and a close (tens of µs, about what 64 KiB of copying costs); an S3
+    #: request costs a round trip (a megabyte at the bandwidths it is used with)
+    span_gap_bytes: int = 64 * 1024
 
     def __init__(self) -> None:
         self.metrics = ObjectStoreMetrics()

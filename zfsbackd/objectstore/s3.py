@@ -120,6 +120,7 @@ class S3ObjectStore(ObjectStore):
     """
 
     location_settings = ("bucket", "prefix")
+    span_gap_bytes = 1024 * 1024  # a request is a round trip
 
     def __init__(
         self,

@@ -118,7 +118,7 @@ class BlobIndex:
     ``get``, ``in`` and ``len`` answer as the in-memory index did (a blob
     stored in two packs answers with the one recorded first, by pack number,
     so garbage collection sees one location per blob); per-pack questions are
-    per-pack queries (:meth:`pack_entries`, :meth:`pack_bytes`) or a stream
+    per-pack queries (:meth:`pack_entries`) or a stream
     (:meth:`iter_packs`), never a copy of the whole index. Which ``index/``
     objects the cache has absorbed, and which packs each listed, is kept too,
     so that opening a store reads only the objects it has not seen.
@@ -392,11 +392,6 @@ class BlobIndex:
     def pack_ids(self) -> set[bytes]:
         """Every known pack (one 32-byte id per pack: packs are few next to blobs)."""
         return self._guarded(lambda c: {row[0] for row in c.execute("SELECT pack_id FROM packs")})
-
-    def pack_bytes(self, pack_id: bytes) -> int:
-        """Sum of the sealed lengths of a pack's blobs (0 for an unknown pack)."""
-        row = self._guarded(lambda c: c.execute("SELECT bytes FROM packs WHERE pack_id = ?", (pack_id,)).fetchone())
-        return 0 if row is None else int(row[0])
 
     def pack_entries(self, pack_id: bytes) -> list[PackEntry]:
         """The blobs a pack holds, by offset (empty for an unknown pack)."""

@@ -1,16 +1,20 @@
-"""Reading many blobs at once: packs in spans where much of a pack is wanted, blob by blob elsewhere.
+"""Reading many blobs at once: a pack's wanted blobs in a few ranged reads (spans), not one per blob.
 
-A restore (or a copy) knows every blob it will read before it starts. Fetching
-a pack in a few spans instead of one ranged request per blob turns thousands of
-small-file requests into a few large ones — what makes a restore from S3 fast,
-where each request costs a round trip. A span (at most ``SPAN_BYTES``) is kept
-only until its last wanted blob has been read, so memory follows the reader's
-progress through the packs: a reader going through a pack in order holds one
-span of it, not the whole pack.
+A restore (or a copy) knows every blob it will read before it starts. Wanted blobs
+of a pack that lie close together — gaps of at most the object store's
+``span_gap_bytes`` — are fetched in one span of at most ``SPAN_BYTES`` instead of
+one ranged read each: what makes a restore from S3 fast, where each request costs a
+round trip, and a restore of many small files from a local store, where each read
+opens and closes the pack (100,000 small files restored: 39,058 pack opens when
+spans were only made for packs of which 30 % was wanted). A blob with no wanted
+neighbour close by is read alone. A span is kept only until its last wanted blob has
+been read, so memory follows the reader's progress through the packs: a reader going
+through a pack in order holds one span of it, not the whole pack.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -20,12 +24,11 @@ from zfsbackd.store.index import Location
 from zfsbackd.store.packs import pack_key
 from zfsbackd.store.repository import Store
 
-#: read a pack's wanted blobs in spans (rather than one ranged read per blob) when at least this share
-#: of its bytes is wanted
-WHOLE_PACK_SHARE = 0.3
 #: the most bytes one span holds: a whole 16 MiB pack is read in 4 MiB pieces, each dropped once its
 #: last wanted blob has been read, so a reader going through a pack in order holds a piece, not a pack
 SPAN_BYTES = 4 * 1024 * 1024
+
+_OFFSET = operator.attrgetter("offset")
 
 
 class PackCache:
@@ -41,7 +44,8 @@ class PackCache:
         if locations is None:
             locations = store.index.get_many(list(dict.fromkeys(reads)))
         self._locations: dict[bytes, Location] = locations
-        self._span_of = _plan_spans(store, locations.values())  # (pack id, offset) → (pack id, start, length)
+        # (pack id, offset) → (pack id, start, length)
+        self._span_of = _plan_spans(store.objects.span_gap_bytes, locations.values())
         self._uses: Counter[tuple[bytes, int, int]] = Counter()  # span → reads still to come
         for blob_id in reads:
             loc = self._locations.get(blob_id)
@@ -81,24 +85,28 @@ class PackCache:
         return data[offset : offset + loc.length]
 
 
-def _plan_spans(store: Store, locations: Iterable[Location]) -> dict[tuple[bytes, int], tuple[bytes, int, int]]:
-    """The span each wanted blob is read with, for the packs of which at least WHOLE_PACK_SHARE is wanted:
-    consecutive wanted blobs, in offset order, up to SPAN_BYTES from the first one's start."""
+def _plan_spans(gap: int, locations: Iterable[Location]) -> dict[tuple[bytes, int], tuple[bytes, int, int]]:
+    """The span each wanted blob is read with: runs of a pack's wanted blobs, in offset order, with at most
+    *gap* unwanted bytes between neighbours and at most SPAN_BYTES from the run's start to its end. A blob
+    alone in its run has no span (it is read by itself)."""
     by_pack: dict[bytes, list[Location]] = {}
     for loc in locations:
         by_pack.setdefault(loc.pack_id, []).append(loc)
     span_of: dict[tuple[bytes, int], tuple[bytes, int, int]] = {}
     for pack_id, locs in by_pack.items():
-        if sum(loc.length for loc in locs) < WHOLE_PACK_SHARE * max(1, store.index.pack_bytes(pack_id)):
-            continue
-        locs.sort(key=lambda loc: loc.offset)
-        group: list[Location] = []
+        locs.sort(key=_OFFSET)
+        run: list[Location] = []
         for loc in [*locs, None]:
-            if group and (loc is None or loc.offset + loc.length - group[0].offset > SPAN_BYTES):
-                start = group[0].offset
-                span = (pack_id, start, group[-1].offset + group[-1].length - start)
-                span_of.update(((pack_id, member.offset), span) for member in group)
-                group = []
+            if run and (
+                loc is None
+                or loc.offset - (run[-1].offset + run[-1].length) > gap
+                or loc.offset + loc.length - run[0].offset > SPAN_BYTES
+            ):
+                if len(run) > 1:
+                    start = run[0].offset
+                    span = (pack_id, start, run[-1].offset + run[-1].length - start)
+                    span_of.update(((pack_id, member.offset), span) for member in run)
+                run = []
             if loc is not None:
-                group.append(loc)
+                run.append(loc)
     return span_of
