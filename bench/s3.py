@@ -156,6 +156,29 @@ def bucket_usage(client: Any, bucket: str, prefix: str = "") -> tuple[int, int]:
     return size, count
 
 
+def record_bucket_usage(client: Any, r: dict[str, Any], tool: base.Tool) -> None:
+    """A step's result measured the store as a local directory: replace that with the tool's bucket."""
+    bucket, prefix = tool.store_location  # type: ignore[attr-defined]
+    size, count = bucket_usage(client, bucket, prefix)
+    r.update(store_bytes=size, store_objects=count, store_mib=round(size / MiB, 1), store_bucket=bucket)
+    r.pop("store_allocated_bytes", None)
+
+
+def drop_buckets(client: Any, buckets: list[str], keep: bool) -> None:
+    """Empty and delete *buckets* (or only say they are kept); the list is cleared either way."""
+    if keep:
+        if buckets:
+            log(f"keeping buckets {', '.join(buckets)}")
+        buckets.clear()
+        return
+    for bucket in buckets:
+        try:
+            empty_and_delete_bucket(client, bucket)
+        except Exception as exc:  # cleanup must go on
+            log(f"could not delete bucket {bucket}: {exc}")
+    buckets.clear()
+
+
 def empty_and_delete_bucket(client: Any, bucket: str) -> None:
     with contextlib.suppress(client.exceptions.NoSuchBucket):
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
@@ -411,30 +434,14 @@ class S3Bench(base.Bench):
 
     def _record(self, ds: dict[str, Any], step: str, tool: base.Tool, m: base.Measure,
                 stats: dict[str, Any]) -> dict[str, Any]:
-        r = super()._record(ds, step, tool, m, stats)  # its store size is of a local directory: replace it
-        bucket, prefix = tool.store_location  # type: ignore[attr-defined]
-        size, count = bucket_usage(self.client, bucket, prefix)
-        r.update(store_bytes=size, store_objects=count, store_mib=round(size / MiB, 1), store_bucket=bucket)
-        r.pop("store_allocated_bytes", None)
+        r = super()._record(ds, step, tool, m, stats)
+        record_bucket_usage(self.client, r, tool)
         self.save()
         return r
 
-    def drop_buckets(self) -> None:
-        if self.args.keep_buckets:
-            if self._buckets:
-                log(f"keeping buckets {', '.join(self._buckets)}")
-            self._buckets.clear()
-            return
-        for bucket in self._buckets:
-            try:
-                empty_and_delete_bucket(self.client, bucket)
-            except Exception as exc:  # cleanup must go on
-                log(f"could not delete bucket {bucket}: {exc}")
-        self._buckets.clear()
-
     def cleanup(self) -> None:
         self.runner.stop_child()
-        self.drop_buckets()
+        drop_buckets(self.client, self._buckets, self.args.keep_buckets)
         super().cleanup()
 
     def run_dataset(self, name: str, earlier_rounds: list[dict[str, Any]], round_no: int = 1) -> dict[str, Any]:
@@ -500,7 +507,7 @@ class S3Bench(base.Bench):
             self.save()
             self._current = None
             self.runner.stop_child()
-            self.drop_buckets()
+            drop_buckets(self.client, self._buckets, self.args.keep_buckets)
             self.fs.destroy()
         return ds
 

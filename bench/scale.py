@@ -73,6 +73,7 @@ import blake3  # noqa: E402
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))  # zfsbackd itself (the synthetic mode's children import it)
 import run as base  # noqa: E402  (bench/run.py: loop file system, launcher, tools, restore check)
+import s3 as s3bench  # noqa: E402  (bench/s3.py: Ceph RGW, the tools on S3, buckets)
 
 KiB, MiB, GiB = base.KiB, base.MiB, base.GiB
 log = base.log
@@ -88,7 +89,7 @@ OPERATIONS = {
     "restore-path": ("restore-backup", "--backup-id", "{last}", "--path", "{path}", "--target", "{target}"),
     "check": ("check",),
     "check-read-data": ("check", "--read-data"),
-    "copy": ("copy-backup", "--source-backup-id", "{last}", "--destination-region", "copy"),
+    "copy": ("copy-backup", "--source-backup-id", "{last}", "--destination-region", "{copy_region}"),
     "delete": ("delete-backup", "--backup-id", "{first}"),
     "gc": ("gc", "--grace-period", "0"),
 }
@@ -317,9 +318,15 @@ def open_store(config: Path, drop_index_cache: bool = False) -> dict[str, Any]:
 class ScaleBench(base.Bench):
     """run.py's Bench (results file, launcher, loop file system, ``_record``), with scale's own datasets."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, server: s3bench.S3Server | None = None) -> None:
+        """*server*: the S3 server whose buckets hold the stores (``--s3``); None: directories on the image."""
         super().__init__(args, suffix="-scale")
         self.results["mode"] = "scale"
+        self.server = server
+        self.client = server.client() if server is not None else None
+        self._buckets: list[str] = []
+        if server is not None:
+            self.results["s3"] = server.public()
 
     def run(self) -> None:
         for n in self.args.files:
@@ -335,6 +342,8 @@ class ScaleBench(base.Bench):
     def _record(self, ds: dict[str, Any], step: str, tool: base.Tool, m: base.Measure,
                 stats: dict[str, Any]) -> dict[str, Any]:
         r = super()._record(ds, step, tool, m, stats)
+        if self.client is not None and hasattr(tool, "store_location"):
+            s3bench.record_bucket_usage(self.client, r, tool)
         if ds.get("files") and m.wall_s > 0:
             r["files_per_s"] = round(ds["files"] / m.wall_s, 1)
             self.save()
@@ -356,12 +365,16 @@ class ScaleBench(base.Bench):
             self.save()
             self._current = None
             self.runner.stop_child()  # an interrupted step's child must go before the unmount
+            if self.client is not None:
+                s3bench.drop_buckets(self.client, self._buckets, self.args.keep_buckets)
             self.fs.destroy()
 
     def run_files(self, n: int) -> None:
         args = self.args
         ds: dict[str, Any] = {"kind": "files", "files": n, "fs": "xfs", "cold": True, "seed": args.seed,
                               "steps": {}}
+        if self.server is not None:
+            ds["s3"] = self.server.public()
         # Per file: source and one restore (a 4 KiB block and an inode each), zfsbackd's reflink snapshot
         # (an inode), two stores; the image is sparse, the check is on what it will really use.
         with self.dataset(f"files-{n}", ds, image=n * 24 * KiB + 2 * GiB, needed=n * 15 * KiB + GiB) as mnt:
@@ -372,10 +385,7 @@ class ScaleBench(base.Bench):
             ds["generated"] = asdict(info)
             log(f"generated {info.files:,} files in {info.dirs:,} directories, {info.bytes / MiB:,.0f} MiB in "
                 f"{info.seconds:.1f} s ({info.files / max(info.seconds, 1e-9):,.0f} files/s)")
-            tools = [SCALE_TOOL_CLASSES[t](self.runner, mnt / "work", data) for t in self.tools]
-            for tool in tools:
-                if isinstance(tool, base.Zfsbackd):
-                    tool.copy_region = mnt / "work" / "repos" / "zfsbackd-copy"
+            tools = self._tools(n, mnt / "work", data)
             for tool in tools:
                 self.results["tools"][tool.name] = tool.setup()
             for step in BACKUP_STEPS:
@@ -399,12 +409,33 @@ class ScaleBench(base.Bench):
                     self.run_operations(ds, tool, mnt)
             print("\n" + render_files_table(ds, self.tools) + "\n", flush=True)
 
+    def _tools(self, n: int, work: Path, data: Path) -> list[base.Tool]:
+        """The tools of one run: their stores in directories below *work*, or in fresh buckets (``--s3``)."""
+        if self.server is None or self.client is None:
+            tools = [SCALE_TOOL_CLASSES[t](self.runner, work, data) for t in self.tools]
+            for tool in tools:
+                if isinstance(tool, base.Zfsbackd):
+                    tool.copy_region = work / "repos" / "zfsbackd-copy"
+            return tools
+        stem = f"zb-{self.stamp.lower()}-files-{n}"
+        buckets = {role: f"{stem}-{role}" for role in ("zfsbackd", "zfsbackd-copy", "restic")}
+        for bucket in buckets.values():
+            self.client.create_bucket(Bucket=bucket)
+            self._buckets.append(bucket)
+        regions = {s3bench.HOME_REGION: buckets["zfsbackd"], s3bench.COPY_REGION: buckets["zfsbackd-copy"]}
+        return [
+            s3bench.S3Zfsbackd(self.runner, work, data, self.server, regions) if t == "zfsbackd"
+            else s3bench.S3Restic(self.runner, work, data, self.server, buckets["restic"])
+            for t in self.tools
+        ]
+
     def run_operations(self, ds: dict[str, Any], tool: base.Zfsbackd, mnt: Path) -> None:
         """Each of OPERATIONS once, page cache dropped first, with wall time and peak RSS like the backups."""
         n = ds["files"]
         first = ds["steps"]["full"]["zfsbackd"]["tool_stats"].get("BackupId")
         values = {"first": first, "last": tool.last_backup, "path": leaf_dir(0, layout(n)[1]),
-                  "target": str(mnt / "restore" / "zfsbackd-path")}
+                  "target": str(mnt / "restore" / "zfsbackd-path"),
+                  "copy_region": s3bench.COPY_REGION if isinstance(tool, s3bench.S3Zfsbackd) else "copy"}
         Path(values["target"]).mkdir(parents=True)
         for step, argv in OPERATIONS.items():
             base.settle(True)
@@ -463,6 +494,11 @@ FILE_COLUMNS = (("wall s", "wall_s", 2), ("files/s", "files_per_s", 0), ("CPU s"
                 ("RSS MiB", "peak_rss_mib", 0), ("store MiB", "store_mib", 1))
 
 
+def _stores(ds: dict[str, Any]) -> str:
+    s3 = ds.get("s3")
+    return f"stores in S3 ({s3.get('kind', 'S3')} at {s3.get('endpoint', '?')})" if s3 else "stores on the same XFS"
+
+
 def render_files_table(ds: dict[str, Any], tools: list[str]) -> str:
     """One table per N: a row per step, wall / files/s / CPU / peak RSS / store size per tool."""
     g = ds.get("generated", {})
@@ -471,7 +507,7 @@ def render_files_table(ds: dict[str, Any], tools: list[str]) -> str:
              f"sampled: every entry's metadata, BLAKE3 of {verify.get('content_fraction', 0):.0%} of the files")
     churn = ds.get("churn", {})
     lines = [f"### {ds['files']:,} files, {g.get('bytes', 0) / MiB:,.0f} MiB in {g.get('dirs', 0):,} directories "
-             f"— XFS reflink=1, page cache dropped before every step{_load_range(ds)}", "",
+             f"— XFS reflink=1, {_stores(ds)}, page cache dropped before every step{_load_range(ds)}", "",
              f"Generated in {g.get('seconds', 0):.1f} s; churn rewrote {churn.get('modified', 0):,} files; "
              f"restore check {check}.", ""]
     head = ["step"] + [f"{t} {label}" for t in tools for label, _, _ in FILE_COLUMNS]
@@ -644,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hash every restored file up to N files; above, a sampled check (default 300000)")
     parser.add_argument("--verify-sample", type=float, default=0.01,
                         help="fraction of files hashed by the sampled check (default 0.01)")
+    parser.add_argument("--s3", action="store_true",
+                        help="the stores in S3 buckets on Ceph RGW on 127.0.0.1, as bench/s3.py (started with "
+                             "../shared/s3/ceph-rgw.sh; stopped again if this run started it)")
+    parser.add_argument("--keep-buckets", action="store_true", help="with --s3: leave the buckets behind")
     parser.add_argument("--seed", type=int, default=1, help="data seed (same seed, same files)")
     parser.add_argument("--workdir", default="/var/tmp", help="where the loopback image goes (default /var/tmp)")
     parser.add_argument("--report", nargs="+", metavar="JSON",
@@ -676,10 +716,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--tools: unknown tool {name!r}; use {', '.join(SCALE_TOOL_CLASSES)}")
     if not 0 < args.churn <= 1 or not 0 < args.verify_sample <= 1:
         parser.error("--churn and --verify-sample are fractions in (0, 1]")
+    if args.s3 and "floor" in args.tools.split(","):
+        parser.error("--s3: the floor tool has no store to put in S3; leave it out of --tools")
     if os.geteuid() != 0:
         parser.error("run as root (it creates and mounts a loopback file system)")
     base.ensure_tools("xfs")
-    return base.run_bench(ScaleBench(args))
+    server = s3bench.start_ceph() if args.s3 else None
+    try:
+        return base.run_bench(ScaleBench(args, server))
+    finally:
+        if server is not None:
+            s3bench.stop_ceph(server)
 
 
 if __name__ == "__main__":
