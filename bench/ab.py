@@ -19,10 +19,15 @@ workers included).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
+
+if any(importlib.util.find_spec(module) is None for module in ("blake3", "boto3", "structlog")):
+    # scale.py (the generator) imports blake3 and bench/s3.py (boto3), which would re-run *itself* without it
+    raise SystemExit("bench/ab.py needs zfsbackd's dependencies and boto3: run it with the project's .venv/bin/python")
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
