@@ -57,7 +57,7 @@ def _use_project_python() -> None:
     run.py's Zfsbackd tool starts ``sys.executable -m zfsbackd.cli`` and the synthetic mode imports
     zfsbackd itself, so the interpreter running this file must be able to import zfsbackd.
     """
-    if all(importlib.util.find_spec(m) is not None for m in ("blake3", "zstandard", "structlog")):
+    if all(importlib.util.find_spec(m) is not None for m in ("blake3", "zstandard", "structlog", "boto3")):
         return
     # sys.prefix, not the executable: a venv's python is often a symlink to the very interpreter it runs on.
     if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve():
