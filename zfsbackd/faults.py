@@ -28,6 +28,10 @@ The points, where they are, and what is durable when they fire:
   its file, inside the write transaction, not committed yet: a kill here must
   leave the cache as it was (WAL rollback), and the next open reads those index
   objects again.
+- ``listing-cache-written``: the local listing cache (``state_dir/cache``,
+  zfsbackd.store.listingcache) has a batch of rows in its file, inside the write
+  transaction, not committed yet: a kill here must leave the cache valid and without
+  them (WAL rollback); the next backup compares those directories entry by entry.
 - ``shard-archived``: an archive worker process (zfsbackd.engine.shards) archived one
   subdirectory; its blobs may still be in the worker's unwritten pack. Reached in the
   worker only: a kill here is a worker lost mid-backup.

@@ -41,6 +41,7 @@ from zfsbackd.engine.workers import CANCEL_POLL_SECONDS, WorkerPool, start_worke
 from zfsbackd.errors import SnapshotError
 from zfsbackd.snapshot.base import ArchivedDirectory, ChangeSet, FileChangedError, PendingChanges, Snapshot
 from zfsbackd.store.blobs import BlobType
+from zfsbackd.store.listingcache import ListingSummary, listing_digest
 from zfsbackd.store.records import BackupStats
 from zfsbackd.store.repository import Store
 from zfsbackd.store.tree import (
@@ -182,6 +183,11 @@ class _DirFrame:
     #: subdirectories archived by worker processes: (result, the node sent, the parent backup's node)
     shards: list[tuple[Future[ShardOutcome], Node, Node | None]] = field(default_factory=list)
     open_children: int = 0  # subdirectories walked here and not finished yet
+    listing: bytes | None = None  # the digest of the directory's listing (None: not made, see ``_listing_digest``)
+    listed: int = 0  # entries it listed
+    #: the parent backup's tree was made from this very listing: the entries that are not directories are
+    #: this summary's (counted in ``kept_totals``, not in ``kept``), ``previous`` and ``entries`` its directories
+    as_listed: ListingSummary | None = None
 
 
 def _results_ready(frame: _DirFrame) -> bool:
@@ -280,17 +286,19 @@ _NO_INODE = -1  # what a name that is not listed any more "has": never a node's 
 _SPECIAL_TYPES = {stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev"}
 
 
-def _subtrees(nodes: dict[bytes, Node] | None, _arg: None) -> list[tuple[str, None, int]]:
-    """A parent tree's subdirectories' trees, in the walk's order (by name, as trees store them)."""
-    return [
-        (n["subtree"], None, expected_entries(n))
-        for n in (nodes or {}).values()
-        if n.get("type") == "dir" and "subtree" in n
-    ]
+#: a directory of the parent backup as the walk gets it: the summary of its listing (when the listing
+#: cache has one), else its tree's nodes by name, or None (no parent tree, or an unreadable one)
+_ParentDir = ListingSummary | dict[bytes, Node] | None
 
 
-def _tree_size(nodes: dict[bytes, Node] | None) -> int:
-    return len(nodes or ())
+def _subtrees(parent: _ParentDir, _arg: None) -> list[tuple[str, None, int]]:
+    """A parent directory's subdirectories' trees, in the walk's order (by name, as trees store them)."""
+    nodes = parent.dirs if isinstance(parent, ListingSummary) else (parent or {}).values()
+    return [(n["subtree"], None, expected_entries(n)) for n in nodes if n.get("type") == "dir" and "subtree" in n]
+
+
+def _tree_size(parent: _ParentDir) -> int:
+    return len(parent.dirs) if isinstance(parent, ListingSummary) else len(parent or ())
 
 
 class Archiver:
@@ -350,7 +358,10 @@ class Archiver:
         self._chunk_pool = ThreadPoolExecutor(max_workers=pools.CHUNK_WORKERS, thread_name_prefix="zfsbackd-chunk")
         self._jobs = threading.BoundedSemaphore(max_jobs)
         self.read_ahead_entries = read_ahead_entries
-        self._read_ahead: TreeReadAhead[None, dict[bytes, Node] | None] | None = None
+        self._read_ahead: TreeReadAhead[None, _ParentDir] | None = None
+        # Unchanged directories taken whole by their listing: not for a provider that needs every directory's
+        # entries, nor across grafted datasets; nor while a change list is used or awaited (``_listing_digest``).
+        self._listings = store.listing_cache if snapshot.reuses_listings and not self.grafts else None
         self.read_ahead_peak_entries = 0
         """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
         self.unfinished_peak_dirs = 0
@@ -474,7 +485,7 @@ class Archiver:
     def _parent_root_node(self) -> Node | None:
         if not self.parent_root_tree:
             return None
-        nodes = self._load_tree(self.parent_root_tree)
+        nodes = self._read_parent_tree(self.parent_root_tree)
         return nodes.get(ROOT_NAME.encode()) if nodes else None
 
     def _read_ahead_below(self, tree_id: str) -> None:
@@ -490,17 +501,25 @@ class Archiver:
             self.read_ahead_peak_entries = max(self.read_ahead_peak_entries, self._read_ahead.peak_entries)
             self._read_ahead = None
 
-    def _read_ahead_tree(self, tree_id: str, _arg: None) -> dict[bytes, Node] | None:
-        return self._read_parent_tree(tree_id)
+    def _read_ahead_tree(self, tree_id: str, _arg: None) -> _ParentDir:
+        return self._read_parent(tree_id)
 
-    def _load_tree(self, tree_id: str | None) -> dict[bytes, Node] | None:
-        """The parent's entries of one directory, or None (then every entry is read again)."""
+    def _parent_dir(self, tree_id: str | None) -> _ParentDir:
+        """The parent backup's directory whose tree is *tree_id*: read ahead, or read now."""
         if not tree_id:
             return None
         if self._read_ahead is not None:
-            nodes = self._read_ahead.take(tree_id)
-            if nodes is not None:
-                return nodes
+            parent = self._read_ahead.take(tree_id)
+            if parent is not None:
+                return parent
+        return self._read_parent(tree_id)
+
+    def _read_parent(self, tree_id: str) -> _ParentDir:
+        """The summary of the listing the tree was made from, if the listing cache knows it; else the tree."""
+        if self._listings is not None:
+            summary = self._listings.get(bytes.fromhex(tree_id))
+            if summary is not None:
+                return summary
         return self._read_parent_tree(tree_id)
 
     def _read_parent_tree(self, tree_id: str) -> dict[bytes, Node] | None:
@@ -601,17 +620,71 @@ class Archiver:
         """
         if self.cancel.is_set():
             raise BackupCancelled()
-        previous = self._load_tree(parent_tree)
+        parent = self._parent_dir(parent_tree)
         with os.scandir(self._path(rel)) as it:
-            entries = list(it)
+            entries = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
         self._entries_listed += len(entries)
         if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
             self._start_shards()
-        frame = _DirFrame(rel, dev, previous or {}, entries, node)
-        if previous is not None:
+        listing = self._listing_digest(entries)
+        if isinstance(parent, ListingSummary):
+            if listing == parent.digest and parent_tree:
+                frame = self._frame_as_listed(rel, dev, entries, node, parent_tree, parent)
+                if frame is not None:
+                    return frame
+            parent = self._read_parent_tree(parent_tree)  # type: ignore[arg-type]  # a summary is of a tree
+        frame = _DirFrame(rel, dev, parent or {}, entries, node, listing=listing, listed=len(entries))
+        if parent is not None:
             frame.tree_before = parent_tree
             self._take_clean_entries(frame, _Totals.of_directory(before))
-        frame.entries.sort(key=_ENTRY_NAME)  # what is left to look at, in name order
+        return frame
+
+    def _listing_digest(self, entries: list[os.DirEntry[bytes]]) -> bytes | None:
+        """The digest of the directory's listing (``listing_digest``), when the listing cache is used.
+
+        The ``lstat`` of every entry is made here, in one list comprehension; each ``DirEntry`` keeps
+        its result, so :meth:`_scan` does not make it again. None when an entry cannot be stat'ed
+        (:meth:`_scan` reports it), or the cache is not used.
+        """
+        if self._listings is None or self.changes is not None or self._pending is not None:
+            return None  # (a change list spares the stat itself)
+        try:
+            stats = [entry.stat(follow_symlinks=False) for entry in entries]
+        except OSError:
+            return None
+        return listing_digest(list(map(_ENTRY_NAME, entries)), stats)
+
+    def _frame_as_listed(
+        self,
+        rel: bytes,
+        dev: int,
+        entries: list[os.DirEntry[bytes]],
+        node: Node | None,
+        tree_id: str,
+        summary: ListingSummary,
+    ) -> _DirFrame | None:
+        """The frame of a directory listed exactly as when its parent backup's tree *tree_id* was made.
+
+        Every entry that is not a directory is as the tree has it (the per-entry test of
+        :meth:`_scan`, passed by the listing as a whole), so only the subdirectories are left to
+        walk, with the parent backup's nodes of the summary; the other entries count as unchanged
+        in the summary's totals and are not even looked at. None if the summary's directories are
+        not the listing's (a summary that does not fit its digest: then the tree is read).
+        """
+        dirs = nodes_by_name(summary.dirs)
+        subdirs = [entry for entry in entries if entry.name in dirs]
+        if len(subdirs) != len(dirs) or summary.entries != len(entries):
+            log.warning("listing_summary_mismatch", tree_id=tree_id, path=os.fsdecode(rel))
+            return None
+        frame = _DirFrame(rel, dev, dirs, subdirs, node, listing=summary.digest, listed=len(entries))
+        frame.tree_before, frame.as_listed = tree_id, summary
+        frame.kept_totals = _Totals(summary.files, summary.bytes)
+        stats = self.counters.stats
+        stats.directories_listed_as_before += 1
+        stats.files_unchanged += summary.files
+        stats.symlinks += summary.symlinks
+        stats.other += summary.others
+        self.progress.advance(files=summary.files, nbytes=summary.bytes)
         return frame
 
     def _take_clean_entries(self, frame: _DirFrame, totals_before: _Totals | None) -> None:
@@ -637,7 +710,7 @@ class Archiver:
         if not taken:
             return
         frame.kept.extend(taken.values())
-        frame.entries = [entry for entry in frame.entries if entry.name not in taken]
+        frame.entries = [entry for entry in frame.entries if entry.name not in taken]  # still in name order
         totals = totals_before
         if totals is not None:
             for name in frame.previous.keys() - taken.keys():
@@ -815,14 +888,7 @@ class Archiver:
     def _finish_dir(self, frame: _DirFrame) -> tuple[str, _Totals]:
         """Collect the directory's file jobs and write its tree; returns (tree id hex, totals below it)."""
         nodes = frame.nodes
-        for future, jobs in frame.pending:
-            for outcome, (child, _name) in zip(future.result(), jobs, strict=True):
-                self.counters.add_outcome(outcome)
-                if outcome.problem is not None:
-                    self._entry_problem(child, outcome.problem.what, outcome.problem.error)
-                elif outcome.node is not None:
-                    nodes.append(outcome.node)
-        frame.pending.clear()
+        self._collect_reads(frame)
         for future, node, before in frame.shards:
             outcome = self._shard_result(future)
             if outcome.reused:
@@ -837,15 +903,66 @@ class Archiver:
             totals.add_node(node)
         for node in nodes:
             totals.add_node(node)
-        as_before = _entries_as_before(frame) and (frame.node is None or frame.node_before is not None)
-        diffable = frame.tree_before is not None and frame.same_object
-        self.snapshot.directory_archived(
-            frame.rel, frame.node, ArchivedDirectory(frame.kept, nodes, frame.previous if diffable else None), as_before
-        )
+        if frame.as_listed is None:  # (a provider that needs every directory's entries has no listing cache)
+            as_before = _entries_as_before(frame) and (frame.node is None or frame.node_before is not None)
+            diffable = frame.tree_before is not None and frame.same_object
+            archived = ArchivedDirectory(frame.kept, nodes, frame.previous if diffable else None)
+            self.snapshot.directory_archived(frame.rel, frame.node, archived, as_before)
         if self._same_tree_as_before(frame):
+            if frame.as_listed is None:  # (else the listing cache told us)
+                self._remember_listing(frame, frame.tree_before, frame.kept)  # type: ignore[arg-type]
             return frame.tree_before, totals  # type: ignore[return-value]
-        tree_id, _ = self.writer.add(BlobType.TREE, serialize_tree(frame.kept + nodes))
-        return tree_id.hex(), totals
+        entries = frame.kept + nodes
+        if frame.as_listed is not None:
+            entries += self._entries_not_walked(frame)
+        tree_id = self.writer.add(BlobType.TREE, serialize_tree(entries))[0].hex()
+        self._remember_listing(frame, tree_id, entries)
+        return tree_id, totals
+
+    def _collect_reads(self, frame: _DirFrame) -> None:
+        """Wait for the directory's file jobs: their nodes join ``frame.nodes``, their problems are reported."""
+        for future, jobs in frame.pending:
+            for outcome, (child, _name) in zip(future.result(), jobs, strict=True):
+                self.counters.add_outcome(outcome)
+                if outcome.problem is not None:
+                    self._entry_problem(child, outcome.problem.what, outcome.problem.error)
+                elif outcome.node is not None:
+                    frame.nodes.append(outcome.node)
+        frame.pending.clear()
+
+    def _entries_not_walked(self, frame: _DirFrame) -> list[Node]:
+        """The nodes of a directory taken as listed (:meth:`_frame_as_listed`) that are not directories, now
+        that a subdirectory changed and its tree is written anew: its parent backup's tree's, read now.
+
+        If that tree cannot be read any more, they are archived again from the snapshot (the same
+        listing), as a directory with no parent tree would be.
+        """
+        summary = frame.as_listed
+        assert summary is not None and frame.tree_before is not None
+        nodes = self._read_parent_tree(frame.tree_before)
+        if nodes is not None:
+            return [node for node in nodes.values() if node.get("type") != "dir"]
+        stats = self.counters.stats  # counted again as they are archived again
+        stats.files_unchanged -= summary.files
+        stats.symlinks -= summary.symlinks
+        stats.other -= summary.others
+        again = _DirFrame(frame.rel, frame.dev, {}, [], None)
+        try:
+            with os.scandir(self._path(frame.rel)) as it:
+                again.entries = sorted((e for e in it if not e.is_dir(follow_symlinks=False)), key=_ENTRY_NAME)
+        except OSError as exc:
+            self._entry_problem(frame.rel, "list the directory", exc)
+            return []
+        self._scan(again)
+        self._collect_reads(again)
+        return again.nodes
+
+    def _remember_listing(self, frame: _DirFrame, tree_id: str, entries: list[Node]) -> None:
+        """Tell the listing cache that the tree *tree_id* was made from the directory's listing, if it holds
+        every entry listed (none skipped: else the same listing would not make the same tree)."""
+        if self._listings is None or frame.listing is None or len(entries) != frame.listed:
+            return
+        self._listings.put(bytes.fromhex(tree_id), ListingSummary.of_tree(frame.listing, entries))
 
     def _same_tree_as_before(self, frame: _DirFrame) -> bool:
         """Whether the directory's tree is its parent backup's, node for node: then that tree id is
@@ -896,6 +1013,8 @@ class Archiver:
                 self._pending = None
                 self._stop_read_ahead()  # the walk now skips clean directories: their trees are not needed
                 log.info("backup_using_change_list", changed_paths=len(self.changes.touched))
+            elif self._pending.answered_none():  # the provider has none (or it failed): nothing to wait for
+                self._pending = None
             elif self.progress.files > self._give_up_after:
                 self._pending.abandon()
                 self._pending = None

@@ -215,6 +215,7 @@ class Engine:
         store.use_index_cache(self.config.state_dir)  # the blob index persists in state_dir/cache/<store id>
         store.use_tree_cache(self.config.state_dir)  # parent trees are read locally, verified by their ids
         store.use_record_cache(self.config.state_dir)  # records fetched only when their version is new
+        store.use_listing_cache(self.config.state_dir)  # unchanged directories compared all at once
         if id_key is not None and store.keys.id_key != id_key:
             raise StoreError(
                 f"the store in region {name} ({store.objects.location}) belongs to another deployment "
@@ -382,8 +383,7 @@ class Engine:
                     # Packs, then the index: durable before the record names them. On an
                     # interruption this checkpoints what was read, so the resumed run reuses it.
                     writer.flush()
-                    if store.tree_cache is not None:
-                        store.tree_cache.flush()  # the next incremental finds this backup's trees locally
+                    store.flush_caches()  # the next incremental finds this backup's trees and listings locally
             faults.point("backup-data-durable")
             ws = writer.stats
             stats.bytes_new, stats.blobs_new = ws.bytes_new, ws.blobs_new

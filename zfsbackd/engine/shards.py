@@ -94,8 +94,7 @@ class ShardContext:
                     channel.done(job, outcome)
             finally:
                 writer.flush()  # also when cancelled: a resumed backup reuses what was read
-                if store.tree_cache is not None:
-                    store.tree_cache.flush()
+                store.flush_caches()
                 channel.report_progress(progress)
         return archiver.counters.stats, writer.stats
 

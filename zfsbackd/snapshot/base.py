@@ -390,6 +390,10 @@ class PendingChanges:
         """The change set if it is known by now; None while it is being worked out, abandoned, or there is none."""
         return self._result if self._done.is_set() and not self._stop.is_set() else None
 
+    def answered_none(self) -> bool:
+        """Worked out, and there is no change set (the provider has none, or working it out failed)."""
+        return self._done.is_set() and self._result is None
+
     def wait(self, timeout: float | None = None) -> ChangeSet | None:
         self._done.wait(timeout)
         return self.ready()
@@ -421,6 +425,10 @@ class Snapshot(ABC):
     #: through a copy of this object (:meth:`__reduce__`), which opens files like this one but keeps no
     #: other state, so a provider whose :meth:`directory_archived` or change list keeps state says False.
     parallel_walk: bool = True
+    #: Whether the archiver may take an unchanged directory's entries all at once from the listing cache
+    #: (zfsbackd.store.listingcache), reading its parent backup's tree only if a subdirectory changed; a
+    #: provider whose :meth:`directory_archived` needs every directory's entries says False.
+    reuses_listings: bool = True
 
     def __init__(
         self,

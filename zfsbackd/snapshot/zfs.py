@@ -232,6 +232,7 @@ class ZfsSnapshot(Snapshot):
     provider = "zfs"
     atomic = True
     parallel_walk = False  # the object map is kept from every directory_archived() of one process
+    reuses_listings = False  # ... from every directory's entries (its change lists spare the walk instead)
 
     def __init__(self, fs_id: str, name: str, layout: Layout, objmap: ObjectMap | None = None) -> None:
         top, children = layout.members[0], layout.members[1:]

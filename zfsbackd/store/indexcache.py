@@ -177,7 +177,7 @@ class BlobIndex:
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
+            if not is_corruption(exc):
                 raise self._unusable(exc) from exc
             return f"not a readable cache ({exc})"
         if meta.get("format") != str(CACHE_FORMAT):
@@ -287,7 +287,7 @@ class BlobIndex:
         try:
             return op(self._conn())
         except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
+            if not is_corruption(exc):
                 raise self._unusable(exc) from exc
             resync = self.on_reset
             if resync is None or getattr(self._local, "manual", False):
@@ -569,7 +569,7 @@ class BlobIndex:
         return dropped
 
 
-def _is_corruption(exc: sqlite3.Error) -> bool:
+def is_corruption(exc: sqlite3.Error) -> bool:
     """Damage of the file itself (rebuilt), as opposed to its file system failing (reported)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:

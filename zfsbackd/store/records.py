@@ -84,6 +84,10 @@ class BackupStats:
     entries_not_examined: int = 0
     """Entries (files or whole directories) taken from the parent backup without even a stat,
     because the change list (``zfs diff``) said they did not change."""
+    directories_listed_as_before: int = 0
+    """Directories whose listing (names, and each entry's mode, inode, ctime, mtime and size) was the one
+    their parent backup's tree was made from: their entries were taken all at once (the listing cache,
+    zfsbackd.store.listingcache), not compared one by one. Absent from older records."""
     entries_skipped_with_errors: int = 0
     """Entries left out (a directory with its subtree) because they could not be read
     (EACCES, EIO, a path longer than PATH_MAX, …) under ``on_entry_error: skip``."""

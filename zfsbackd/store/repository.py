@@ -34,6 +34,7 @@ from zfsbackd.store.crypto import BlobHasher, Sealer, StoreKeys
 from zfsbackd.store.index import INDEX_PREFIX, Location, decode_index, encode_index, new_index_key
 from zfsbackd.store.indexcache import BlobIndex, IndexCacheCorrupt, cache_directory
 from zfsbackd.store.leases import DEFAULT_LEASE_SECONDS, PROCESS_KEEPER, HeldLease, LeaseBook, Operation
+from zfsbackd.store.listingcache import ListingCache
 from zfsbackd.store.packs import TAIL_GUESS, PackEntry, pack_id_from_key, pack_key, parse_header
 from zfsbackd.store.recordcache import RecordCache
 from zfsbackd.store.records import (
@@ -197,6 +198,7 @@ class Store:
         self._index: BlobIndex | None = None
         self._index_dir: Path | None = None
         self.tree_cache: TreeCache | None = None
+        self.listing_cache: ListingCache | None = None
         self._index_create_lock = threading.Lock()
         self.index_keys: set[str] = set()
         self.unreadable_indexes: list[UnreadableIndex] = []
@@ -395,6 +397,18 @@ class Store:
         self.tree_cache = TreeCache(
             cache_directory(state_dir, self.store_id) / "trees", self._is_blob, max_bytes=max_bytes
         )
+
+    def use_listing_cache(self, state_dir: Path) -> None:
+        """Keep which listing each tree was made from in ``state_dir/cache/<store id>/listings.sqlite``, so a
+        backup takes an unchanged directory's entries all at once (see :mod:`zfsbackd.store.listingcache`)."""
+        self.listing_cache = ListingCache(cache_directory(state_dir, self.store_id), self.store_id, self.hasher.blob_id)
+
+    def flush_caches(self) -> None:
+        """Write what the tree and listing caches still hold in memory (the next backup finds it locally)."""
+        if self.tree_cache is not None:
+            self.tree_cache.flush()
+        if self.listing_cache is not None:
+            self.listing_cache.flush()
 
     def _is_blob(self, blob_id: bytes, plaintext: bytes) -> bool:
         return self.hasher.blob_id(plaintext) == blob_id
