@@ -333,3 +333,31 @@ def test_a_backup_killed_while_the_cache_is_written_leaves_it_valid(tmp_path: Pa
     target = tmp_path / "out"
     target.mkdir()
     assert_trees_identical(root, engine.restore_backup(unchanged.backup_id, target).path)
+
+
+@pytest.mark.parametrize("fs_kind", ["xfs", "btrfs"])
+def test_snapshots_of_real_file_systems_are_taken_by_their_listing(
+    fs_kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """btrfs snapshots (a new device number each, the same inode numbers) and XFS reflink clones: an
+    unchanged directory of the next snapshot has the listing of the one before, and a changed one not."""
+    if fs_kind == "btrfs":
+        root = request.getfixturevalue("btrfs_subvol")  # a subvolume: snapshotted whole
+    else:
+        root = request.getfixturevalue("xfs_dir") / "src"
+        root.mkdir()
+    for d in range(5):
+        (root / f"d{d}").mkdir()
+        for f in range(20):
+            (root / f"d{d}" / f"f{f}").write_bytes(os.urandom(50 + f))
+    engine = Engine(make_config(tmp_path, {"src": root}))
+    first = engine.create_backup(BackupRequest("fs-src"))
+    second = engine.create_backup(BackupRequest("fs-src"))
+    assert second.snapshot["Provider"] == ("btrfs" if fs_kind == "btrfs" else "reflink")
+    assert second.root_tree == first.root_tree
+    assert second.stats.directories_listed_as_before == 6  # type: ignore[attr-defined]  # the root and d0 to d4
+    _same_mtime_new_content(root / "d3" / "f7")
+    third = engine.create_backup(BackupRequest("fs-src"))
+    assert third.stats.files_read == 1
+    assert third.stats.directories_listed_as_before == 5  # type: ignore[attr-defined]  # all but d3
+    assert _backup_without_listings(engine).root_tree == third.root_tree
