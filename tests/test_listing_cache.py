@@ -227,6 +227,9 @@ def test_unchanged_directories_are_taken_by_their_listing_with_the_same_trees(tm
     assert (unchanged.stats.symlinks, unchanged.stats.other) == (first.stats.symlinks, first.stats.other)
     again = engine.create_backup(BackupRequest("fs-src"))
     assert again.stats.directories_listed_as_before == unchanged.stats.directories_listed_as_before  # type: ignore[attr-defined]
+    api = again.to_api()["Stats"]  # what describe-backups and create-backup show
+    assert api["DirectoriesListedAsBefore"] == again.stats.directories_listed_as_before  # type: ignore[attr-defined]
+    assert api["FilesUnchanged"] == api["Files"] and api["FilesRead"] == 0
 
     for what, (change, *args) in _changes(root).items():
         change(*args)  # type: ignore[operator]

@@ -217,6 +217,8 @@ class BackupRecord:
             "Stats": {
                 "Files": self.stats.files,
                 "FilesRead": self.stats.files_read,
+                "FilesUnchanged": self.stats.files_unchanged,
+                "DirectoriesListedAsBefore": self.stats.directories_listed_as_before,
                 "BytesRead": self.stats.bytes_read,
                 "BytesUploaded": self.stats.bytes_uploaded,
                 "BytesDeduplicated": self.stats.bytes_deduplicated,
