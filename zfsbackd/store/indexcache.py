@@ -57,7 +57,7 @@ _PAGE_CACHE_KIB = 4096
 #: size of the cache file. A process-wide limit bounds them whatever the count of threads.
 _SQLITE_HEAP_BYTES = 8 << 20
 #: How long a writer waits for another process's write transaction.
-_BUSY_TIMEOUT_S = 60.0
+BUSY_TIMEOUT_S = 60.0
 #: Rows fetched at a time by the iterators (bounded memory, few round trips).
 _FETCH = 4096
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # primary result codes (sqlite3.h)
@@ -159,13 +159,11 @@ class BlobIndex:
     def _invalid_reason(self) -> str | None:
         try:
             size = self.path.stat().st_size
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
             try:
-                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-                pages = conn.execute("PRAGMA page_count").fetchone()[0]
-                wal = Path(f"{self.path}-wal")
-                if size < page_size * pages and not (wal.exists() and wal.stat().st_size > 0):
-                    return f"truncated ({size} bytes, {pages} pages of {page_size})"
+                truncated = truncation(conn, self.path, size)
+                if truncated is not None:
+                    return truncated
                 tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if not tables:
                     # Made by a process killed before its schema committed, or being made right now by
@@ -195,9 +193,7 @@ class BlobIndex:
         )
 
     def _delete_files(self) -> None:
-        for suffix in _SUFFIXES:
-            with_suffix = Path(f"{self.path}{suffix}")
-            with_suffix.unlink(missing_ok=True)
+        delete_database(self.path)
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection to the current file (a new one after :meth:`reset`)."""
@@ -208,7 +204,7 @@ class BlobIndex:
                 stale.close()
             conn = sqlite3.connect(
                 self.path,
-                timeout=_BUSY_TIMEOUT_S,
+                timeout=BUSY_TIMEOUT_S,
                 isolation_level=None,
                 check_same_thread=False,
                 factory=_Connection,
@@ -567,6 +563,24 @@ class BlobIndex:
 
         self._guarded(lambda c: self._write(write))
         return dropped
+
+
+def truncation(conn: sqlite3.Connection, path: Path, size: int) -> str | None:
+    """Why the database file *path* of *size* bytes, open as *conn*, is cut short (None: it is whole).
+
+    A file shorter than its pages is truncated unless its WAL still holds them (not checkpointed yet)."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    wal = Path(f"{path}-wal")
+    if size < page_size * pages and not (wal.exists() and wal.stat().st_size > 0):
+        return f"truncated ({size} bytes, {pages} pages of {page_size})"
+    return None
+
+
+def delete_database(path: Path) -> None:
+    """Remove an SQLite file and its WAL, shared-memory and journal files."""
+    for suffix in _SUFFIXES:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def is_corruption(exc: sqlite3.Error) -> bool:

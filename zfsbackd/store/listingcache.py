@@ -48,7 +48,7 @@ import orjson
 import structlog
 
 from zfsbackd import faults
-from zfsbackd.store.indexcache import is_corruption
+from zfsbackd.store.indexcache import BUSY_TIMEOUT_S, delete_database, is_corruption, truncation
 from zfsbackd.store.tree import Node
 
 log = structlog.get_logger(__name__)
@@ -61,8 +61,6 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 EVICT_TO = 0.8
 #: rows (and last-use updates) waiting to be written, at most, before a write transaction
 PENDING_ROWS = 512
-_BUSY_TIMEOUT_S = 60.0
-_SUFFIXES = ("", "-wal", "-shm", "-journal")
 _DIGEST_PREFIX = b"zfsbackd listing v1\0"
 _MAC_PREFIX = b"zfsbackd listing cache row v1\0"
 #: what of an entry's stat the digest covers: the fields the per-entry test compares, and the mode
@@ -177,10 +175,10 @@ class ListingCache:
         self.hits = 0
         self.rebuilt_reason: str | None = None
         """Why the file was replaced when it was opened (None: reused or new)."""
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._conn = self._open()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._turn_off("open", exc)
 
     # ------------------------------------------------------------ the file
@@ -201,26 +199,22 @@ class ListingCache:
             conn.close()
         log.warning("listing_cache_rebuilt", path=str(self.path), reason=reason)
         self.rebuilt_reason = reason
-        for suffix in _SUFFIXES:
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        delete_database(self.path)
         conn = self._connect()
         self._invalid_reason(conn)
         return conn
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # a crash loses at most the latest rows: made again later
         return conn
 
     def _invalid_reason(self, conn: sqlite3.Connection) -> str | None:
         """Why the open file cannot be used (None: it can; a new file gets its schema here)."""
-        size = self.path.stat().st_size
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        wal = Path(f"{self.path}-wal")
-        if size < page_size * pages and not (wal.exists() and wal.stat().st_size > 0):
-            return f"truncated ({size} bytes, {pages} pages of {page_size})"
+        truncated = truncation(conn, self.path, self.path.stat().st_size)
+        if truncated is not None:
+            return truncated
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _SCHEMA:
@@ -239,7 +233,7 @@ class ListingCache:
             return f"made for store {meta.get('store_id')}, not {self.store_id}"
         return None
 
-    def _turn_off(self, doing: str, exc: sqlite3.Error) -> None:
+    def _turn_off(self, doing: str, exc: sqlite3.Error | OSError) -> None:
         """The file cannot be used: compare entries one by one for the rest of this process's life."""
         log.warning(
             "listing_cache_off", path=str(self.path), doing=doing, error=str(exc),
@@ -299,13 +293,12 @@ class ListingCache:
             return
         self._conn.close()
         self._conn = None
-        for suffix in _SUFFIXES:
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         try:
+            delete_database(self.path)
             self._conn = self._open()
             self.rebuilt_reason = f"corrupt ({exc})"
             log.warning("listing_cache_rebuilt", path=str(self.path), reason=self.rebuilt_reason)
-        except sqlite3.Error as again:
+        except (sqlite3.Error, OSError) as again:
             self._turn_off(doing, again)
 
     # ------------------------------------------------------------ writes
