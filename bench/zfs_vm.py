@@ -256,6 +256,7 @@ class Timers:
             "lzc_destroy_snaps",
             "lzc_get_bookmarks",
             "lzc_destroy_bookmarks",
+            "lzc_channel_program",
         ):
             self._wrap(lzc, fn, lambda _a, fn=fn: fn)
         for fn in ("save_record", "load_records", "load_index"):
@@ -264,7 +265,7 @@ class Timers:
         from zfsbackd.engine.archiver import Archiver
 
         self._wrap(Archiver, "_read_file", lambda _a: "Archiver._read_file (thread-s)")
-        self._wrap(Archiver, "_load_tree", lambda _a: "Archiver._load_tree")
+        self._wrap(Archiver, "_read_parent_tree", lambda _a: "Archiver._read_parent_tree")
         orig_changes = ZfsSnapshot.changes_since
 
         def changes_since(snap: Any, parent_snapshot: dict[str, object], stop: Any = None) -> Any:
