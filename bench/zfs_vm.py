@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -225,6 +226,7 @@ class Timers:
         orig = getattr(owner, name)
         calls = self
 
+        @functools.wraps(orig)  # keeps the name: lzc.is_supported(lzc.lzc_channel_program) looks the C function up by it
         def timed(*a: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
             try:

@@ -22,7 +22,10 @@ def test_zfs_bench_timers_wrap_existing_functions() -> None:
         "timers = zfs_vm.Timers()\n"
         "timers.install()\n"
         "from zfsbackd.engine.archiver import Archiver\n"
-        "assert Archiver._read_parent_tree.__name__ == 'timed', 'parent tree reads are not timed'\n"
+        "from zfsbackd.zfs import libzfs_core as lzc\n"
+        "assert hasattr(Archiver._read_parent_tree, '__wrapped__'), 'parent tree reads are not timed'\n"
+        "assert hasattr(lzc.lzc_channel_program, '__wrapped__'), 'the commit is not timed'\n"
+        "assert lzc.lzc_channel_program.__name__ == 'lzc_channel_program', 'lzc.is_supported would refuse it'\n"
         "print('installed')\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
