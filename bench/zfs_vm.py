@@ -226,7 +226,7 @@ class Timers:
         orig = getattr(owner, name)
         calls = self
 
-        @functools.wraps(orig)  # keeps the name: lzc.is_supported(lzc.lzc_channel_program) looks the C function up by it
+        @functools.wraps(orig)  # keeps the name: lzc.is_supported(lzc.lzc_channel_program) looks the C name up by it
         def timed(*a: Any, **kw: Any) -> Any:
             t0 = time.perf_counter()
             try:

@@ -178,3 +178,54 @@ def test_a_directory_node_without_usable_totals_is_counted_entry_by_entry() -> N
     counted.add_node({"type": "file", "size": 40}, -1)
     counted.add_node({"type": "dir", "tree_files": 2, "tree_bytes": 30, "tree_dirs": 0}, -1)
     assert counted == totals(2, 30, 1)
+
+
+def test_a_directory_only_dirty_below_is_not_listed(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory the change list names only as the ancestor of changes holds the parent backup's names for
+    the same objects (a name added, removed or renamed would have touched the directory itself): it is not
+    listed, only its changed entries are stat'ed. Directories it touches, and the root, are listed; the
+    tree is the full walk's."""
+    for top in ("a", "x"):
+        for i in range(20):
+            (xfs_dir / top).mkdir(exist_ok=True)
+            (xfs_dir / top / f"f{i:02d}").write_text(f"{top} {i}\n")
+    (xfs_dir / "a" / "b" / "c").mkdir(parents=True)
+    for i in range(20):
+        (xfs_dir / "a" / "b" / "c" / f"g{i:02d}").write_text(f"c {i}\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+
+    (xfs_dir / "a" / "b" / "c" / "g03").write_text("content changed, same object\n")
+    os.chmod(xfs_dir / "x" / "f05", 0o600)  # metadata only
+    (xfs_dir / "a" / "b" / "new").write_text("a new name: a/b itself changed\n")
+    (xfs_dir / "top-level-new").write_text("a new name in the root (never in a change list)\n")
+    touched = [b"a/b/c/g03", b"x/f05", b"a/b/new", b"a/b", b"top-level-new"]
+
+    listed: list[bytes] = []
+    real_scandir = os.scandir
+
+    def recording_scandir(path: bytes) -> object:
+        listed.append(path)
+        return real_scandir(path)
+
+    full_root, full_stats = _archive(engine, parent.root_tree or "", None)
+    monkeypatch.setattr(archiver_module.os, "scandir", recording_scandir)
+    fs = engine.config.file_system("fs-src")
+    store = engine.store()
+    snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
+    try:
+        with PackWriter(store) as writer:
+            archiver = Archiver(store, writer, snapshot, parent.root_tree, changes=ChangeSet.from_paths(touched))
+            hinted_root, hinted_stats = archiver.run()
+            writer.flush()
+        root = os.fsencode(snapshot.root)
+    finally:
+        snapshot.release()
+
+    assert hinted_root == full_root
+    assert (hinted_stats.files, hinted_stats.bytes_total) == (full_stats.files, full_stats.bytes_total)
+    assert hinted_stats.files_read == 4  # g03, f05 (its ctime changed), a/b/new, top-level-new
+    assert sorted(os.path.relpath(path, root) for path in listed) == [b".", b"a/b"]
+    assert archiver.directories_not_listed == 3  # a, a/b/c, x

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import zstandard
 from enginekit import make_config
 
 from zfsbackd.engine.engine import BackupRequest, Engine
@@ -80,9 +81,9 @@ def test_a_damaged_or_forged_cache_entry_is_discarded_not_used(tmp_path: Path) -
     cache.put(forged, b"not what its name says")  # e.g. written by someone without the id key
     cache.flush()
     assert cache.get(good) == b"tree:" + good
-    assert cache.get(forged) is None and not cache._path(forged).exists()
-    cache._path(good).write_bytes(b"garbage, not zstd")
-    assert cache.get(good) is None and not cache._path(good).exists()
+    assert cache.get(forged) is None and not Path(cache._path(forged)).exists()
+    Path(cache._path(good)).write_bytes(b"garbage, not zstd")
+    assert cache.get(good) is None and not Path(cache._path(good)).exists()
     assert cache.get(b"\x03" * 32) is None
 
 
@@ -96,8 +97,8 @@ def test_the_cache_stays_within_its_bound_dropping_the_least_recently_used(tmp_p
             continue
         os.utime(cache._path(ids[n - 1]), (n, n))  # a strict age order, oldest first
     assert cache.size <= 20_000
-    assert not cache._path(ids[0]).exists(), "the least recently used went first"
-    assert cache._path(ids[-1]).exists()
+    assert not Path(cache._path(ids[0])).exists(), "the least recently used went first"
+    assert Path(cache._path(ids[-1])).exists()
 
 
 def test_a_killed_writers_temporary_files_are_removed_at_open(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_a_killed_writers_temporary_files_are_removed_at_open(tmp_path: Path) ->
     blob_id = b"\x07" * 32
     cache.put(blob_id, b"tree:" + blob_id)
     cache.flush()
-    stray = cache._path(blob_id).parent / ".tmp-deadbeef00000000"
+    stray = Path(cache._path(blob_id)).parent / ".tmp-deadbeef00000000"
     stray.write_bytes(b"half")
     reopened = TreeCache(tmp_path / "trees", _verify)
     assert not stray.exists() and reopened.get(blob_id) == b"tree:" + blob_id
@@ -122,3 +123,28 @@ def test_trees_written_by_a_backup_are_cached_as_they_are_written(tmp_path: Path
     assert root is not None
     (top,) = parse_tree(root, what="root")
     assert top["name"] == "." and cache.get(bytes.fromhex(top["subtree"])) is not None
+
+
+def test_a_backups_new_trees_are_cached_as_compressed_for_the_store(tmp_path: Path) -> None:
+    """A tree a backup writes is compressed once: the cache keeps the store's zstd frame of it as it is
+    (and still verifies it by its id on every read); a tree that was already stored is cached from its
+    plaintext."""
+    cache = TreeCache(tmp_path / "trees", _verify)
+    blob_id = b"\x05" * 32
+    plaintext = b"tree:" + blob_id
+    frame = zstandard.ZstdCompressor(level=1).compress(plaintext)
+    cache.put(blob_id, frame, compressed=True)
+    cache.flush()
+    assert Path(cache._path(blob_id)).read_bytes() == frame
+    assert cache.get(blob_id) == plaintext
+
+    src = _source(tmp_path)
+    engine = Engine(make_config(tmp_path, {"src": src}, extra_fs={"allow_copy_snapshots": True}))
+    backup = engine.create_backup(BackupRequest("fs-src"))
+    store = engine.store()
+    assert store.tree_cache is not None
+    store.tree_cache.flush()
+    root = bytes.fromhex(backup.root_tree or "")
+    stored = store.read_tree(root, what="root", cached=False)
+    assert Path(store.tree_cache._path(root)).read_bytes() == store.codec.compress(stored).data
+    assert store.read_tree(root, what="root") == stored

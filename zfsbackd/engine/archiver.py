@@ -155,6 +155,37 @@ class _FileOutcome:
 _FileJob = tuple[bytes, bytes]  # (path below the root, name) of a file to read
 
 
+class _NamedEntry:
+    """An entry of a directory the walk did not list, known by its name: stat'ed when asked, as a ``DirEntry``.
+
+    The entries the walk looks at in a directory that a change list says holds the same names
+    for the same objects as before (see :meth:`Archiver._frame_unlisted`).
+    """
+
+    __slots__ = ("_stat", "name", "path")
+
+    def __init__(self, name: bytes, path: bytes) -> None:
+        self.name = name
+        self.path = path
+        self._stat: os.stat_result | None = None
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        """The entry's own ``lstat`` (never followed: like the walk's ``DirEntry.stat(follow_symlinks=False)``)."""
+        if self._stat is None:
+            self._stat = os.lstat(self.path)
+        return self._stat
+
+    def inode(self) -> int:
+        return self.stat().st_ino
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return stat.S_ISDIR(self.stat().st_mode)
+
+
+#: an entry of a directory as the walk gets it: listed, or named by the change list
+_Entry = os.DirEntry[bytes] | _NamedEntry
+
+
 @dataclass(eq=False)
 class _DirFrame:
     """A directory of the walk in progress: its entries, how far it got, and its node in its parent.
@@ -166,7 +197,7 @@ class _DirFrame:
     rel: bytes
     dev: int  # entries on another device are mount points
     previous: dict[bytes, Node]  # the parent backup's entries of this directory
-    entries: list[os.DirEntry[bytes]]
+    entries: list[_Entry]
     node: Node | None  # this directory's node, finished when its tree is written; None for the root
     position: int = 0  # entries[:position] are done or on the read pool
     nodes: list[Node] = field(default_factory=list)  # entries made now (new, changed, or with no parent node)
@@ -364,6 +395,8 @@ class Archiver:
         self._listings = store.listing_cache if snapshot.reuses_listings and not self.grafts else None
         self.read_ahead_peak_entries = 0
         """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
+        self.directories_not_listed = 0
+        """Directories a change list spared the listing of (:meth:`_frame_unlisted`)."""
         self.unfinished_peak_dirs = 0
         """The most directories left unfinished at once while their files were read (see ``_walk``)."""
         self._processes = pools.ARCHIVE_PROCESSES if processes is None else processes
@@ -515,8 +548,12 @@ class Archiver:
         return self._read_parent(tree_id)
 
     def _read_parent(self, tree_id: str) -> _ParentDir:
-        """The summary of the listing the tree was made from, if the listing cache knows it; else the tree."""
-        if self._listings is not None:
+        """The summary of the listing the tree was made from, if the listing cache knows it; else the tree.
+
+        Not while a change list is used or awaited: no listing is compared with a summary then (see
+        :meth:`_listing_digest`), so it would only be read in vain before the tree.
+        """
+        if self._listings is not None and self.changes is None and self._pending is None:
             summary = self._listings.get(bytes.fromhex(tree_id))
             if summary is not None:
                 return summary
@@ -621,8 +658,12 @@ class Archiver:
         if self.cancel.is_set():
             raise BackupCancelled()
         parent = self._parent_dir(parent_tree)
+        if isinstance(parent, dict) and parent_tree:
+            unlisted = self._frame_unlisted(rel, dev, node, parent_tree, parent, before)
+            if unlisted is not None:
+                return unlisted
         with os.scandir(self._path(rel)) as it:
-            entries = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
+            entries: list[_Entry] = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
         self._entries_listed += len(entries)
         if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
             self._start_shards()
@@ -639,7 +680,36 @@ class Archiver:
             self._take_clean_entries(frame, _Totals.of_directory(before))
         return frame
 
-    def _listing_digest(self, entries: list[os.DirEntry[bytes]]) -> bytes | None:
+    def _frame_unlisted(
+        self, rel: bytes, dev: int, node: Node | None, tree_id: str, previous: dict[bytes, Node], before: Node | None
+    ) -> _DirFrame | None:
+        """The frame of a directory that need not be listed: the change list names it only as the ancestor of
+        changed entries, so it holds the names of its parent backup's tree *tree_id*, for the same objects.
+
+        A change list names a directory itself (``ChangeSet.touched``) whenever a name in it was added,
+        removed or renamed — that changes the directory's mtime and ctime: ``zfs diff`` reports it
+        modified, the send stream sends its dnode — except the backup's root, which is always listed.
+        The clean entries are then the parent tree's nodes, and only the changed ones are looked at,
+        by name. None (list the directory) for the root, a directory the change list names, or one
+        whose changed names the parent tree does not all have (then the directory did change).
+        """
+        changes = self.changes
+        if changes is None or not rel or rel in changes.touched:
+            return None
+        not_clean = changes.names_not_clean(rel)
+        if not not_clean <= previous.keys():
+            return None
+        entries: list[_Entry] = [
+            _NamedEntry(name, self._path(rel + b"/" + name))
+            for name in sorted(not_clean)  # in name order
+        ]
+        frame = _DirFrame(rel, dev, previous, entries, node, listed=len(previous))
+        frame.tree_before = tree_id
+        self._take_clean_entries(frame, _Totals.of_directory(before), listed=False)
+        self.directories_not_listed += 1
+        return frame
+
+    def _listing_digest(self, entries: list[_Entry]) -> bytes | None:
         """The digest of the directory's listing (``listing_digest``), when the listing cache is used.
 
         The ``lstat`` of every entry is made here, in one list comprehension; each ``DirEntry`` keeps
@@ -658,7 +728,7 @@ class Archiver:
         self,
         rel: bytes,
         dev: int,
-        entries: list[os.DirEntry[bytes]],
+        entries: list[_Entry],
         node: Node | None,
         tree_id: str,
         summary: ListingSummary,
@@ -687,11 +757,12 @@ class Archiver:
         self.progress.advance(files=summary.files, nbytes=summary.bytes)
         return frame
 
-    def _take_clean_entries(self, frame: _DirFrame, totals_before: _Totals | None) -> None:
+    def _take_clean_entries(self, frame: _DirFrame, totals_before: _Totals | None, *, listed: bool = True) -> None:
         """Take the parent backup's nodes of the entries the change list says are clean, all at once.
 
         The test is :meth:`_scan`'s first one (a clean path whose name still has the node's
-        inode), made with set and dict operations over the directory instead of a pass of
+        inode; for a directory not *listed*, :meth:`_frame_unlisted`, every clean name has it),
+        made with set and dict operations over the directory instead of a pass of
         :meth:`_scan` per entry; the nodes are taken in the parent tree's (sorted) order, and
         what they stand for is the directory's totals in the parent backup minus those of the
         entries not taken. In a directory with a few changed files among thousands (scattered
@@ -701,12 +772,15 @@ class Archiver:
         if changes is None:
             return
         not_clean = changes.names_not_clean(frame.rel)
-        inode_of = dict(zip(map(_ENTRY_NAME, frame.entries), map(_ENTRY_INODE, frame.entries), strict=True))
-        taken = {
-            name: node
-            for name, node in frame.previous.items()
-            if name not in not_clean and inode_of.get(name, _NO_INODE) == node.get("inode")
-        }
+        if listed:
+            inode_of = dict(zip(map(_ENTRY_NAME, frame.entries), map(_ENTRY_INODE, frame.entries), strict=True))
+            taken = {
+                name: node
+                for name, node in frame.previous.items()
+                if name not in not_clean and inode_of.get(name, _NO_INODE) == node.get("inode")
+            }
+        else:
+            taken = {name: node for name, node in frame.previous.items() if name not in not_clean}
         if not taken:
             return
         frame.kept.extend(taken.values())

@@ -324,6 +324,13 @@ class ChangeSet:
     would have produced for an unchanged directory. The archiver reuses a clean
     name's node only while the name still has the node's inode number: a send
     stream's list names objects, so a name given to a new object is not in it.
+
+    A directory other than the root in which a name was added, removed or
+    renamed must itself be touched (its mtime and ctime changed: ``zfs diff``
+    reports it modified, the send stream sends its dnode). The archiver relies on
+    it twice: a new name is found only by listing its directory, and a directory
+    that is dirty but not touched is not even listed — it holds its parent
+    backup's names for the same objects, and only its changed entries are looked at.
     """
 
     touched: frozenset[bytes]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from enum import IntEnum
+from typing import NamedTuple
 
 import zstandard
 
@@ -18,6 +19,13 @@ _ZSTD_LEVEL = 1
 _PROBE_THRESHOLD = 128 * 1024
 _PROBE_BYTES = 16 * 1024
 _MIN_SAVING = 0.97
+
+
+class Compressed(NamedTuple):
+    """A blob's body before sealing: ``data`` is a zstd frame (with its content size) when ``zstd``."""
+
+    data: bytes | memoryview
+    zstd: bool
 
 
 class BlobType(IntEnum):
@@ -56,9 +64,11 @@ class BlobCodec:
         self._decompressor = self._zstd.decompressor
 
     def encode(self, blob_id: bytes, plaintext: bytes | memoryview) -> bytes:
+        return self.seal(blob_id, self.compress(plaintext))
+
+    def compress(self, plaintext: bytes | memoryview) -> Compressed:
+        """The blob's body as stored: a zstd frame when that saves enough, else the plaintext itself."""
         size = len(plaintext)
-        body: bytes | memoryview = plaintext
-        flag = _RAW
         if size >= 64:
             comp = self._compressor()
             worth_trying = True
@@ -68,8 +78,12 @@ class BlobCodec:
             if worth_trying:
                 packed = comp.compress(plaintext)
                 if len(packed) < size * _MIN_SAVING:
-                    body, flag = packed, _ZSTD
-        return self.sealer.seal(bytes([flag]) + bytes(body), blob_id)
+                    return Compressed(packed, zstd=True)
+        return Compressed(plaintext, zstd=False)
+
+    def seal(self, blob_id: bytes, body: Compressed) -> bytes:
+        """The sealed blob of a :meth:`compress` result."""
+        return self.sealer.seal(bytes([_ZSTD if body.zstd else _RAW]) + bytes(body.data), blob_id)
 
     def decode(self, blob_id: bytes, sealed: bytes | memoryview, *, what: str) -> bytes:
         """Open, decompress and re-hash: a blob is returned only if it is exactly the one its id names."""

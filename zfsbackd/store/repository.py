@@ -425,10 +425,17 @@ class Store:
         self.remember_tree(tree_id, plaintext)
         return plaintext
 
-    def remember_tree(self, tree_id: bytes, plaintext: bytes | memoryview) -> None:
-        """Put a tree this process read or wrote into the tree cache (if there is one)."""
+    def remember_tree(
+        self, tree_id: bytes, plaintext: bytes | memoryview, compressed: bytes | memoryview | None = None
+    ) -> None:
+        """Put a tree this process read or wrote into the tree cache (if there is one); *compressed*, if
+        given, is its zstd frame (made for the store: the cache keeps it as it is)."""
         if self.tree_cache is not None:
-            self.tree_cache.put(tree_id, bytes(plaintext))
+            self.tree_cache.put(
+                tree_id,
+                bytes(plaintext) if compressed is None else bytes(compressed),
+                compressed=compressed is not None,
+            )
 
     @property
     def scratch_dir(self) -> Path:

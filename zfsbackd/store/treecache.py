@@ -53,6 +53,7 @@ class TreeCache:
     ) -> None:
         """``verify(blob_id, plaintext)`` says whether ``plaintext`` is the blob ``blob_id`` names."""
         self.directory = directory
+        self._root = os.fspath(directory)
         self.max_bytes = max_bytes
         self._verify = verify
         self._lock = threading.Lock()
@@ -60,23 +61,25 @@ class TreeCache:
         self.hits = 0
         self.misses = 0
         self._write_failed = False
-        self._pending: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+        self._pending: queue.Queue[tuple[bytes, bytes, bool]] = queue.Queue()
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._size = self._scan_and_clean()
 
-    def _path(self, blob_id: bytes) -> Path:
+    def _path(self, blob_id: bytes) -> str:
+        """The file of a tree (a str: pathlib's joins were a tenth of an incremental's per-directory work)."""
         hex_id = blob_id.hex()
-        return self.directory / hex_id[:2] / hex_id
+        return f"{self._root}/{hex_id[:2]}/{hex_id}"
 
     # ------------------------------------------------------------------ reads
     def get(self, blob_id: bytes) -> bytes | None:
         """The tree's plaintext, or None when it is not cached (or was, but did not verify)."""
         path = self._path(blob_id)
         try:
-            packed = path.read_bytes()
+            with open(path, "rb", buffering=0) as f:
+                packed = f.readall()
             plaintext = self._zstd.decompressor().decompress(packed)
         except FileNotFoundError:
             self.misses += 1
@@ -85,7 +88,7 @@ class TreeCache:
             plaintext = b""  # unreadable: treated like a file that does not verify
             packed = b""
         if not plaintext or not self._verify(blob_id, plaintext):
-            log.warning("tree_cache_entry_discarded", path=str(path), reason="does not match its id")
+            log.warning("tree_cache_entry_discarded", path=path, reason="does not match its id")
             self._remove(path, len(packed))
             self.misses += 1
             return None
@@ -95,24 +98,26 @@ class TreeCache:
         return plaintext
 
     # ----------------------------------------------------------------- writes
-    def put(self, blob_id: bytes, plaintext: bytes) -> None:
-        """Remember a tree that was just verified (read from the store) or written by a backup.
+    def put(self, blob_id: bytes, data: bytes, *, compressed: bool = False) -> None:
+        """Remember a tree that was just verified (read from the store) or written by a backup: its
+        plaintext, or its zstd frame if *compressed* (a backup's new tree, compressed for the store
+        already: compressing it twice was a tenth of an incremental backup's CPU per changed directory).
 
         Written by the writer thread, or here when too much already waits. A failure to write (full
         or read-only ``state_dir``) only costs the cache: it is logged once per process and the tree
         is simply not cached.
         """
         with self._pending_lock:
-            queued = self._pending_bytes + len(plaintext) <= PENDING_MAX_BYTES
+            queued = self._pending_bytes + len(data) <= PENDING_MAX_BYTES
             if queued:
-                self._pending_bytes += len(plaintext)
+                self._pending_bytes += len(data)
                 if self._writer is None:
                     self._writer = threading.Thread(target=self._write_pending, name="zfsbackd-tree-cache", daemon=True)
                     self._writer.start()
         if queued:
-            self._pending.put((blob_id, plaintext))
+            self._pending.put((blob_id, data, compressed))
         else:
-            self._write(blob_id, plaintext)
+            self._write(blob_id, data, compressed)
 
     def flush(self) -> None:
         """Wait until every tree given to :meth:`put` so far is written (or given up)."""
@@ -121,30 +126,32 @@ class TreeCache:
     def _write_pending(self) -> None:
         """The writer thread: one tree after another, for the life of the process."""
         while True:
-            blob_id, plaintext = self._pending.get()
+            blob_id, data, compressed = self._pending.get()
             try:
-                self._write(blob_id, plaintext)
+                self._write(blob_id, data, compressed)
             except Exception as exc:  # a bug must not stop the thread: flush() would wait for ever
                 log.error("tree_cache_write_crashed", directory=str(self.directory), error=repr(exc))
             finally:
                 with self._pending_lock:
-                    self._pending_bytes -= len(plaintext)
+                    self._pending_bytes -= len(data)
                 self._pending.task_done()
 
-    def _write(self, blob_id: bytes, plaintext: bytes) -> None:
+    def _write(self, blob_id: bytes, data: bytes, compressed: bool) -> None:
         path = self._path(blob_id)
-        if path.exists():
+        if os.path.exists(path):
             return
-        packed = self._zstd.compressor().compress(plaintext)
-        tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        packed = data if compressed else self._zstd.compressor().compress(data)
+        parent = os.path.dirname(path)
+        tmp = f"{parent}/{_TMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            path.parent.mkdir(exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent, mode=0o700)
             with open(tmp, "wb") as f:
                 f.write(packed)
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             if not self._write_failed:
                 self._write_failed = True
                 log.warning("tree_cache_write_failed", directory=str(self.directory), error=str(exc))
@@ -156,9 +163,9 @@ class TreeCache:
             self._evict()
 
     # -------------------------------------------------------------- bounding
-    def _remove(self, path: Path, size: int) -> None:
+    def _remove(self, path: str | Path, size: int) -> None:
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
             with self._lock:
                 self._size -= size
 

@@ -85,12 +85,13 @@ class PackWriter:
     def add(self, blob_type: BlobType, plaintext: bytes | memoryview) -> tuple[bytes, bool]:
         """Store ``plaintext`` unless it is already stored; returns (blob id, was new)."""
         blob_id = self.store.hasher.blob_id(plaintext)
-        if blob_type == BlobType.TREE:
-            self.store.remember_tree(blob_id, plaintext)  # the next incremental's parent, read locally
-        if not self.reserve(blob_id, len(plaintext)):
+        new = self.reserve(blob_id, len(plaintext))
+        body = self.store.codec.compress(plaintext) if new else None
+        if blob_type == BlobType.TREE:  # the next incremental's parent, read locally (compressed once for both)
+            self.store.remember_tree(blob_id, plaintext, body.data if body is not None and body.zstd else None)
+        if body is None:
             return blob_id, False
-        sealed = self.store.codec.encode(blob_id, plaintext)
-        self.add_sealed(blob_type, blob_id, sealed, len(plaintext))
+        self.add_sealed(blob_type, blob_id, self.store.codec.seal(blob_id, body), len(plaintext))
         return blob_id, True
 
     def add_many(self, blob_type: BlobType, plaintexts: list[bytes]) -> list[tuple[bytes, bool]]:
