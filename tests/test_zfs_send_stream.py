@@ -118,6 +118,22 @@ def test_large_payloads_are_skipped_through_a_small_buffer(monkeypatch: pytest.M
     assert batch.objects == {5, 6}
 
 
+def test_records_and_bonus_buffers_straddling_refills_parse_as_with_a_big_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parser reads OBJECT and WRITE records in place in its buffer: a record or a bonus buffer that
+    crosses a refill gives the same objects and attributes as with a buffer that holds the whole stream."""
+    stream = begin() + b"".join(
+        sa_obj(n, sa_bonus(0o100644, n, 0, 0, (n, 1), (n, 2), 1)) + write(n, 700 + n) for n in range(1, 60)
+    )
+    stream += end()
+    (big,), _ = parse(stream)
+    monkeypatch.setattr(ss, "READ_BUFFER", 1000)  # a multiple of nothing here: records straddle every refill
+    (small,), summary = parse(stream)
+    assert small == big and len(big.attributes) == 59 and big.data_objects == set(range(1, 60))
+    assert big.attributes[7].ctime_ns == 7 * 10**9 + 2 and summary.stream_bytes == len(stream)
+
+
 @pytest.mark.parametrize(
     ("stream", "message"),
     [
