@@ -455,6 +455,7 @@ class Bench:
             name = f"profile-{self.profile_seq:02d}-{label.replace(' ', '_')}.txt"
             self.profile_seq += 1
             (self.logdir / name).write_text(text.getvalue())
+            profiler.dump_stats(self.logdir / name.replace(".txt", ".pstats"))  # for pstats/snakeviz later
         s = record.stats
         t = self.timers
         res = Result(

@@ -346,10 +346,14 @@ class Engine:
 
         progress.on_update = on_update
         snapshot = None
+        changes = None
         try:
             provider = choose_provider(fs, self.config.state_dir)  # type: ignore[arg-type]
             # Hooks run around a snapshot taken now, not around one a resumed attempt finds again.
             snapshot = find_or_take_snapshot(fs, record.backup_id, provider)  # type: ignore[arg-type]
+            # Worked out from now on, while the record is written and then while the walk runs; the walk
+            # uses it from the moment it is ready (a ZFS send stream: what an incremental waits for first).
+            changes = PendingChanges(snapshot, parent.snapshot) if parent else None
             record = record.with_changes(
                 snapshot=snapshot.describe(),
                 parent_backup_id=parent.backup_id if parent else None,
@@ -359,8 +363,6 @@ class Engine:
                 },
             )
             store.save_record(record)
-            # Worked out while the walk runs; the walk uses it from the moment it is ready.
-            changes = PendingChanges(snapshot, parent.snapshot) if parent else None
             with PackWriter(store, on_uploaded=progress.uploaded) as writer:
                 archiver = Archiver(
                     store,
@@ -427,6 +429,8 @@ class Engine:
             )
             raise
         finally:
+            if changes is not None:
+                changes.stop()  # (already stopped unless the backup failed before its walk ended)
             if snapshot is not None:
                 # An interrupted backup keeps its snapshot, so the resumed run reads the same point in time.
                 if record.lifecycle == Lifecycle.CREATING:

@@ -599,17 +599,24 @@ class ZfsProvider(SnapshotProvider):
         assert dataset is not None
         where = f"file_systems[{fs.id}].source.zfs"
         pool = dataset.split("/", 1)[0]
-        if not command.pool_imported(pool):
-            raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
-        if not lzc.lzc_exists(_b(dataset)):
-            raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
+        recursive = bool(getattr(fs, "recursive", False))
+        # Three processes asked at once (each costs its start-up, ~0.2 s under emulation), their answers
+        # judged in order: a missing pool or dataset is reported as such, not as the listing's failure.
+        with ThreadPoolExecutor(max_workers=pools.ZFS_LAYOUT_WORKERS, thread_name_prefix="zfsbackd-zfs-layout") as ask:
+            imported = ask.submit(command.pool_imported, pool)
+            listed = ask.submit(command.list_mounts, dataset, recursive=recursive)
+            got = ask.submit(
+                command.get_properties_below, dataset, zfs_encryption.LAYOUT_PROPERTIES, recursive=recursive
+            )
+            if not imported.result():
+                raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
+            if not lzc.lzc_exists(_b(dataset)):
+                raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
+            mounts, props = listed.result(), got.result()
         not_mounted = SnapshotError(
             f"{where}: dataset {dataset} is not mounted, so its snapshots cannot be read; "
             f"mount it (`zfs mount {dataset}`)"
         )
-        recursive = bool(getattr(fs, "recursive", False))
-        mounts = command.list_mounts(dataset, recursive=recursive)
-        props = command.get_properties_below(dataset, zfs_encryption.LAYOUT_PROPERTIES, recursive=recursive)
         zfs_encryption.check_keys_loaded(where, dataset, props, {m.name for m in mounts if m.mountpoint is not None})
         top = mounts[0].mountpoint
         if top is None:
