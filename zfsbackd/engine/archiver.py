@@ -178,9 +178,6 @@ class _NamedEntry:
     def inode(self) -> int:
         return self.stat().st_ino
 
-    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
-        return stat.S_ISDIR(self.stat().st_mode)
-
 
 #: an entry of a directory as the walk gets it: listed, or named by the change list
 _Entry = os.DirEntry[bytes] | _NamedEntry
