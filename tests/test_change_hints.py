@@ -210,8 +210,16 @@ def test_a_directory_only_dirty_below_is_not_listed(
         listed.append(path)
         return real_scandir(path)
 
+    parsed: list[str] = []
+    real_parse = archiver_module.parse_tree
+
+    def recording_parse(raw: bytes, *, what: str) -> object:
+        parsed.append(what)
+        return real_parse(raw, what=what)
+
     full_root, full_stats = _archive(engine, parent.root_tree or "", None)
     monkeypatch.setattr(archiver_module.os, "scandir", recording_scandir)
+    monkeypatch.setattr(archiver_module, "parse_tree", recording_parse)
     fs = engine.config.file_system("fs-src")
     store = engine.store()
     snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
@@ -229,3 +237,25 @@ def test_a_directory_only_dirty_below_is_not_listed(
     assert hinted_stats.files_read == 4  # g03, f05 (its ctime changed), a/b/new, top-level-new
     assert sorted(os.path.relpath(path, root) for path in listed) == [b".", b"a/b"]
     assert archiver.directories_not_listed == 3  # a, a/b/c, x
+    # Their parent trees are not parsed (their new trees are spliced from the bytes): only the tree of the
+    # root's node, the root's and a/b's are.
+    assert len(parsed) == 3, parsed
+    assert hinted_stats.entries_not_examined == 20 + 19 + 19  # type: ignore[attr-defined]  # in a, a/b/c, x
+
+
+def test_a_directory_not_listed_whose_tree_cannot_be_spliced_is_serialized_whole(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the parent tree's bytes cannot take the edit after all, the new tree is made from the parsed nodes:
+    the same tree, only slower (and logged)."""
+    for i in range(30):
+        (xfs_dir / "d").mkdir(exist_ok=True)
+        (xfs_dir / "d" / f"f{i:02d}").write_text(f"{i}\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    (xfs_dir / "d" / "f07").write_text("changed\n")
+    full_root, _ = _archive(engine, parent.root_tree or "", None)
+    monkeypatch.setattr(archiver_module.TreeBytes, "splice", lambda *_args: None)
+    hinted_root, hinted_stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths([b"d/f07"]))
+    assert hinted_root == full_root
+    assert hinted_stats.files_read == 1  # type: ignore[attr-defined]

@@ -53,10 +53,12 @@ from zfsbackd.store.tree import (
     encode_target,
     encode_xattrs,
     expected_entries,
+    node_name,
     nodes_by_name,
     parse_tree,
     serialize_tree,
 )
+from zfsbackd.store.treebytes import TreeBytes
 from zfsbackd.store.writer import PackWriter
 
 log = structlog.get_logger(__name__)
@@ -216,6 +218,10 @@ class _DirFrame:
     #: the parent backup's tree was made from this very listing: the entries that are not directories are
     #: this summary's (counted in ``kept_totals``, not in ``kept``), ``previous`` and ``entries`` its directories
     as_listed: ListingSummary | None = None
+    #: a directory a change list spared the listing of (:meth:`Archiver._frame_unlisted`): the parent backup's
+    #: tree, whose nodes not named in ``previous`` (the changed names, parsed) are kept as they are, unparsed
+    #: (counted in ``kept_totals``, not in ``kept``); the new tree is spliced from its bytes
+    spliced: TreeBytes | None = None
 
 
 def _results_ready(frame: _DirFrame) -> bool:
@@ -557,11 +563,19 @@ class Archiver:
         return self._read_parent_tree(tree_id)
 
     def _read_parent_tree(self, tree_id: str) -> dict[bytes, Node] | None:
+        raw = self._read_parent_bytes(tree_id)
+        return None if raw is None else self._parse_parent(raw, tree_id)
+
+    def _read_parent_bytes(self, tree_id: str) -> bytes | None:
+        """The parent backup's tree *tree_id*, authenticated; None (logged) if it cannot be read."""
         try:
-            raw = self.store.read_tree(bytes.fromhex(tree_id), what=f"parent tree {tree_id[:16]}")
+            return self.store.read_tree(bytes.fromhex(tree_id), what=f"parent tree {tree_id[:16]}")
         except Exception as exc:  # a damaged parent only costs a full read, never a wrong backup
             log.warning("parent_tree_unreadable", tree_id=tree_id, error=str(exc))
             return None
+
+    @staticmethod
+    def _parse_parent(raw: bytes, tree_id: str) -> dict[bytes, Node]:
         return nodes_by_name(parse_tree(raw, what=f"parent tree {tree_id[:16]}"))
 
     # ------------------------------------------------------------------- walk
@@ -654,11 +668,14 @@ class Archiver:
         """
         if self.cancel.is_set():
             raise BackupCancelled()
-        parent = self._parent_dir(parent_tree)
-        if isinstance(parent, dict) and parent_tree:
-            unlisted = self._frame_unlisted(rel, dev, node, parent_tree, parent, before)
+        if parent_tree and self._may_skip_listing(rel):
+            raw = self._read_parent_bytes(parent_tree)
+            unlisted = None if raw is None else self._frame_unlisted(rel, dev, node, parent_tree, raw, before)
             if unlisted is not None:
                 return unlisted
+            parent: _ParentDir = None if raw is None else self._parse_parent(raw, parent_tree)
+        else:
+            parent = self._parent_dir(parent_tree)
         with os.scandir(self._path(rel)) as it:
             entries: list[_Entry] = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
         self._entries_listed += len(entries)
@@ -677,32 +694,51 @@ class Archiver:
             self._take_clean_entries(frame, _Totals.of_directory(before))
         return frame
 
+    def _may_skip_listing(self, rel: bytes) -> bool:
+        """Whether the change list names *rel* only as the ancestor of changes (see :meth:`_frame_unlisted`)."""
+        return self.changes is not None and bool(rel) and rel not in self.changes.touched
+
     def _frame_unlisted(
-        self, rel: bytes, dev: int, node: Node | None, tree_id: str, previous: dict[bytes, Node], before: Node | None
+        self, rel: bytes, dev: int, node: Node | None, tree_id: str, raw: bytes, before: Node | None
     ) -> _DirFrame | None:
         """The frame of a directory that need not be listed: the change list names it only as the ancestor of
-        changed entries, so it holds the names of its parent backup's tree *tree_id*, for the same objects.
+        changed entries, so it holds the names of its parent backup's tree *tree_id* (bytes *raw*), for the
+        same objects.
 
         A change list names a directory itself (``ChangeSet.touched``) whenever a name in it was added,
         removed or renamed — that changes the directory's mtime and ctime: ``zfs diff`` reports it
         modified, the send stream sends its dnode — except the backup's root, which is always listed.
-        The clean entries are then the parent tree's nodes, and only the changed ones are looked at,
-        by name. None (list the directory) for the root, a directory the change list names, or one
-        whose changed names the parent tree does not all have (then the directory did change).
+        The clean entries are then the parent tree's nodes: they are not even parsed (the new tree is
+        spliced from the parent's bytes, :class:`~zfsbackd.store.treebytes.TreeBytes`), and only the
+        changed ones are looked at, by name. What they stand for is the directory's totals in the parent
+        backup (its node's) minus the changed entries'. None (list the directory) when the parent tree
+        lacks one of the changed names (then the directory did change), its bytes are not in the
+        canonical form, or the node gives no totals.
         """
         changes = self.changes
-        if changes is None or not rel or rel in changes.touched:
+        totals = _Totals.of_directory(before)
+        if changes is None or totals is None:
             return None
+        tree = TreeBytes(raw)
         not_clean = changes.names_not_clean(rel)
-        if not not_clean <= previous.keys():
+        previous = tree.nodes_named(not_clean) if tree.canonical_frame else None
+        if previous is None or len(previous) != len(not_clean):
             return None
         entries: list[_Entry] = [
             _NamedEntry(name, self._path(rel + b"/" + name))
             for name in sorted(not_clean)  # in name order
         ]
-        frame = _DirFrame(rel, dev, previous, entries, node, listed=len(previous))
-        frame.tree_before = tree_id
-        self._take_clean_entries(frame, _Totals.of_directory(before), listed=False)
+        frame = _DirFrame(rel, dev, previous, entries, node, tree_before=tree_id, spliced=tree)
+        for changed in previous.values():
+            totals.add_node(changed, -1)
+        if min(totals.files, totals.bytes, totals.dirs) < 0:  # the node's totals are wrong: count the entries
+            return None
+        frame.kept_totals = totals
+        frame.listed = tree.count()
+        stats = self.counters.stats
+        stats.entries_not_examined += frame.listed - len(previous)
+        stats.files_unchanged += totals.files
+        self.progress.advance(files=totals.files, nbytes=totals.bytes)
         self.directories_not_listed += 1
         return frame
 
@@ -754,12 +790,11 @@ class Archiver:
         self.progress.advance(files=summary.files, nbytes=summary.bytes)
         return frame
 
-    def _take_clean_entries(self, frame: _DirFrame, totals_before: _Totals | None, *, listed: bool = True) -> None:
+    def _take_clean_entries(self, frame: _DirFrame, totals_before: _Totals | None) -> None:
         """Take the parent backup's nodes of the entries the change list says are clean, all at once.
 
         The test is :meth:`_scan`'s first one (a clean path whose name still has the node's
-        inode; for a directory not *listed*, :meth:`_frame_unlisted`, every clean name has it),
-        made with set and dict operations over the directory instead of a pass of
+        inode), made with set and dict operations over the directory instead of a pass of
         :meth:`_scan` per entry; the nodes are taken in the parent tree's (sorted) order, and
         what they stand for is the directory's totals in the parent backup minus those of the
         entries not taken. In a directory with a few changed files among thousands (scattered
@@ -769,15 +804,12 @@ class Archiver:
         if changes is None:
             return
         not_clean = changes.names_not_clean(frame.rel)
-        if listed:
-            inode_of = dict(zip(map(_ENTRY_NAME, frame.entries), map(_ENTRY_INODE, frame.entries), strict=True))
-            taken = {
-                name: node
-                for name, node in frame.previous.items()
-                if name not in not_clean and inode_of.get(name, _NO_INODE) == node.get("inode")
-            }
-        else:
-            taken = {name: node for name, node in frame.previous.items() if name not in not_clean}
+        inode_of = dict(zip(map(_ENTRY_NAME, frame.entries), map(_ENTRY_INODE, frame.entries), strict=True))
+        taken = {
+            name: node
+            for name, node in frame.previous.items()
+            if name not in not_clean and inode_of.get(name, _NO_INODE) == node.get("inode")
+        }
         if not taken:
             return
         frame.kept.extend(taken.values())
@@ -977,7 +1009,8 @@ class Archiver:
         if frame.as_listed is None:  # (a provider that needs every directory's entries has no listing cache)
             as_before = _entries_as_before(frame) and (frame.node is None or frame.node_before is not None)
             diffable = frame.tree_before is not None and frame.same_object
-            archived = ArchivedDirectory(frame.kept, nodes, frame.previous if diffable else None)
+            previous = frame.previous if diffable else None
+            archived = ArchivedDirectory(frame.kept, nodes, previous, complete=frame.spliced is None)
             self.snapshot.directory_archived(frame.rel, frame.node, archived, as_before)
         if self._same_tree_as_before(frame):
             if frame.as_listed is None:  # (else the listing cache told us)
@@ -986,9 +1019,23 @@ class Archiver:
         entries = frame.kept + nodes
         if frame.as_listed is not None:
             entries += self._entries_not_walked(frame)
-        tree_id = self.writer.add(BlobType.TREE, serialize_tree(entries))[0].hex()
+        tree_id = self.writer.add(BlobType.TREE, self._tree_bytes(frame, entries))[0].hex()
         self._remember_listing(frame, tree_id, entries)
         return tree_id, totals
+
+    @staticmethod
+    def _tree_bytes(frame: _DirFrame, entries: list[Node]) -> bytes:
+        """The directory's new tree: *entries* serialized, or, for a directory not listed, the parent tree's
+        bytes with the changed names' nodes replaced by *entries* (parsed whole if they cannot be spliced)."""
+        tree = frame.spliced
+        if tree is None:
+            return serialize_tree(entries)
+        spliced = tree.splice(frame.previous.keys(), entries)
+        if spliced is not None:
+            return spliced
+        log.warning("tree_not_spliced", path=frame.rel.decode("utf-8", "backslashreplace"))
+        unchanged = [n for n in parse_tree(tree.raw, what="parent tree") if node_name(n) not in frame.previous]
+        return serialize_tree(unchanged + entries)
 
     def _collect_reads(self, frame: _DirFrame) -> None:
         """Wait for the directory's file jobs: their nodes join ``frame.nodes``, their problems are reported."""

@@ -299,6 +299,9 @@ class ArchivedDirectory:
     previous: Mapping[bytes, Node] | None
     """The parent backup's entries of this directory, by name; None when there were none to compare
     with (a new directory, another object under the same name, or a parent tree that could not be read)."""
+    complete: bool = True
+    """False for a directory a change list spared the listing of: ``kept`` and ``previous`` then hold only
+    the entries the change list named; the others are the parent backup's, as they were, and not given."""
 
     def removed(self) -> set[bytes]:
         """Names of the parent backup's entries that are no longer there (or were skipped this time)."""
@@ -310,6 +313,9 @@ class ArchivedDirectory:
 
     @property
     def nodes(self) -> list[Node]:
+        """Every entry of the directory (only when ``complete``)."""
+        if not self.complete:
+            raise ValueError("the entries of a directory not listed are not all given")
         return self.kept + self.fresh
 
 

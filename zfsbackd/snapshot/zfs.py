@@ -468,8 +468,10 @@ class ZfsSnapshot(Snapshot):
         parent = 0 if rel == prefix or node is None else int(node["inode"])
         if self._map_of_parent and entries.previous is not None:
             self._objmap.changed(member.dataset, parent, _map_rows(entries.fresh), entries.removed())
-        else:
+        elif entries.complete:
             self._objmap.archived(member.dataset, parent, _map_rows(entries.nodes))
+        else:  # (cannot be: a directory is not listed only with a change list, which needs the parent's map)
+            self._map_complete = False
 
     # ------------------------------------------------------------ lifecycle
     def hold(self) -> None:
