@@ -62,9 +62,12 @@ def tree_state(root: bytes) -> dict[bytes, tuple[int, int]]:
     return state
 
 
-def changed_paths(before: dict[bytes, tuple[int, int]], after: dict[bytes, tuple[int, int]]) -> list[bytes]:
-    """The paths a change list names: new, gone, or another object or ctime than before."""
-    return sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+def change_list(before: dict[bytes, tuple[int, int]], after: dict[bytes, tuple[int, int]]) -> ChangeSet:
+    """What a send stream's change list gives: the paths new, gone, or of another object or ctime than
+    before, and the objects (inodes) behind them, old and new."""
+    paths = [path for path in before.keys() | after.keys() if before.get(path) != after.get(path)]
+    objects = {state[path][0] for state in (before, after) for path in paths if path in state}
+    return ChangeSet.from_paths(paths, objects)
 
 
 def archive(engine: Engine, parent_root: str, changes: ChangeSet | None, backup_id: str) -> tuple[str, float, float]:
@@ -101,16 +104,16 @@ def measure(engine: Engine, data: Path, seed: int, rounds: int, profile: Path | 
     before = tree_state(os.fsencode(data))
     report: dict[str, int] = {}
     base.churn_small(data, base.Data(seed), 1.0, seed, report)
-    touched = changed_paths(before, tree_state(os.fsencode(data)))
-    log(f"churn: {report}; the change list names {len(touched):,} paths")
+    changes = change_list(before, tree_state(os.fsencode(data)))
+    log(f"churn: {report}; the change list names {len(changes.touched):,} paths")
     full_root, full_wall, full_cpu = archive(engine, parent, None, "backup-00000000000000001")
     log(f"full walk: {full_wall:.3f} s wall, {full_cpu:.3f} s CPU")
-    measured = Measured(report, len(touched), full_wall)
+    measured = Measured(report, len(changes.touched), full_wall)
     for round_no in range(rounds):
         profiler = cProfile.Profile() if profile is not None and round_no == rounds - 1 else None
         if profiler is not None:
             profiler.enable()
-        hinted_root, wall, cpu = archive(engine, parent, ChangeSet.from_paths(touched), f"backup-{round_no + 2:017x}")
+        hinted_root, wall, cpu = archive(engine, parent, changes, f"backup-{round_no + 2:017x}")
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)

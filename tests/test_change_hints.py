@@ -259,3 +259,49 @@ def test_a_directory_not_listed_whose_tree_cannot_be_spliced_is_serialized_whole
     hinted_root, hinted_stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths([b"d/f07"]))
     assert hinted_root == full_root
     assert hinted_stats.files_read == 1  # type: ignore[attr-defined]
+
+
+def test_a_listed_directory_with_the_changed_objects_is_spliced_unparsed(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the objects that changed (a send stream's ``ChangeSet.objects``), a listed directory's entries whose
+    inode is not among them are its parent tree's nodes, taken unparsed; a new object, which a send stream's
+    map cannot name, is found by its inode. A directory whose listing the tree does not match (a FIFO: never
+    in a tree) is parsed as before. Every tree is the full walk's."""
+    d, pipes = xfs_dir / "d", xfs_dir / "pipes"
+    d.mkdir()
+    pipes.mkdir()
+    for i in range(40):
+        (d / f"f{i:02d}").write_text(f"file {i}\n")
+    (pipes / "p1").write_text("p1\n")
+    os.mkfifo(pipes / "fifo")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    inode = {name: (d / name).stat().st_ino for name in ("f03", "f05", "f07", "f09")}
+
+    (d / "f03").unlink()
+    (d / "f03").write_text("the same name, a new object\n")
+    (d / "f05").unlink()
+    (d / "new").write_text("a new object: the map has no name for it\n")
+    os.rename(d / "f07", d / "g07")
+    (d / "f09").write_text("changed in place\n")
+    (pipes / "p2").write_text("new\n")
+    # What a send stream gives: the names the map has for changed objects, and the objects themselves.
+    paths = [b"d", b"d/f03", b"d/f05", b"d/f07", b"d/f09", b"pipes"]
+    objects = {*inode.values(), *(p.stat().st_ino for p in (d, pipes, d / "f03", d / "new", pipes / "p2"))}
+
+    parsed: list[str] = []
+    real_parse = archiver_module.parse_tree
+
+    def recording_parse(raw: bytes, *, what: str) -> object:
+        parsed.append(what)
+        return real_parse(raw, what=what)
+
+    full_root, full_stats = _archive(engine, parent.root_tree or "", None)
+    monkeypatch.setattr(archiver_module, "parse_tree", recording_parse)
+    hinted_root, hinted_stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths(paths, objects))
+
+    assert hinted_root == full_root
+    assert hinted_stats.files_read == full_stats.files_read == 5  # type: ignore[attr-defined]
+    assert len(parsed) == 2, parsed  # the tree of the root's node, and pipes' (its FIFO is in no tree)
+    assert hinted_stats.entries_not_examined == 36 + 1  # type: ignore[attr-defined]  # d's 36 clean files, pipes/p1

@@ -221,7 +221,9 @@ def test_objects_with_the_ctime_of_the_map_are_unchanged(tmp_path: Path) -> None
     objmap = ObjectMap(tmp_path / "m")
     objmap.archived("fs", 0, entries(("a", 2), ("b", 3), ("c", 4)))  # ctime = object * 10
     objmap.commit("s")
-    assert objmap.changed_paths("fs", [2, 3, 4], {2: 20, 3: 31}) == {b"b", b"c"}
+    paths, changed = objmap.changes("fs", [2, 3, 4, 9], {2: 20, 3: 31})
+    assert paths == {b"b", b"c"}
+    assert changed == {3, 4, 9}  # 9 is new: no name in the map, but changed all the same
 
 
 def test_a_listing_replaces_the_directory_and_orphans_resolve_nowhere(tmp_path: Path) -> None:

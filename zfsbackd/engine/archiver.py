@@ -161,7 +161,7 @@ class _NamedEntry:
     """An entry of a directory the walk did not list, known by its name: stat'ed when asked, as a ``DirEntry``.
 
     The entries the walk looks at in a directory that a change list says holds the same names
-    for the same objects as before (see :meth:`Archiver._frame_unlisted`).
+    for the same objects as before (see :meth:`Archiver._frame_spliced`).
     """
 
     __slots__ = ("_stat", "name", "path")
@@ -218,9 +218,9 @@ class _DirFrame:
     #: the parent backup's tree was made from this very listing: the entries that are not directories are
     #: this summary's (counted in ``kept_totals``, not in ``kept``), ``previous`` and ``entries`` its directories
     as_listed: ListingSummary | None = None
-    #: a directory a change list spared the listing of (:meth:`Archiver._frame_unlisted`): the parent backup's
-    #: tree, whose nodes not named in ``previous`` (the changed names, parsed) are kept as they are, unparsed
-    #: (counted in ``kept_totals``, not in ``kept``); the new tree is spliced from its bytes
+    #: with a change list (:meth:`Archiver._frame_spliced`): the parent backup's tree, whose nodes not named
+    #: in ``previous`` (those of the changed names, parsed) are kept as they are, unparsed (counted in
+    #: ``kept_totals``, not in ``kept``); the new tree is spliced from its bytes
     spliced: TreeBytes | None = None
 
 
@@ -399,7 +399,7 @@ class Archiver:
         self.read_ahead_peak_entries = 0
         """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
         self.directories_not_listed = 0
-        """Directories a change list spared the listing of (:meth:`_frame_unlisted`)."""
+        """Directories a change list spared the listing of (:meth:`_frame_spliced`)."""
         self.unfinished_peak_dirs = 0
         """The most directories left unfinished at once while their files were read (see ``_walk``)."""
         self._processes = pools.ARCHIVE_PROCESSES if processes is None else processes
@@ -668,19 +668,27 @@ class Archiver:
         """
         if self.cancel.is_set():
             raise BackupCancelled()
-        if parent_tree and self._may_skip_listing(rel):
+        raw = None  # with a change list, the parent tree's bytes: spliced where they can be (see _frame_spliced)
+        if parent_tree and self.changes is not None:
             raw = self._read_parent_bytes(parent_tree)
-            unlisted = None if raw is None else self._frame_unlisted(rel, dev, node, parent_tree, raw, before)
-            if unlisted is not None:
-                return unlisted
-            parent: _ParentDir = None if raw is None else self._parse_parent(raw, parent_tree)
-        else:
-            parent = self._parent_dir(parent_tree)
+            if raw is not None and self._may_skip_listing(rel):
+                frame = self._frame_spliced(rel, dev, node, parent_tree, raw, before, None)
+                if frame is not None:
+                    return frame
         with os.scandir(self._path(rel)) as it:
             entries: list[_Entry] = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
         self._entries_listed += len(entries)
         if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
             self._start_shards()
+        if raw is not None:
+            frame = self._frame_spliced(rel, dev, node, parent_tree, raw, before, entries)  # type: ignore[arg-type]
+            if frame is not None:
+                return frame
+            parent: _ParentDir = self._parse_parent(raw, parent_tree)  # type: ignore[arg-type]
+        elif self.changes is not None:
+            parent = None  # (the parent tree could not be read)
+        else:
+            parent = self._parent_dir(parent_tree)
         listing = self._listing_digest(entries)
         if isinstance(parent, ListingSummary):
             if listing == parent.digest and parent_tree:
@@ -695,51 +703,78 @@ class Archiver:
         return frame
 
     def _may_skip_listing(self, rel: bytes) -> bool:
-        """Whether the change list names *rel* only as the ancestor of changes (see :meth:`_frame_unlisted`)."""
+        """Whether the change list names *rel* only as the ancestor of changes (see :meth:`_frame_spliced`)."""
         return self.changes is not None and bool(rel) and rel not in self.changes.touched
 
-    def _frame_unlisted(
-        self, rel: bytes, dev: int, node: Node | None, tree_id: str, raw: bytes, before: Node | None
+    def _frame_spliced(
+        self,
+        rel: bytes,
+        dev: int,
+        node: Node | None,
+        tree_id: str,
+        raw: bytes,
+        before: Node | None,
+        listing: list[_Entry] | None,
     ) -> _DirFrame | None:
-        """The frame of a directory that need not be listed: the change list names it only as the ancestor of
-        changed entries, so it holds the names of its parent backup's tree *tree_id* (bytes *raw*), for the
-        same objects.
+        """The frame of a directory whose unchanged entries are the nodes of its parent backup's tree *tree_id*
+        (bytes *raw*), known as such without parsing them: the new tree is spliced from those bytes
+        (:class:`~zfsbackd.store.treebytes.TreeBytes`), only the changed entries are looked at, and what
+        the others stand for is the directory's totals in the parent backup (its node's) minus theirs.
 
+        Not *listing* it: the change list names the directory only as the ancestor of changed entries.
         A change list names a directory itself (``ChangeSet.touched``) whenever a name in it was added,
         removed or renamed — that changes the directory's mtime and ctime: ``zfs diff`` reports it
-        modified, the send stream sends its dnode — except the backup's root, which is always listed.
-        The clean entries are then the parent tree's nodes: they are not even parsed (the new tree is
-        spliced from the parent's bytes, :class:`~zfsbackd.store.treebytes.TreeBytes`), and only the
-        changed ones are looked at, by name. What they stand for is the directory's totals in the parent
-        backup (its node's) minus the changed entries'. None (list the directory) when the parent tree
-        lacks one of the changed names (then the directory did change), its bytes are not in the
-        canonical form, or the node gives no totals.
+        modified, the send stream sends its dnode — except the backup's root, which is always listed. So it
+        holds the parent tree's names for the same objects, and the changed ones are looked at by name.
+
+        Listed (*listing*): with the change list's objects (``ChangeSet.objects``), an entry is looked at
+        when the change list names it or its inode is among the objects that changed; each other one is
+        the parent tree's node of its name (an object's names change only with its ctime). The parent
+        tree must then hold exactly the entries not looked at plus those of the changed names it has.
+
+        None (parse the parent tree, and list the directory) when a changed name of a directory not
+        listed is not in the parent tree (then the directory did change), the tree and the listing
+        disagree, the change list has no objects for a listed one, the bytes are not in the canonical
+        form, or the node gives no valid totals.
         """
         changes = self.changes
         totals = _Totals.of_directory(before)
-        if changes is None or totals is None:
-            return None
         tree = TreeBytes(raw)
-        not_clean = changes.names_not_clean(rel)
-        previous = tree.nodes_named(not_clean) if tree.canonical_frame else None
-        if previous is None or len(previous) != len(not_clean):
+        if changes is None or totals is None or not tree.canonical_frame:
             return None
-        entries: list[_Entry] = [
-            _NamedEntry(name, self._path(rel + b"/" + name))
-            for name in sorted(not_clean)  # in name order
-        ]
-        frame = _DirFrame(rel, dev, previous, entries, node, tree_before=tree_id, spliced=tree)
+        not_clean = changes.names_not_clean(rel)
+        entries: list[_Entry]
+        if listing is None:
+            names = not_clean
+            entries = [_NamedEntry(name, self._path(rel + b"/" + name)) for name in sorted(not_clean)]  # name order
+        elif changes.objects is None:
+            return None
+        else:
+            objects = changes.objects
+            entries = [entry for entry in listing if entry.name in not_clean or entry.inode() in objects]
+            names = not_clean.union(map(_ENTRY_NAME, entries))
+        previous = tree.nodes_named(names)
+        if previous is None:
+            return None
+        held = tree.count()
+        if listing is None and len(previous) != len(names):
+            return None
+        if listing is not None and held - len(previous) != len(listing) - len(entries):
+            log.info("change_list_listing_not_as_tree", path=rel.decode("utf-8", "backslashreplace"))
+            return None
         for changed in previous.values():
             totals.add_node(changed, -1)
         if min(totals.files, totals.bytes, totals.dirs) < 0:  # the node's totals are wrong: count the entries
             return None
+        frame = _DirFrame(rel, dev, previous, entries, node, tree_before=tree_id, spliced=tree)
         frame.kept_totals = totals
-        frame.listed = tree.count()
+        frame.listed = held if listing is None else len(listing)
         stats = self.counters.stats
-        stats.entries_not_examined += frame.listed - len(previous)
+        stats.entries_not_examined += held - len(previous)
         stats.files_unchanged += totals.files
         self.progress.advance(files=totals.files, nbytes=totals.bytes)
-        self.directories_not_listed += 1
+        if listing is None:
+            self.directories_not_listed += 1
         return frame
 
     def _listing_digest(self, entries: list[_Entry]) -> bytes | None:

@@ -337,19 +337,26 @@ class ChangeSet:
     it twice: a new name is found only by listing its directory, and a directory
     that is dirty but not touched is not even listed — it holds its parent
     backup's names for the same objects, and only its changed entries are looked at.
+
+    ``objects``, when the provider knows them all (a send stream of one dataset), are the
+    inode numbers of the objects that may have changed, new ones included. An object's names
+    change only with its ctime (link, unlink and rename all set it), so in a listed directory
+    an entry whose inode is not among them, under a name the change list does not name, is
+    its parent backup's node for that name: the archiver then looks at the other entries only.
     """
 
     touched: frozenset[bytes]
     dirty_dirs: frozenset[bytes]
+    objects: frozenset[int] | None = None
 
     @classmethod
-    def from_paths(cls, paths: Iterable[bytes]) -> ChangeSet:
+    def from_paths(cls, paths: Iterable[bytes], objects: Iterable[int] | None = None) -> ChangeSet:
         touched = frozenset(p.strip(b"/") for p in paths)
         dirty = {b""}
         for path in touched:
             parts = path.split(b"/")
             dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
-        return cls(touched, frozenset(dirty))
+        return cls(touched, frozenset(dirty), None if objects is None else frozenset(objects))
 
     def is_clean(self, rel: bytes) -> bool:
         return rel not in self.touched and rel not in self.dirty_dirs

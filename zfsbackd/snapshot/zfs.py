@@ -326,6 +326,9 @@ class ZfsSnapshot(Snapshot):
         """The send stream of every member from its base (snapshot, else bookmark), through the object map."""
         assert self._objmap is not None
         paths: set[bytes] = set()
+        # The objects that changed, for the archiver's listed directories (ChangeSet.objects): only for one
+        # dataset (inode numbers are per dataset) and while they are not too many to hold.
+        objects: set[int] | None = set() if len(self.members) == 1 else None
         for member in self.members:
             origin = _b(f"{member.dataset}@{base}")
             if not lzc.lzc_exists(origin):
@@ -337,8 +340,14 @@ class ZfsSnapshot(Snapshot):
             root_object = os.stat(member.mountpoint).st_ino
             with sendstream.incremental_stream(_b(f"{member.dataset}@{self.name}"), origin, stop) as stream:
                 for batch in stream.batches():
-                    changed = self._objmap.changed_paths(member.dataset, batch.objects, self._ctimes(member, batch))
+                    changed, changed_objects = self._objmap.changes(
+                        member.dataset, batch.objects, self._ctimes(member, batch)
+                    )
                     paths.update(graft + p for p in changed)
+                    if objects is not None:
+                        objects.update(changed_objects)
+                        if len(objects) > MAX_CHANGED_PATHS:
+                            objects = None
                     if member.rel and root_object in batch.objects:
                         paths.add(member.rel)  # a child's root changed: its mount point node changes
                     if len(paths) > MAX_CHANGED_PATHS:
@@ -354,7 +363,7 @@ class ZfsSnapshot(Snapshot):
                 records=summary.records,
                 seconds=round(summary.seconds, 3),
             )
-        return ChangeSet.from_paths(paths)
+        return ChangeSet.from_paths(paths, objects)
 
     def _ctimes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, int]:
         """The ctime of each object in *batch* whose dnode alone was sent, where its bonus layout is trusted.

@@ -69,24 +69,30 @@ class ObjectMap:
 
     def paths(self, member: str, objects: Iterable[int]) -> set[bytes]:
         """Every name (relative to the member's root) that the committed map gives ``objects``."""
-        return self.changed_paths(member, objects, {})
+        return self.changes(member, objects, {})[0]
 
-    def changed_paths(self, member: str, objects: Iterable[int], ctimes: Mapping[int, int]) -> set[bytes]:
-        """The names of ``objects``, but not of those whose ctime is known (``ctimes``) and as it was.
+    def changes(self, member: str, objects: Iterable[int], ctimes: Mapping[int, int]) -> tuple[set[bytes], set[int]]:
+        """The names of ``objects``, but not of those whose ctime is known (``ctimes``) and as it was; and
+        the objects that may have changed: all of ``objects`` but those (a new object has no name yet).
 
         Rows whose chain of parents does not reach the root are of deleted directories and give
         no name. Directories have one name each, so their paths are resolved once and shared.
         """
-        result = self._read(lambda conn: self._paths(conn, member, list(objects), ctimes))
-        return result if result is not None else set()
+        wanted = list(objects)
+        result = self._read(lambda conn: self._changes(conn, member, wanted, ctimes))
+        return result if result is not None else (set(), set(wanted))
 
     @staticmethod
-    def _paths(conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]) -> set[bytes]:
+    def _changes(
+        conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]
+    ) -> tuple[set[bytes], set[int]]:
+        rows = _rows(conn, member, objects)
         links = {  # object -> [(parent, name, ctime)] of the objects that (may) have changed
             obj: entries
-            for obj, entries in _rows(conn, member, objects).items()
+            for obj, entries in rows.items()
             if obj not in ctimes or any(ctime != ctimes[obj] for _, _, ctime in entries)
         }
+        changed = set(objects) - (rows.keys() - links.keys())
         named: dict[int, tuple[int, bytes]] = {}  # directory -> (its parent, its name)
         wanted = {parent for entries in links.values() for parent, _, _ in entries} - {0}
         for _ in range(_MAX_DEPTH):
@@ -118,7 +124,7 @@ class ObjectMap:
                 base = dir_path(parent)
                 if base is not None:
                     paths.add(_join(base, name))
-        return paths
+        return paths, changed
 
     def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T | None:
         """Run ``query`` on a fresh reader connection; None when there is no usable map."""

@@ -56,10 +56,11 @@ class TreeBytes:
         self._first, self._end = len(_HEAD), len(raw) - len(_TAIL)
         self.canonical_frame = raw.startswith(_HEAD) and raw.endswith(_TAIL) and self._first <= self._end
         """Whether the bytes are ``{"nodes":[…]}`` at all (else nothing here applies: parse them)."""
+        self._b64_names = _B64_KEY in raw  # (rare: names that are not UTF-8; else never searched for)
 
     def count(self) -> int:
         """How many nodes the tree holds (one name key each)."""
-        return self.raw.count(_TEXT_KEY) + self.raw.count(_B64_KEY)
+        return self.raw.count(_TEXT_KEY) + (self.raw.count(_B64_KEY) if self._b64_names else 0)
 
     def nodes_named(self, names: Iterable[bytes]) -> dict[bytes, Node] | None:
         """The parsed nodes of those *names* the tree has, by name; None if one cannot be read here."""
@@ -161,7 +162,8 @@ class TreeBytes:
     def _name_after(self, position: int) -> tuple[int, bytes] | None:
         """The first name key at or after *position*: (where, the name it gives); None past the last node."""
         raw = self.raw
-        text, b64 = raw.find(_TEXT_KEY, position, self._end), raw.find(_B64_KEY, position, self._end)
+        text = raw.find(_TEXT_KEY, position, self._end)
+        b64 = raw.find(_B64_KEY, position, self._end) if self._b64_names else -1
         if text < 0 and b64 < 0:
             return None
         if text >= 0 and (b64 < 0 or text < b64):
