@@ -98,6 +98,9 @@ def test_nodes_are_found_by_name_and_counted() -> None:
     wanted = [b'x","name":"y', b"\xff\xfenot-utf8", b"a", b"missing", b'"name":"a"']
     found = tree.nodes_named(wanted)
     assert found == {name: before[name] for name in wanted if name in before}
+    assert tree.names() is None  # (names with escapes, and names that are not UTF-8: not read from keys alone)
+    plain = [b"a", "é ünïcode".encode(), b"brace}{", b"z" * 200]
+    assert TreeBytes(serialize_tree([_node(name, rng) for name in plain])).names() == set(plain)
 
 
 @pytest.mark.parametrize(

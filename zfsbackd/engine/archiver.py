@@ -730,7 +730,8 @@ class Archiver:
         Listed (*listing*): with the change list's objects (``ChangeSet.objects``), an entry is looked at
         when the change list names it or its inode is among the objects that changed; each other one is
         the parent tree's node of its name (an object's names change only with its ctime). The parent
-        tree must then hold exactly the entries not looked at plus those of the changed names it has.
+        tree must then hold exactly the entries not looked at plus those of the changed names it has,
+        and the names no longer listed (a deleted object is in no change list: found by the tree's names).
 
         None (parse the parent tree, and list the directory) when a changed name of a directory not
         listed is not in the parent tree (then the directory did change), the tree and the listing
@@ -760,8 +761,11 @@ class Archiver:
         if listing is None and len(previous) != len(names):
             return None
         if listing is not None and held - len(previous) != len(listing) - len(entries):
-            log.info("change_list_listing_not_as_tree", path=rel.decode("utf-8", "backslashreplace"))
-            return None
+            gone = self._names_gone(tree, listing, previous)  # (a send stream names no deleted object)
+            if gone is None or held - len(previous) - len(gone) != len(listing) - len(entries):
+                log.info("change_list_listing_not_as_tree", path=rel.decode("utf-8", "backslashreplace"))
+                return None
+            previous.update(gone)
         for changed in previous.values():
             totals.add_node(changed, -1)
         if min(totals.files, totals.bytes, totals.dirs) < 0:  # the node's totals are wrong: count the entries
@@ -776,6 +780,14 @@ class Archiver:
         if listing is None:
             self.directories_not_listed += 1
         return frame
+
+    @staticmethod
+    def _names_gone(tree: TreeBytes, listing: list[_Entry], previous: dict[bytes, Node]) -> dict[bytes, Node] | None:
+        """The parent tree's nodes of names no longer listed and not in *previous*, or None if not known here."""
+        names = tree.names()
+        if names is None:
+            return None
+        return tree.nodes_named(names.difference(map(_ENTRY_NAME, listing), previous))
 
     def _listing_digest(self, entries: list[_Entry]) -> bytes | None:
         """The digest of the directory's listing (``listing_digest``), when the listing cache is used.

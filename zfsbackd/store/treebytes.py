@@ -34,6 +34,8 @@ _HEAD, _TAIL = b'{"nodes":[', b"]}"
 _TEXT_KEY, _B64_KEY = b'"name":"', b'"name_b64":"'
 #: the rest of a JSON string after its opening quote: its content (group 1) and the closing quote
 _STRING_REST = re.compile(rb'((?:[^"\\]|\\.)*)"', re.DOTALL)
+#: a name key whose name needs no escape (group 1: the name's UTF-8 bytes as they are)
+_PLAIN_NAME = re.compile(rb'"name":"([^"\\]*)"')
 #: the rest of a node (nodes hold no objects, only strings, numbers and lists) up to its closing brace
 _NODE_REST = re.compile(rb'(?:[^{}"]|"(?:[^"\\]|\\.)*")*\}', re.DOTALL)
 
@@ -61,6 +63,14 @@ class TreeBytes:
     def count(self) -> int:
         """How many nodes the tree holds (one name key each)."""
         return self.raw.count(_TEXT_KEY) + (self.raw.count(_B64_KEY) if self._b64_names else 0)
+
+    def names(self) -> set[bytes] | None:
+        """Every node's name, read from the keys alone; None unless every name is text needing no escape."""
+        if self._b64_names:
+            return None
+        found = _PLAIN_NAME.findall(self.raw)
+        names = set(found)
+        return names if len(names) == len(found) == self.count() else None
 
     def nodes_named(self, names: Iterable[bytes]) -> dict[bytes, Node] | None:
         """The parsed nodes of those *names* the tree has, by name; None if one cannot be read here."""
