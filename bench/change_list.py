@@ -5,11 +5,11 @@ an hour to set up and varies by ±15 % from run to run, yet the archiver's share
 work that behaves alike on any file system. This measures that share natively on a loopback
 XFS, in seconds: bench/zfs_vm.py's files (same generator, same seed), a full backup, bench/run.py's
 1 % churn (edits, appends, chmods, deletes, new files, a new directory, a renamed directory),
-and the change list a send stream would give — every path whose object appeared, went, or
-changed its ctime, found by comparing an ``lstat`` of the whole tree before and after. Then the
-incremental's ``Archiver.run()`` with that change list, ``--rounds`` times, each on a new reflink
-snapshot against the same parent: wall and CPU time per round, the median, and (``--profile``)
-a cProfile of the last round. The first round is checked against a full walk (same root tree).
+and the change list a send stream would give (:func:`change_list`, from an ``lstat`` of the whole
+tree before and after). Then the incremental's ``Archiver.run()`` with that change list,
+``--rounds`` times, each on a new reflink snapshot against the same parent: wall and CPU time per
+round, the median, and (``--profile``) a cProfile of the last round. The first round is checked
+against a full walk (same root tree).
 
     sudo .venv/bin/python bench/change_list.py --files 50000 --rounds 5
     sudo .venv/bin/python bench/change_list.py --files 50000 --profile /tmp/change-list.pstats
@@ -63,11 +63,12 @@ def tree_state(root: bytes) -> dict[bytes, tuple[int, int]]:
 
 
 def change_list(before: dict[bytes, tuple[int, int]], after: dict[bytes, tuple[int, int]]) -> ChangeSet:
-    """What a send stream's change list gives: the paths new, gone, or of another object or ctime than
-    before, and the objects (inodes) behind them, old and new."""
-    paths = [path for path in before.keys() | after.keys() if before.get(path) != after.get(path)]
-    objects = {state[path][0] for state in (before, after) for path in paths if path in state}
-    return ChangeSet.from_paths(paths, objects)
+    """What a send stream's change list gives (zfsbackd.snapshot.zfs): the objects (inodes) that are new or
+    whose ctime changed, and the names the object map had for them before — none for a new object, and a
+    deleted object is in neither (the archiver finds those names missing from the listing)."""
+    ctime_before = {ino: ctime for ino, ctime in before.values()}
+    objects = {ino for ino, ctime in after.values() if ctime_before.get(ino) != ctime}
+    return ChangeSet.from_paths((path for path, (ino, _) in before.items() if ino in objects), objects)
 
 
 def archive(engine: Engine, parent_root: str, changes: ChangeSet | None, backup_id: str) -> tuple[str, float, float]:
