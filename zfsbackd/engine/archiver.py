@@ -729,14 +729,16 @@ class Archiver:
 
         Listed (*listing*): with the change list's objects (``ChangeSet.objects``), an entry is looked at
         when the change list names it or its inode is among the objects that changed; each other one is
-        the parent tree's node of its name (an object's names change only with its ctime). The parent
-        tree must then hold exactly the entries not looked at plus those of the changed names it has,
-        and the names no longer listed (a deleted object is in no change list: found by the tree's names).
+        the parent tree's node of its name (an object's names change only with its ctime). The names
+        the tree has and the listing has not are cut (a deleted object is in no change list); the tree's
+        names (read from its name keys alone, :meth:`TreeBytes.names`) other than the changed ones must
+        be exactly the entries not looked at.
 
         None (parse the parent tree, and list the directory) when a changed name of a directory not
         listed is not in the parent tree (then the directory did change), the tree and the listing
-        disagree, the change list has no objects for a listed one, the bytes are not in the canonical
-        form, or the node gives no valid totals.
+        disagree (an entry no tree holds: a FIFO, an excluded one), the change list has no objects for a
+        listed one, the bytes are not in the canonical form (or its names need escapes), or the node
+        gives no valid totals.
         """
         changes = self.changes
         totals = _Totals.of_directory(before)
@@ -746,48 +748,36 @@ class Archiver:
         not_clean = changes.names_not_clean(rel)
         entries: list[_Entry]
         if listing is None:
-            names = not_clean
             entries = [_NamedEntry(name, self._path(rel + b"/" + name)) for name in sorted(not_clean)]  # name order
-        elif changes.objects is None:
-            return None
+            previous = tree.nodes_named(not_clean)
+            if previous is None or len(previous) != len(not_clean):
+                return None
         else:
+            held = tree.names() if changes.objects is not None else None
+            if held is None:
+                return None
             objects = changes.objects
             entries = [entry for entry in listing if entry.name in not_clean or entry.inode() in objects]
-            names = not_clean.union(map(_ENTRY_NAME, entries))
-        previous = tree.nodes_named(names)
-        if previous is None:
-            return None
-        held = tree.count()
-        if listing is None and len(previous) != len(names):
-            return None
-        if listing is not None and held - len(previous) != len(listing) - len(entries):
-            gone = self._names_gone(tree, listing, previous)  # (a send stream names no deleted object)
-            if gone is None or held - len(previous) - len(gone) != len(listing) - len(entries):
+            listed = set(map(_ENTRY_NAME, listing))
+            gone = held - listed  # (deleted since: a send stream names no deleted object)
+            previous = tree.nodes_named(not_clean.union(map(_ENTRY_NAME, entries), gone))
+            if previous is None or held - previous.keys() != listed.difference(map(_ENTRY_NAME, entries)):
                 log.info("change_list_listing_not_as_tree", path=rel.decode("utf-8", "backslashreplace"))
                 return None
-            previous.update(gone)
         for changed in previous.values():
             totals.add_node(changed, -1)
         if min(totals.files, totals.bytes, totals.dirs) < 0:  # the node's totals are wrong: count the entries
             return None
         frame = _DirFrame(rel, dev, previous, entries, node, tree_before=tree_id, spliced=tree)
         frame.kept_totals = totals
-        frame.listed = held if listing is None else len(listing)
+        frame.listed = tree.count() if listing is None else len(listing)
         stats = self.counters.stats
-        stats.entries_not_examined += held - len(previous)
+        stats.entries_not_examined += tree.count() - len(previous)
         stats.files_unchanged += totals.files
         self.progress.advance(files=totals.files, nbytes=totals.bytes)
         if listing is None:
             self.directories_not_listed += 1
         return frame
-
-    @staticmethod
-    def _names_gone(tree: TreeBytes, listing: list[_Entry], previous: dict[bytes, Node]) -> dict[bytes, Node] | None:
-        """The parent tree's nodes of names no longer listed and not in *previous*, or None if not known here."""
-        names = tree.names()
-        if names is None:
-            return None
-        return tree.nodes_named(names.difference(map(_ENTRY_NAME, listing), previous))
 
     def _listing_digest(self, entries: list[_Entry]) -> bytes | None:
         """The digest of the directory's listing (``listing_digest``), when the listing cache is used.
@@ -1072,7 +1062,7 @@ class Archiver:
 
     @staticmethod
     def _tree_bytes(frame: _DirFrame, entries: list[Node]) -> bytes:
-        """The directory's new tree: *entries* serialized, or, for a directory not listed, the parent tree's
+        """The directory's new tree: *entries* serialized, or, for a spliced directory, the parent tree's
         bytes with the changed names' nodes replaced by *entries* (parsed whole if they cannot be spliced)."""
         tree = frame.spliced
         if tree is None:
