@@ -32,6 +32,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 import run as base  # noqa: E402  (bench/run.py: loop file system, data, churn)
 import zfs_vm  # noqa: E402  (bench/zfs_vm.py: the files of the ZFS benchmark)
+from ab import variant_config  # noqa: E402  (bench/ab.py: a config with one local store)
 
 from zfsbackd.config import load_config  # noqa: E402
 from zfsbackd.engine.archiver import Archiver  # noqa: E402
@@ -42,7 +43,7 @@ from zfsbackd.snapshot.detect import choose_provider  # noqa: E402
 from zfsbackd.store.crypto import generate_key_file  # noqa: E402
 from zfsbackd.store.writer import PackWriter  # noqa: E402
 
-FS_ID = "fs-src"
+FS_ID = base.FS_ID
 log = base.log
 
 
@@ -127,16 +128,9 @@ def measure(engine: Engine, data: Path, seed: int, rounds: int, profile: Path | 
 
 
 def write_config(work: Path, data: Path) -> Path:
-    """A config with a local store in *work* backing up *data* (and its key)."""
+    """A config with a local store in *work* backing up *data* (bench/ab.py's), and its key."""
+    config = variant_config(work, data)
     generate_key_file(work / "key")
-    (work / "store").mkdir()
-    config = work / "zfsbackd.yaml"
-    config.write_text(
-        f"state_dir: {work / 'state'}\nhome_region: local\n"
-        f"regions: {{local: {{type: local, path: {work / 'store'}, create_if_missing: true}}}}\n"
-        f"encryption: {{key_file: {work / 'key'}}}\n"
-        f"file_systems:\n  - id: {FS_ID}\n    source: {{path: {data}}}\n"
-    )
     return config
 
 

@@ -38,6 +38,19 @@ def _archive(engine: Engine, parent_root: str, changes: ChangeSet | None) -> tup
     return root, stats
 
 
+def _record_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, what each parsed tree was (the archiver's parse_tree calls), in order."""
+    parsed: list[str] = []
+    real_parse = archiver_module.parse_tree
+
+    def recording_parse(raw: bytes, *, what: str) -> object:
+        parsed.append(what)
+        return real_parse(raw, what=what)
+
+    monkeypatch.setattr(archiver_module, "parse_tree", recording_parse)
+    return parsed
+
+
 def test_change_set_walk_equals_full_walk(xfs_dir: Path, tmp_path: Path) -> None:
     populate_sample_tree(xfs_dir)
     deep = xfs_dir / "a" / "b" / "c"
@@ -210,16 +223,9 @@ def test_a_directory_only_dirty_below_is_not_listed(
         listed.append(path)
         return real_scandir(path)
 
-    parsed: list[str] = []
-    real_parse = archiver_module.parse_tree
-
-    def recording_parse(raw: bytes, *, what: str) -> object:
-        parsed.append(what)
-        return real_parse(raw, what=what)
-
     full_root, full_stats = _archive(engine, parent.root_tree or "", None)
+    parsed = _record_parses(monkeypatch)
     monkeypatch.setattr(archiver_module.os, "scandir", recording_scandir)
-    monkeypatch.setattr(archiver_module, "parse_tree", recording_parse)
     fs = engine.config.file_system("fs-src")
     store = engine.store()
     snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
@@ -293,15 +299,8 @@ def test_a_listed_directory_with_the_changed_objects_is_spliced_unparsed(
     paths = [b"d", b"d/f03", b"d/f07", b"d/f09", b"pipes"]
     objects = {*inode.values(), *(p.stat().st_ino for p in (d, pipes, d / "f03", d / "new", pipes / "p2"))}
 
-    parsed: list[str] = []
-    real_parse = archiver_module.parse_tree
-
-    def recording_parse(raw: bytes, *, what: str) -> object:
-        parsed.append(what)
-        return real_parse(raw, what=what)
-
     full_root, full_stats = _archive(engine, parent.root_tree or "", None)
-    monkeypatch.setattr(archiver_module, "parse_tree", recording_parse)
+    parsed = _record_parses(monkeypatch)
     hinted_root, hinted_stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths(paths, objects))
 
     assert hinted_root == full_root
