@@ -219,6 +219,7 @@ class Timers:
         self.changes_fallback = False
         self.changes_stopped = False  # the walk finished first and stopped `zfs diff`
         self.archiver_s = 0.0
+        self.directories: dict[str, int] = {}  # the archiver's counts of directories not listed / listed by the stream
         self.stream = {"seconds": 0.0, "objects": 0, "stream_bytes": 0, "records": 0}  # send-stream change lists
         self.calls: dict[str, list[float]] = {}  # "zfs get", "lzc_snapshot", "Store.save_record": [count, seconds]
 
@@ -325,6 +326,10 @@ class Timers:
                     return super().run()
                 finally:
                     timers.archiver_s += time.perf_counter() - t0
+                    timers.directories = {
+                        "not_listed": self.directories_not_listed,
+                        "listings_from_stream": self.directories_listed_by_changes,
+                    }
 
         engine_mod.Archiver = TimedArchiver  # the engine module's name only; the bench's full walk uses the original
 
@@ -481,6 +486,7 @@ class Bench:
                 "change_list_fallback_full_walk": t.changes_fallback,
                 "change_list_stopped_by_walk": t.changes_stopped,
                 "entries_not_examined": s.entries_not_examined,
+                "directories": t.directories,
                 "archiver_s": round(t.archiver_s, 3),
                 "other_s": round(m.wall - t.archiver_s, 3),  # the change list runs alongside the archiver
                 "children_cpu_s": round(m.children_cpu, 3),
@@ -607,7 +613,8 @@ class Bench:
             f"  {diff_res.wall_s:.1f} s, files read {diff_res.files_read}, {d['change_list_paths']} "
             f"changed paths (zfs diff {d['change_list_s']:.1f} s"
             f"{', stopped by the walk' if d['change_list_stopped_by_walk'] else ''}, "
-            f"archiver {d['archiver_s']:.1f} s, {d['entries_not_examined']} entries not examined)"
+            f"archiver {d['archiver_s']:.1f} s, {d['entries_not_examined']} entries not examined, "
+            f"directories {d['directories']})"
         )
         os.sync()
         log(f"{name}: zfsbackd full walk of the same snapshot")

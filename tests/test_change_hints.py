@@ -51,6 +51,39 @@ def _record_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return parsed
 
 
+class _RunArchiver(Archiver):
+    """An archiver that keeps what :meth:`run` returned."""
+
+    result: tuple[str, object]
+
+
+def _archive_recording_listings(
+    engine: Engine, parent_root: str | None, changes: ChangeSet, monkeypatch: pytest.MonkeyPatch
+) -> tuple[_RunArchiver, list[bytes]]:
+    """The archiver of one run with *changes*, and the directories it listed (``os.scandir``), sorted,
+    relative to the snapshot's root."""
+    listed: list[bytes] = []
+    real_scandir = os.scandir
+
+    def recording_scandir(path: bytes) -> object:
+        listed.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(archiver_module.os, "scandir", recording_scandir)
+    fs = engine.config.file_system("fs-src")
+    store = engine.store()
+    snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
+    try:
+        with PackWriter(store) as writer:
+            archiver = _RunArchiver(store, writer, snapshot, parent_root, changes=changes)
+            archiver.result = archiver.run()
+            writer.flush()
+        root = os.fsencode(snapshot.root)
+    finally:
+        snapshot.release()
+    return archiver, sorted(os.path.relpath(path, root) for path in listed)
+
+
 def test_change_set_walk_equals_full_walk(xfs_dir: Path, tmp_path: Path) -> None:
     populate_sample_tree(xfs_dir)
     deep = xfs_dir / "a" / "b" / "c"
@@ -216,32 +249,15 @@ def test_a_directory_only_dirty_below_is_not_listed(
     (xfs_dir / "top-level-new").write_text("a new name in the root (never in a change list)\n")
     touched = [b"a/b/c/g03", b"x/f05", b"a/b/new", b"a/b", b"top-level-new"]
 
-    listed: list[bytes] = []
-    real_scandir = os.scandir
-
-    def recording_scandir(path: bytes) -> object:
-        listed.append(path)
-        return real_scandir(path)
-
     full_root, full_stats = _archive(engine, parent.root_tree or "", None)
     parsed = _record_parses(monkeypatch)
-    monkeypatch.setattr(archiver_module.os, "scandir", recording_scandir)
-    fs = engine.config.file_system("fs-src")
-    store = engine.store()
-    snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
-    try:
-        with PackWriter(store) as writer:
-            archiver = Archiver(store, writer, snapshot, parent.root_tree, changes=ChangeSet.from_paths(touched))
-            hinted_root, hinted_stats = archiver.run()
-            writer.flush()
-        root = os.fsencode(snapshot.root)
-    finally:
-        snapshot.release()
+    archiver, listed = _archive_recording_listings(engine, parent.root_tree, ChangeSet.from_paths(touched), monkeypatch)
+    hinted_root, hinted_stats = archiver.result
 
     assert hinted_root == full_root
     assert (hinted_stats.files, hinted_stats.bytes_total) == (full_stats.files, full_stats.bytes_total)
     assert hinted_stats.files_read == 4  # g03, f05 (its ctime changed), a/b/new, top-level-new
-    assert sorted(os.path.relpath(path, root) for path in listed) == [b".", b"a/b"]
+    assert listed == [b".", b"a/b"]
     assert archiver.directories_not_listed == 3  # a, a/b/c, x
     # Their parent trees are not parsed (their new trees are spliced from the bytes): only the tree of the
     # root's node, the root's and a/b's are.
@@ -267,13 +283,29 @@ def test_a_directory_not_listed_whose_tree_cannot_be_spliced_is_serialized_whole
     assert hinted_stats.files_read == 1  # type: ignore[attr-defined]
 
 
+class _Listings:
+    """Directory listings as a change list carries them (``ChangeSet.listings``): taken from the live tree."""
+
+    def __init__(self, *directories: Path) -> None:
+        self.by_inode = {
+            d.stat().st_ino: [(entry.name, entry.inode()) for entry in os.scandir(os.fsencode(d))] for d in directories
+        }
+
+    def entries(self, inode: int) -> list[tuple[bytes, int]] | None:
+        return self.by_inode.get(inode)
+
+
+@pytest.mark.parametrize("with_listings", [False, True], ids=["listed", "listings-in-the-change-list"])
 def test_a_listed_directory_with_the_changed_objects_is_spliced_unparsed(
-    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_listings: bool
 ) -> None:
     """With the objects that changed (a send stream's ``ChangeSet.objects``), a listed directory's entries whose
     inode is not among them are its parent tree's nodes, taken unparsed; a new object, which a send stream's
     map cannot name, is found by its inode, and a deleted one by its name's absence. A directory whose listing
-    the tree does not match (a FIFO: never in a tree) is parsed as before. Every tree is the full walk's."""
+    the tree does not match (a FIFO: never in a tree) is parsed as before. Every tree is the full walk's.
+
+    When the change list carries the directories' listings (a send stream's microzap blocks), they are taken
+    instead of listing the directories: the same trees, only the root listed."""
     d, pipes = xfs_dir / "d", xfs_dir / "pipes"
     d.mkdir()
     pipes.mkdir()
@@ -299,11 +331,18 @@ def test_a_listed_directory_with_the_changed_objects_is_spliced_unparsed(
     paths = [b"d", b"d/f03", b"d/f07", b"d/f09", b"pipes"]
     objects = {*inode.values(), *(p.stat().st_ino for p in (d, pipes, d / "f03", d / "new", pipes / "p2"))}
 
+    listings = _Listings(d, pipes) if with_listings else None
+
     full_root, full_stats = _archive(engine, parent.root_tree or "", None)
     parsed = _record_parses(monkeypatch)
-    hinted_root, hinted_stats = _archive(engine, parent.root_tree or "", ChangeSet.from_paths(paths, objects))
+    archiver, listed = _archive_recording_listings(
+        engine, parent.root_tree, ChangeSet.from_paths(paths, objects, listings), monkeypatch
+    )
+    hinted_root, hinted_stats = archiver.result
 
     assert hinted_root == full_root
     assert hinted_stats.files_read == full_stats.files_read == 5  # type: ignore[attr-defined]
+    assert listed == ([b"."] if with_listings else [b".", b"d", b"pipes"])
+    assert archiver.directories_listed_by_changes == (2 if with_listings else 0)
     assert len(parsed) == 2, parsed  # the tree of the root's node, and pipes' (its FIFO is in no tree)
     assert hinted_stats.entries_not_examined == 36 + 1  # type: ignore[attr-defined]  # d's 36 clean files, pipes/p1

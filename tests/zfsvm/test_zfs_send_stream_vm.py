@@ -188,3 +188,65 @@ def test_a_backup_killed_before_its_commit_leaves_the_map_of_its_base(dataset: s
         third = engine.create_backup(BackupRequest("fs-zfs"))
     assert "zfs_change_list_from_send_stream" in _events(logs)
     assert _full_walk_root(engine, third.backup_id, resumed.root_tree) == third.root_tree
+
+
+def _readdir(directory: Path) -> list[tuple[bytes, int]]:
+    return sorted((entry.name, entry.inode()) for entry in os.scandir(os.fsencode(directory)))
+
+
+@pytest.mark.parametrize("xattr", ["sa", "dir"])
+def test_directory_listings_from_the_stream_are_readdir_of_the_snapshot(
+    dataset: str, tmp_path: Path, xattr: str
+) -> None:
+    """Every listing a send stream carries (a changed microzap directory's block 0) is exactly what ``readdir``
+    of that directory in the new snapshot gives; directories of a fat ZAP (too many entries, or a name of 50
+    bytes or more) carry none and are listed; and the backup made with them is the full walk's tree."""
+    sh("zfs", "set", f"xattr={xattr}", dataset)
+    root = _mnt(dataset)
+    sizes = {"one": 1, "few": 6, "some": 60, "many": 600, "most": 2000, "fat": 3000, "grows": 2040}
+    for name, count in sizes.items():
+        (root / name).mkdir()
+        for i in range(count):
+            (root / name / f"f{i:05d}").write_bytes(b"x")
+    (root / "long").mkdir()
+    (root / "long" / ("n" * 60)).write_bytes(b"a name too long for a microzap")
+    (root / "gone").mkdir()
+    (root / "utf8").mkdir()
+    (root / "utf8" / "é ü.txt").write_bytes(b"y")
+    engine = _engine(tmp_path, dataset)
+    first = engine.create_backup(BackupRequest("fs-zfs"))
+
+    for name in sizes:  # a new name in every directory, one removed from each but "one"
+        (root / name / "added").write_bytes(b"new")
+        if name != "one":
+            (root / name / "f00000").unlink()
+    for i in range(20):  # past a microzap's 2047 entries: the ZAP becomes a fat one
+        (root / "grows" / f"g{i:02d}").write_bytes(b"z")
+    os.rename(root / "utf8" / "é ü.txt", root / "utf8" / "ä ö.txt")
+    (root / "long" / "short").write_bytes(b"s")
+    (root / "newdir").mkdir()
+    (root / "newdir" / "inside").write_bytes(b"i")
+    os.setxattr(root / "some" / "f00001", "user.tag", b"v")  # xattr=dir: an xattr directory object too
+    os.rmdir(root / "gone")
+
+    fs = engine.config.file_system("fs-zfs")
+    probe = ZfsProvider(engine.config.state_dir).take(fs, "backup-0000000000000probe")
+    assert isinstance(probe, ZfsSnapshot)
+    try:
+        stream = probe._stream_changes(str(first.snapshot["Name"]), None)
+        assert stream is not None and stream.listings is not None
+        carried = set()
+        for directory in [probe.root, *(p for p in probe.root.iterdir() if p.is_dir())]:
+            found = stream.listings.entries(directory.stat().st_ino)
+            if found is not None:
+                carried.add(directory.name)
+                assert sorted(found) == _readdir(directory), directory
+    finally:
+        probe.release()
+    assert {"few", "some", "many", "most", "utf8", "newdir"} <= carried, carried
+    assert not {"fat", "grows", "long"} & carried, carried
+
+    with structlog.testing.capture_logs() as logs:
+        second = engine.create_backup(BackupRequest("fs-zfs"))
+    assert "zfs_change_list_from_send_stream" in _events(logs)
+    assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree

@@ -161,14 +161,16 @@ class _NamedEntry:
     """An entry of a directory the walk did not list, known by its name: stat'ed when asked, as a ``DirEntry``.
 
     The entries the walk looks at in a directory that a change list says holds the same names
-    for the same objects as before (see :meth:`Archiver._frame_spliced`).
+    for the same objects as before (see :meth:`Archiver._frame_spliced`), and those of a directory
+    whose listing came with the change list (``ChangeSet.listings``: with their inode numbers).
     """
 
-    __slots__ = ("_stat", "name", "path")
+    __slots__ = ("_inode", "_stat", "name", "path")
 
-    def __init__(self, name: bytes, path: bytes) -> None:
+    def __init__(self, name: bytes, path: bytes, inode: int | None = None) -> None:
         self.name = name
         self.path = path
+        self._inode = inode
         self._stat: os.stat_result | None = None
 
     def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
@@ -178,7 +180,7 @@ class _NamedEntry:
         return self._stat
 
     def inode(self) -> int:
-        return self.stat().st_ino
+        return self.stat().st_ino if self._inode is None else self._inode
 
 
 #: an entry of a directory as the walk gets it: listed, or named by the change list
@@ -400,6 +402,8 @@ class Archiver:
         """The most parent tree entries held by the read-ahead at once (tests check the bound with it)."""
         self.directories_not_listed = 0
         """Directories a change list spared the listing of (:meth:`_frame_spliced`)."""
+        self.directories_listed_by_changes = 0
+        """Directories whose listing came with the change list (:meth:`_entries_from_change_list`)."""
         self.unfinished_peak_dirs = 0
         """The most directories left unfinished at once while their files were read (see ``_walk``)."""
         self._processes = pools.ARCHIVE_PROCESSES if processes is None else processes
@@ -675,8 +679,10 @@ class Archiver:
                 frame = self._frame_spliced(rel, dev, node, parent_tree, raw, before, None)
                 if frame is not None:
                     return frame
-        with os.scandir(self._path(rel)) as it:
-            entries: list[_Entry] = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
+        entries = self._entries_from_change_list(rel, node)
+        if entries is None:
+            with os.scandir(self._path(rel)) as it:
+                entries = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
         self._entries_listed += len(entries)
         if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
             self._start_shards()
@@ -701,6 +707,17 @@ class Archiver:
             frame.tree_before = parent_tree
             self._take_clean_entries(frame, _Totals.of_directory(before))
         return frame
+
+    def _entries_from_change_list(self, rel: bytes, node: Node | None) -> list[_Entry] | None:
+        """The entries of directory *rel* (its node *node*) in name order, from the listing the change
+        list carries of it (``ChangeSet.listings``); None when it carries none (the root: no node)."""
+        listings = None if self.changes is None else self.changes.listings
+        found = None if listings is None or node is None else listings.entries(node["inode"])
+        if found is None:
+            return None
+        self.directories_listed_by_changes += 1
+        prefix = self._path(rel) + b"/"
+        return [_NamedEntry(name, prefix + name, inode) for name, inode in sorted(found)]
 
     def _may_skip_listing(self, rel: bytes) -> bool:
         """Whether the change list names *rel* only as the ancestor of changes (see :meth:`_frame_spliced`)."""

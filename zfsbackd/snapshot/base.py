@@ -319,6 +319,15 @@ class ArchivedDirectory:
         return self.kept + self.fresh
 
 
+class DirectoryListings(Protocol):
+    """Complete listings of changed directories that came with a change list (a send stream carries the
+    block of a directory whose names changed: :class:`zfsbackd.zfs.zap.StreamDirectories`)."""
+
+    def entries(self, inode: int) -> list[tuple[bytes, int]] | None:
+        """(name, inode) of every entry of the directory *inode* in the new snapshot, in no order; None
+        when the change list does not carry its listing (then the directory is listed)."""
+
+
 @dataclass(frozen=True)
 class ChangeSet:
     """What changed since the parent backup's snapshot, when the snapshot provider knows (``zfs diff``).
@@ -343,20 +352,29 @@ class ChangeSet:
     change only with its ctime (link, unlink and rename all set it), so in a listed directory
     an entry whose inode is not among them, under a name the change list does not name, is
     its parent backup's node for that name: the archiver then looks at the other entries only.
+
+    ``listings``, with ``objects``: the complete listings the change list carries of directories
+    whose names changed, by the directory's inode; the archiver takes them instead of listing.
     """
 
     touched: frozenset[bytes]
     dirty_dirs: frozenset[bytes]
     objects: frozenset[int] | None = None
+    listings: DirectoryListings | None = None
 
     @classmethod
-    def from_paths(cls, paths: Iterable[bytes], objects: Iterable[int] | None = None) -> ChangeSet:
+    def from_paths(
+        cls,
+        paths: Iterable[bytes],
+        objects: Iterable[int] | None = None,
+        listings: DirectoryListings | None = None,
+    ) -> ChangeSet:
         touched = frozenset(p.strip(b"/") for p in paths)
         dirty = {b""}
         for path in touched:
             parts = path.split(b"/")
             dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
-        return cls(touched, frozenset(dirty), None if objects is None else frozenset(objects))
+        return cls(touched, frozenset(dirty), None if objects is None else frozenset(objects), listings)
 
     def is_clean(self, rel: bytes) -> bool:
         return rel not in self.touched and rel not in self.dirty_dirs

@@ -51,7 +51,7 @@ from zfsbackd.snapshot.base import (
 )
 from zfsbackd.snapshot.zfs_objmap import ObjectMap
 from zfsbackd.store.tree import Node, node_name
-from zfsbackd.zfs import command, sendstream
+from zfsbackd.zfs import command, sendstream, zap
 from zfsbackd.zfs import libzfs_core as lzc
 from zfsbackd.zfs.exceptions import (
     HoldExists,
@@ -329,6 +329,7 @@ class ZfsSnapshot(Snapshot):
         # The objects that changed, for the archiver's listed directories (ChangeSet.objects): only for one
         # dataset (inode numbers are per dataset) and while they are not too many to hold.
         objects: set[int] | None = set() if len(self.members) == 1 else None
+        directories: dict[int, zap.DirectoryBlock] = {}  # (one dataset's, as objects)
         for member in self.members:
             origin = _b(f"{member.dataset}@{base}")
             if not lzc.lzc_exists(origin):
@@ -346,6 +347,7 @@ class ZfsSnapshot(Snapshot):
                     paths.update(graft + p for p in changed)
                     if objects is not None:
                         objects.update(changed_objects)
+                        directories.update(batch.directories)
                         if len(objects) > MAX_CHANGED_PATHS:
                             objects = None
                     if member.rel and root_object in batch.objects:
@@ -361,9 +363,11 @@ class ZfsSnapshot(Snapshot):
                 changed_paths=len(paths),
                 stream_bytes=summary.stream_bytes,
                 records=summary.records,
+                directory_blocks=len(directories),
                 seconds=round(summary.seconds, 3),
             )
-        return ChangeSet.from_paths(paths, objects)
+        listings = zap.StreamDirectories(directories) if objects is not None else None
+        return ChangeSet.from_paths(paths, objects, listings)
 
     def _ctimes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, int]:
         """The ctime of each object in *batch* whose dnode alone was sent, where its bonus layout is trusted.

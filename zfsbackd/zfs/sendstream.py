@@ -38,10 +38,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from zfsbackd.zfs import libzfs_core as lzc
+from zfsbackd.zfs import zap
 
 #: sizeof(dmu_replay_record_t): every record's header, whatever its type
 RECORD_SIZE = 312
 DMU_BACKUP_MAGIC = 0x2F5BACBAC
+#: the stream's blocks are encrypted as on disk (a raw stream of an encrypted dataset)
+DMU_BACKUP_FEATURE_RAW = 1 << 24
 READ_BUFFER = 1 << 20
 #: the pipe from lzc_send: big enough that the kernel writes in large steps while we parse
 PIPE_SIZE = 1 << 20
@@ -104,11 +107,18 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _BEGIN = struct.Struct("<QQQIIQQ")  # magic, versioninfo, creation_time, type, flags, toguid, fromguid
-#: From byte 8 of an OBJECT record: drr_object, drr_bonustype (@20), drr_bonuslen (@28), drr_raw_bonuslen (@36),
-#: drr_toguid (@40)
-_OBJECT = struct.Struct("<Q4xI4xI4xIQ")
-#: From byte 8 of a WRITE record: drr_object, drr_logical_size (@32), drr_toguid (@40), drr_compressiontype (@50)
-_WRITE = struct.Struct("<Q16xQQ2xB")
+#: From byte 8 of an OBJECT record: drr_object, drr_type (@16), drr_bonustype (@20), drr_bonuslen (@28),
+#: drr_raw_bonuslen (@36), drr_toguid (@40)
+_OBJECT = struct.Struct("<QII4xI4xIQ")
+#: From byte 16 of a WRITE_EMBEDDED record: drr_offset, drr_compression (@40), drr_etype (@41), drr_lsize (@48),
+#: drr_psize (@52)
+_EMBEDDED = struct.Struct("<Q16xBB6xII")
+BP_EMBEDDED_TYPE_DATA = 0
+#: From byte 8 of a WRITE record: drr_object, drr_type (@16), drr_offset (@24), drr_logical_size (@32),
+#: drr_toguid (@40), drr_compressiontype (@50)
+_WRITE = struct.Struct("<QI4xQQQ2xB")
+#: A directory's block 0 is kept (:attr:`ObjectBatch.directories`) while a stream's kept blocks are below this
+MAX_DIRECTORY_BYTES = 64 << 20
 #: The first attributes of a ZPL object's system-attribute bonus in the order zfs_mknode() registers
 #: them (module/os/linux/zfs/zfs_znode_os.c): MODE SIZE GEN UID GID PARENT FLAGS ATIME[2] MTIME[2]
 #: CTIME[2] CRTIME[2] LINKS. A layout is only believed once a file of it matched its stat (the caller).
@@ -180,6 +190,10 @@ class ObjectBatch:
     """Those with a data record (WRITE, WRITE_EMBEDDED, SPILL, ...): changed for certain."""
     attributes: dict[int, ZplAttributes] = field(default_factory=dict)
     """What the OBJECT records of ZPL objects say (not for raw streams of encrypted datasets)."""
+    directories: dict[int, zap.DirectoryBlock] = field(default_factory=dict)
+    """Block 0 of each directory whose entries changed, as sent: a microzap's is its whole listing
+    (:func:`zfsbackd.zfs.zap.directory_entries`). Not kept for encrypted (raw) streams, nor past
+    ``MAX_DIRECTORY_BYTES`` a stream."""
 
 
 @dataclass
@@ -286,6 +300,7 @@ class StreamReader:
     def __init__(self, fd: int, stop: threading.Event | None = None) -> None:
         self._reader = _Reader(fd, stop)
         self.summary = StreamSummary()
+        self._directory_bytes = 0  # of the directory blocks kept (MAX_DIRECTORY_BYTES)
 
     def _begin(self) -> None:
         first = self._reader.take(RECORD_SIZE)
@@ -319,6 +334,9 @@ class StreamReader:
         toguid = summary.toguid
         batch = ObjectBatch()
         objects, data_objects, attributes = batch.objects, batch.data_objects, batch.attributes
+        directories = batch.directories
+        directory_objects: set[int] = set()
+        keep_directories = not summary.features & DMU_BACKUP_FEATURE_RAW  # (raw: encrypted blocks)
         while True:
             if reader.end - reader.start < RECORD_SIZE and not reader.fill(RECORD_SIZE):
                 raise StreamFormatError("stream ended without an END record")
@@ -326,11 +344,16 @@ class StreamReader:
             reader.start = at + RECORD_SIZE
             kind = _U32.unpack_from(buf, at)[0]
             if kind == DRR_OBJECT:
-                obj, bonustype, bonuslen, raw_bonuslen, guid = _OBJECT.unpack_from(buf, at + 8)
+                obj, dmu_type, bonustype, bonuslen, raw_bonuslen, guid = _OBJECT.unpack_from(buf, at + 8)
                 size = raw_bonuslen or (bonuslen + 7) & ~7
             elif kind == DRR_WRITE:
-                obj, logical, guid, compression = _WRITE.unpack_from(buf, at + 8)
+                obj, dmu_type, offset, logical, guid, compression = _WRITE.unpack_from(buf, at + 8)
                 size = _U64.unpack_from(buf, at + 96)[0] if compression else logical  # drr_compressed_size
+                if dmu_type == zap.DMU_OT_DIRECTORY_CONTENTS and offset == 0 and keep_directories:
+                    kept = self._directory_block(compression, logical, size)
+                    if kept is not None:
+                        directories[obj] = kept
+                        size = 0  # (its payload is taken)
             else:
                 rec = memoryview(buf)[at : at + RECORD_SIZE]
                 where = _TOGUID_AT.get(kind)
@@ -339,6 +362,13 @@ class StreamReader:
                 guid = _U64.unpack_from(rec, where)[0]
                 obj = _U64.unpack_from(rec, 8)[0] if kind in _DATA_RECORDS else -1
                 size = _payload_size(kind, rec)
+                if kind == DRR_WRITE_EMBEDDED and obj in directory_objects and keep_directories:
+                    offset, compression, etype, logical, _psize = _EMBEDDED.unpack_from(rec, 16)
+                    if offset == 0 and etype == BP_EMBEDDED_TYPE_DATA:
+                        kept = self._directory_block(compression, logical, size)
+                        if kept is not None:
+                            directories[obj] = kept
+                            size = 0
             if guid != toguid:
                 raise StreamFormatError(f"{RECORD_NAMES[kind]} record at byte {reader.total} is out of place")
             counts[kind] += 1
@@ -346,6 +376,8 @@ class StreamReader:
                 break
             if kind == DRR_OBJECT:
                 objects.add(obj)
+                if dmu_type == zap.DMU_OT_DIRECTORY_CONTENTS:
+                    directory_objects.add(obj)  # (for its WRITE_EMBEDDED records, which do not give the type)
                 if size and bonustype == DMU_OT_SA and not raw_bonuslen:  # a ZPL object's attributes
                     if reader.end - reader.start < size and not reader.fill(size):
                         raise StreamFormatError("stream truncated inside a bonus buffer")
@@ -365,12 +397,25 @@ class StreamReader:
                 yield batch
                 batch = ObjectBatch()
                 objects, data_objects, attributes = batch.objects, batch.data_objects, batch.attributes
+                directories = batch.directories
         if reader.take(1) is not None:
             raise StreamFormatError("data after the END record")
         summary.objects += len(objects)
         summary.records = {RECORD_NAMES[k]: n for k, n in counts.items() if n}
         summary.stream_bytes = reader.total
         yield batch
+
+
+    def _directory_block(self, compression: int, logical: int, size: int) -> zap.DirectoryBlock | None:
+        """The payload of a directory's block 0 (the next *size* bytes), taken from the stream while the
+        stream's budget lasts; None (the payload is then skipped) past it."""
+        if logical > zap.MZAP_MAX_BLOCK or size > logical or self._directory_bytes + size > MAX_DIRECTORY_BYTES:
+            return None  # (larger than a microzap: a fat ZAP's block)
+        payload = self._reader.take(size)
+        if payload is None:
+            raise StreamFormatError("stream truncated inside a directory block")
+        self._directory_bytes += size
+        return zap.DirectoryBlock(compression, logical, bytes(payload))
 
 
 @contextmanager
