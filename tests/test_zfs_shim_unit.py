@@ -916,27 +916,33 @@ def test_list_snapshots_is_strict(fake_zfs: Path, out: bytes, what: str) -> None
     assert "zfs get -Hp" in str(info.value)
 
 
-def test_list_mounts_and_properties(fake_zfs: Path) -> None:
-    _say(
-        fake_zfs,
-        "zfs",
-        b"p/fs\tyes\t/srv/fs\np/fs/child one\tyes\t/srv/fs/child\tone\np/fs/off\tno\t/srv/fs/off\n",
-    )
-    assert command.list_mounts("p/fs") == [
+def test_mounts_and_properties(fake_zfs: Path) -> None:
+    def rows(*datasets: tuple[str, str, str]) -> bytes:
+        return b"".join(
+            f"{name}\tcanmount\ton\n{name}\tmounted\t{mounted}\n{name}\tmountpoint\t{where}\n".encode()
+            for name, mounted, where in datasets
+        )
+
+    _say(fake_zfs, "zfs", rows(("p/fs", "yes", "/srv/fs"), ("p/fs/child one", "yes", "/srv/fs/child\tone"),
+                               ("p/fs/off", "no", "/srv/fs/off")))
+    mounts, props = command.mounts_and_properties("p/fs", ["canmount"])
+    assert mounts == [
         command.MountInfo("p/fs", Path("/srv/fs")),
         command.MountInfo("p/fs/child one", Path("/srv/fs/child\tone")),
         command.MountInfo("p/fs/off", None),
     ]
-    assert _args(fake_zfs, "zfs")[-1] == "list -Hp -r -t filesystem -o name,mounted,mountpoint p/fs"
-    _say(fake_zfs, "zfs", b"p/fsx\tyes\t/x\n")
+    assert props["p/fs/off"] == {"canmount": "on", "mounted": "no", "mountpoint": "/srv/fs/off"}
+    want = "get -Hp -r -t filesystem -o name,property,value canmount,mounted,mountpoint p/fs"
+    assert _args(fake_zfs, "zfs")[-1] == want
+    _say(fake_zfs, "zfs", rows(("p/fsx", "yes", "/x")))
     with pytest.raises(command.ZfsCommandError, match="is not 'p/fs' or below it"):
-        command.list_mounts("p/fs")
-    _say(fake_zfs, "zfs", b"p/fs\tyes\trelative\n")
+        command.mounts_and_properties("p/fs", ["canmount"])
+    _say(fake_zfs, "zfs", rows(("p/fs", "yes", "relative")))
     with pytest.raises(command.ZfsCommandError, match="not an absolute path"):
-        command.list_mounts("p/fs")
-    _say(fake_zfs, "zfs", b"p/fs\tmaybe\t/x\n")
-    with pytest.raises(command.ZfsCommandError, match="mounted is not yes/no"):
-        command.list_mounts("p/fs")
+        command.mounts_and_properties("p/fs", ["canmount"])
+    _say(fake_zfs, "zfs", rows(("p/fs", "maybe", "/x")))
+    with pytest.raises(command.ZfsCommandError, match="is not yes/no"):
+        command.mounts_and_properties("p/fs", ["canmount"])
     _say(fake_zfs, "zfs", b"compression\tlz4\tlocal\nuser:note\ta\tb\treceived\n")
     assert command.get_properties("p/fs") == {"compression": "lz4", "user:note": "a\tb"}
     assert _args(fake_zfs, "zfs")[-1] == "get -Hp -o property,value,source -s local,received all p/fs"
@@ -1008,7 +1014,7 @@ def test_other_failures_keep_the_message(fake_zfs: Path) -> None:
 def test_zfs_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(command.ZfsNotInstalled, match="install zfsutils-linux"):
-        command.list_mounts("p/fs")
+        command.mounts_and_properties("p/fs")
     with pytest.raises(command.ZfsNotInstalled):
         list(command.diff("p/fs@a", "p/fs@b"))
 

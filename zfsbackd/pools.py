@@ -69,5 +69,3 @@ RESTORE_FETCH_WORKERS = 4
 CHECK_WORKERS = 3
 #: ZFS commit: the hold's release and the old bookmarks' destruction beside the new bookmark
 ZFS_COMMIT_WORKERS = 2
-#: ZFS layout check at each backup's start: `zpool list`, `zfs list` and `zfs get` at once (each waits for a process)
-ZFS_LAYOUT_WORKERS = 3

@@ -121,24 +121,26 @@ def test_diff_against_the_live_file_system_and_errors(dataset: str) -> None:
     assert info.value.dataset == f"{dataset}/nofs"
 
 
-def test_list_mounts(dataset: str) -> None:
+def test_mounts_and_properties(dataset: str) -> None:
     sh("zfs", "create", "-p", f"{dataset}/c1/c 2")
     sh("zfs", "create", "-o", "canmount=off", f"{dataset}/off")
     sh("zfs", "create", "-o", "mountpoint=legacy", f"{dataset}/leg")
     sh("zfs", "create", "-V", "8M", f"{dataset}/vol")  # volumes have no files: not listed
     top = Path(f"/{dataset}")
-    assert command.list_mounts(dataset) == [
+    mounts, props = command.mounts_and_properties(dataset, ["canmount"])
+    assert mounts == [
         command.MountInfo(dataset, top),
         command.MountInfo(f"{dataset}/c1", top / "c1"),
         command.MountInfo(f"{dataset}/c1/c 2", top / "c1" / "c 2"),
         command.MountInfo(f"{dataset}/leg", None),
         command.MountInfo(f"{dataset}/off", None),
     ]
+    assert props[f"{dataset}/off"] == {"canmount": "off", "mounted": "no", "mountpoint": f"/{dataset}/off"}
     legacy = Path(f"/mnt/{dataset.replace('/', '_')}-leg")
     legacy.mkdir(parents=True)
     sh("mount", "-t", "zfs", f"{dataset}/leg", str(legacy))
     try:
-        assert command.MountInfo(f"{dataset}/leg", legacy) in command.list_mounts(dataset)
+        assert command.MountInfo(f"{dataset}/leg", legacy) in command.mounts_and_properties(dataset)[0]
     finally:
         sh("umount", str(legacy))
 

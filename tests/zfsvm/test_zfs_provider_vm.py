@@ -205,11 +205,16 @@ def test_held_snapshot_survives_cleanup_and_missing_base_falls_back(dataset: str
     first_snap = f"{dataset}@zfsbackd-{first.backup_id}"
     sh("zfs", "hold", "someone-else", first_snap)
     sh("zfs", "snapshot", f"{dataset}@manual")
+    # set on the file system, the backup id is inherited by every snapshot: only one set on the snapshot is ours
+    sh("zfs", "set", f"{command.BACKUP_ID_PROPERTY}=backup-0000000inherited", dataset)
     (root / "f").write_text("2\n")
-    second = engine.create_backup(BackupRequest("fs-zfs"))
+    with structlog.testing.capture_logs() as logs:
+        second = engine.create_backup(BackupRequest("fs-zfs"))
     snaps = [s.snapname for s in command.list_snapshots(dataset)]
     assert f"zfsbackd-{first.backup_id}" in snaps, "a snapshot someone holds is never destroyed"
     assert "manual" in snaps, "snapshots that are not ours are never touched"
+    assert [e["snapshot"] for e in logs if e["event"] == "zfs_snapshot_kept_held"] == [first_snap]
+    sh("zfs", "inherit", command.BACKUP_ID_PROPERTY, dataset)
     sh("zfs", "release", "someone-else", first_snap)
 
     sh("zfs", "destroy", f"{dataset}@zfsbackd-{second.backup_id}")  # the base is lost
@@ -266,7 +271,7 @@ def test_recursive_source_backs_up_children_in_place(dataset: str, tmp_path: Pat
     new = f"{dataset}-new"  # the FSx way: a new dataset, children recreated as datasets with their properties
     engine.restore_backup(second.backup_id, None, target_dataset=new)
     new_mnt = _mnt(new)
-    assert command.list_mounts(new) == [
+    assert command.mounts_and_properties(new)[0] == [
         command.MountInfo(new, new_mnt),
         command.MountInfo(f"{new}/child", new_mnt / "child"),
         command.MountInfo(f"{new}/child/grand", new_mnt / "child" / "grand"),

@@ -79,16 +79,24 @@ STREAM_HEAD_START = 30.0
 #: programs refuse uint64 arguments). Returns {name: errno} of what failed.
 _COMMIT_PROGRAM = b"""
 local argv = (...)["argv"]
-local failed = {}
+local failed, held, older = {}, {}, {}
 for bookmark, snapshot in pairs(argv["bookmarks"]) do
     local err = zfs.sync.bookmark(snapshot, bookmark)
     if err ~= 0 then failed[bookmark] = err end
 end
-for snapshot, _ in pairs(argv["destroy"]) do
+for dataset, _ in pairs(argv["datasets"]) do
+    for snapshot in zfs.list.snapshots(dataset) do
+        local id, setpoint = zfs.get_prop(snapshot, argv["property"])
+        if id ~= nil and setpoint == snapshot and snapshot ~= dataset .. "@" .. argv["keep"] then
+            if zfs.get_prop(snapshot, "userrefs") > 0 then held[snapshot] = true else older[snapshot] = true end
+        end
+    end
+end
+for snapshot, _ in pairs(older) do
     local err = zfs.sync.destroy(snapshot)
     if err ~= 0 then failed[snapshot] = err end
 end
-return failed
+return {failed = failed, held = held}
 """
 #: dataset properties a restore to a new dataset sets again (recorded with each backup)
 RESTORE_PROPERTIES = (
@@ -528,7 +536,6 @@ class ZfsSnapshot(Snapshot):
         super().close()
         if self._objmap is not None:
             self._objmap.commit(self.name if self._map_complete else None)
-        old_snapshots = self._older_snapshots()
         old_bookmarks = [
             _b(f"{dataset}#") + name
             for dataset in self.datasets
@@ -540,7 +547,7 @@ class ZfsSnapshot(Snapshot):
             side = [pool.submit(self._release_hold)]
             if old_bookmarks:
                 side.append(pool.submit(lzc.lzc_destroy_bookmarks, old_bookmarks))
-            self._bookmark_and_destroy(bookmarks, old_snapshots)
+            self._bookmark_and_destroy(bookmarks)
             for future in side:
                 future.result()
 
@@ -552,27 +559,38 @@ class ZfsSnapshot(Snapshot):
                 if snap.backup_id is None or snap.snapname == self.name:
                     continue  # not ours, or the new base
                 if lzc.lzc_get_holds(_b(snap.name)):
-                    log.info("zfs_snapshot_kept_held", fs_id=self.fs_id, snapshot=snap.name)
+                    self._kept_held(snap.name)
                     continue
                 older.append(_b(snap.name))
         return older
 
-    def _bookmark_and_destroy(self, bookmarks: dict[bytes, bytes], snapshots: list[bytes]) -> None:
-        """Make ``bookmarks`` (new -> snapshot) and destroy ``snapshots``: in one channel program when the
-        pool runs them (OpenZFS 2.0+), else one call after the other. A failure is logged, never raised:
+    def _kept_held(self, snapshot: str) -> None:
+        log.info("zfs_snapshot_kept_held", fs_id=self.fs_id, snapshot=snapshot)
+
+    def _bookmark_and_destroy(self, bookmarks: dict[bytes, bytes]) -> None:
+        """Make ``bookmarks`` (new -> snapshot) and destroy our older snapshots that nobody holds: in one
+        channel program when the pool runs them (OpenZFS 2.0+), which finds those snapshots itself (ours:
+        the backup-id property set on the snapshot itself, not inherited; not this backup's; ``userrefs``
+        0), else one call after the other, with ``zfs get`` finding them. A failure is logged, never raised:
         bookmarks are a convenience (the snapshot is the next base) and a snapshot left over goes next time."""
         pool = _b(self.datasets[0].split("/", 1)[0])
         failed: dict[bytes, int] | None = None
         if lzc.is_supported(lzc.lzc_channel_program):
+            params = {
+                b"bookmarks": bookmarks,
+                b"datasets": dict.fromkeys(map(_b, self.datasets), True),
+                b"property": _b(command.BACKUP_ID_PROPERTY),
+                b"keep": _b(self.name),
+            }
             try:
-                answer = lzc.lzc_channel_program(
-                    pool, _COMMIT_PROGRAM, params={b"bookmarks": bookmarks, b"destroy": dict.fromkeys(snapshots, True)}
-                )
-                failed = {name: int(err) for name, err in (answer or {}).items()}
+                answer = lzc.lzc_channel_program(pool, _COMMIT_PROGRAM, params=params) or {}
+                failed = {name: int(err) for name, err in (answer.get(b"failed") or {}).items()}
+                for name in answer.get(b"held") or {}:
+                    self._kept_held(name.decode(errors="replace"))
             except ZFSError as exc:  # e.g. a pool without zfs.sync.bookmark: the calls one by one
                 log.info("zfs_commit_program_not_run", fs_id=self.fs_id, error=str(exc))
         if failed is None:
-            failed = self._bookmark_and_destroy_one_by_one(bookmarks, snapshots)
+            failed = self._bookmark_and_destroy_one_by_one(bookmarks, self._older_snapshots())
         for name, err in failed.items():
             event = "zfs_bookmark_failed" if b"#" in name else "zfs_snapshot_not_destroyed"
             log.warning(event, fs_id=self.fs_id, name=name.decode(errors="replace"), error=os.strerror(err))
@@ -615,19 +633,13 @@ class ZfsProvider(SnapshotProvider):
         where = f"file_systems[{fs.id}].source.zfs"
         pool = dataset.split("/", 1)[0]
         recursive = bool(getattr(fs, "recursive", False))
-        # Three processes asked at once (each costs its start-up, ~0.2 s under emulation), their answers
-        # judged in order: a missing pool or dataset is reported as such, not as the listing's failure.
-        with ThreadPoolExecutor(max_workers=pools.ZFS_LAYOUT_WORKERS, thread_name_prefix="zfsbackd-zfs-layout") as ask:
-            imported = ask.submit(command.pool_imported, pool)
-            listed = ask.submit(command.list_mounts, dataset, recursive=recursive)
-            got = ask.submit(
-                command.get_properties_below, dataset, zfs_encryption.LAYOUT_PROPERTIES, recursive=recursive
-            )
-            if not imported.result():
-                raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
-            if not lzc.lzc_exists(_b(dataset)):
-                raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
-            mounts, props = listed.result(), got.result()
+        # A missing pool or dataset is reported as such (two ioctls: an imported pool's top dataset exists),
+        # then one `zfs` process (its start-up costs a few tenths of a second under emulation) says the rest.
+        if not lzc.lzc_exists(_b(pool)):
+            raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
+        if not lzc.lzc_exists(_b(dataset)):
+            raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
+        mounts, props = command.mounts_and_properties(dataset, zfs_encryption.LAYOUT_PROPERTIES, recursive=recursive)
         not_mounted = SnapshotError(
             f"{where}: dataset {dataset} is not mounted, so its snapshots cannot be read; "
             f"mount it (`zfs mount {dataset}`)"
