@@ -919,30 +919,40 @@ def test_list_snapshots_is_strict(fake_zfs: Path, out: bytes, what: str) -> None
 def test_mounts_and_properties(fake_zfs: Path) -> None:
     def rows(*datasets: tuple[str, str, str]) -> bytes:
         return b"".join(
-            f"{name}\tcanmount\ton\n{name}\tmounted\t{mounted}\n{name}\tmountpoint\t{where}\n".encode()
+            f"{name}\tcanmount\ton\tdefault\n{name}\tmounted\t{mounted}\t-\n"
+            f"{name}\tmountpoint\t{where}\tinherited from p\n".encode()
             for name, mounted, where in datasets
         )
 
+    extra = b"p/fs\tuser:note\ta\tb\tlocal\np/fs\tcompression\tlz4\treceived\n"
     _say(fake_zfs, "zfs", rows(("p/fs", "yes", "/srv/fs"), ("p/fs/child one", "yes", "/srv/fs/child\tone"),
-                               ("p/fs/off", "no", "/srv/fs/off")))
-    mounts, props = command.mounts_and_properties("p/fs", ["canmount"])
+                               ("p/fs/off", "no", "/srv/fs/off")) + extra)
+    mounts, props = command.mounts_and_properties("p/fs")
     assert mounts == [
         command.MountInfo("p/fs", Path("/srv/fs")),
         command.MountInfo("p/fs/child one", Path("/srv/fs/child\tone")),
         command.MountInfo("p/fs/off", None),
     ]
-    assert props["p/fs/off"] == {"canmount": "on", "mounted": "no", "mountpoint": "/srv/fs/off"}
-    want = "get -Hp -r -t filesystem -o name,property,value canmount,mounted,mountpoint p/fs"
+    assert props["p/fs/off"] == {
+        "canmount": ("on", "default"), "mounted": ("no", "-"), "mountpoint": ("/srv/fs/off", "inherited from p")
+    }
+    assert command.set_here(props["p/fs"]) == {"user:note": "a\tb", "compression": "lz4"}
+    assert command.set_here(props["p/fs/off"]) == {}
+    want = "get -Hp -r -t filesystem -o name,property,value,source all p/fs"
     assert _args(fake_zfs, "zfs")[-1] == want
-    _say(fake_zfs, "zfs", rows(("p/fsx", "yes", "/x")))
-    with pytest.raises(command.ZfsCommandError, match="is not 'p/fs' or below it"):
-        command.mounts_and_properties("p/fs", ["canmount"])
-    _say(fake_zfs, "zfs", rows(("p/fs", "yes", "relative")))
-    with pytest.raises(command.ZfsCommandError, match="not an absolute path"):
-        command.mounts_and_properties("p/fs", ["canmount"])
-    _say(fake_zfs, "zfs", rows(("p/fs", "maybe", "/x")))
-    with pytest.raises(command.ZfsCommandError, match="is not yes/no"):
-        command.mounts_and_properties("p/fs", ["canmount"])
+    command.mounts_and_properties("p/fs", recursive=False)
+    assert _args(fake_zfs, "zfs")[-1] == want.replace("-r ", "")
+    for out, what in [
+        (rows(("p/fsx", "yes", "/x")), "is not 'p/fs' or below it"),
+        (rows(("p/fs", "yes", "relative")), "not an absolute path"),
+        (rows(("p/fs", "maybe", "/x")), "is not yes/no"),
+        (rows(("p/fs", "yes", "/x"), ("p/fs", "yes", "/x")), "property 'canmount' twice"),
+        (b"p/fs\tmounted\tyes\n", "3 tab-separated fields instead of 4"),
+        (b"", "'p/fs' itself is missing"),
+    ]:
+        _say(fake_zfs, "zfs", out)
+        with pytest.raises(command.ZfsCommandError, match=what):
+            command.mounts_and_properties("p/fs")
     _say(fake_zfs, "zfs", b"compression\tlz4\tlocal\nuser:note\ta\tb\treceived\n")
     assert command.get_properties("p/fs") == {"compression": "lz4", "user:note": "a\tb"}
     assert _args(fake_zfs, "zfs")[-1] == "get -Hp -o property,value,source -s local,received all p/fs"

@@ -127,7 +127,8 @@ def test_mounts_and_properties(dataset: str) -> None:
     sh("zfs", "create", "-o", "mountpoint=legacy", f"{dataset}/leg")
     sh("zfs", "create", "-V", "8M", f"{dataset}/vol")  # volumes have no files: not listed
     top = Path(f"/{dataset}")
-    mounts, props = command.mounts_and_properties(dataset, ["canmount"])
+    sh("zfs", "set", "atime=off", "user:owner=a b", f"{dataset}/c1")
+    mounts, props = command.mounts_and_properties(dataset)
     assert mounts == [
         command.MountInfo(dataset, top),
         command.MountInfo(f"{dataset}/c1", top / "c1"),
@@ -135,7 +136,12 @@ def test_mounts_and_properties(dataset: str) -> None:
         command.MountInfo(f"{dataset}/leg", None),
         command.MountInfo(f"{dataset}/off", None),
     ]
-    assert props[f"{dataset}/off"] == {"canmount": "off", "mounted": "no", "mountpoint": f"/{dataset}/off"}
+    assert props[f"{dataset}/off"]["canmount"] == ("off", "local")
+    assert props[f"{dataset}/off"]["mounted"] == ("no", "-")
+    assert props[f"{dataset}/off"]["mountpoint"] == (f"/{dataset}/off", "default")
+    assert props[f"{dataset}/c1/c 2"]["atime"] == ("off", f"inherited from {dataset}/c1")
+    assert command.set_here(props[f"{dataset}/c1"]) == {"atime": "off", "user:owner": "a b"}
+    assert command.set_here(props[f"{dataset}/c1/c 2"]) == {}
     legacy = Path(f"/mnt/{dataset.replace('/', '_')}-leg")
     legacy.mkdir(parents=True)
     sh("mount", "-t", "zfs", f"{dataset}/leg", str(legacy))

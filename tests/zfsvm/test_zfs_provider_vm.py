@@ -224,6 +224,37 @@ def test_held_snapshot_survives_cleanup_and_missing_base_falls_back(dataset: str
     assert _full_walk_root(engine, third.backup_id, second.root_tree) == third.root_tree
 
 
+def test_the_snapshot_is_held_while_it_is_read(dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold is placed beside the walk (its transaction group is not waited for before the reading starts)
+    and released at the commit; one that cannot be placed is logged, and the backup goes on unguarded."""
+    root = _mnt(dataset)
+    (root / "f").write_text("1\n")
+    engine = _engine(tmp_path, dataset)
+    seen: list[tuple[bool, str]] = []
+    real_run = Archiver.run
+
+    def run(self: Archiver) -> Any:
+        snapshot = self.snapshot
+        assert isinstance(snapshot, zfs_provider.ZfsSnapshot)
+        seen.append((snapshot.held(), sh("zfs", "holds", "-H", f"{dataset}@{snapshot.name}")))
+        return real_run(self)
+
+    monkeypatch.setattr(Archiver, "run", run)
+    first = engine.create_backup(BackupRequest("fs-zfs"))
+    assert len(seen) == 1 and seen[0][0] is True
+    assert zfs_provider.HOLD_TAG.decode() in seen[0][1].split()
+    assert sh("zfs", "holds", "-H", f"{dataset}@zfsbackd-{first.backup_id}").strip() == ""
+
+    monkeypatch.setattr(zfs_provider, "HOLD_TAG", b"t" * 300)  # longer than a hold tag may be
+    (root / "f").write_text("2\n")
+    with structlog.testing.capture_logs() as logs:
+        second = engine.create_backup(BackupRequest("fs-zfs"))
+    assert second.stats.files_read == 1 and seen[1][0] is False
+    assert [e["snapshot"] for e in logs if e["event"] == "zfs_snapshot_not_held"] == [f"zfsbackd-{second.backup_id}"]
+    assert sh("zfs", "holds", "-H", f"{dataset}@zfsbackd-{second.backup_id}").strip() == ""
+    assert _ours(dataset) == [f"zfsbackd-{second.backup_id}"]
+
+
 def test_missing_dataset_and_pool_are_clear_errors(pool: str, tmp_path: Path) -> None:
     engine = _engine(tmp_path, f"{pool}/does-not-exist")
     with pytest.raises(SnapshotError, match="does-not-exist"):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,11 +140,12 @@ def _b(name: str) -> bytes:
     return name.encode()
 
 
-def dataset_properties(dataset: str) -> dict[str, str]:
-    """The properties set on ``dataset`` itself that a restore to a new dataset should set again."""
+def restore_properties(props: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Of a file system's ``(value, source)`` properties, those set on it (:func:`command.set_here`) that a
+    restore to a new dataset should set again: :data:`RESTORE_PROPERTIES` and user properties not ours."""
     return {
         k: v
-        for k, v in command.get_properties(dataset).items()  # set locally or received, as `zfs get -s` reports
+        for k, v in command.set_here(props).items()
         if k in RESTORE_PROPERTIES or (":" in k and not k.startswith("zfsbackd:"))
     }
 
@@ -221,6 +222,8 @@ class Layout:
     """The mounted ones, read into one tree; the first is ``dataset`` itself."""
     encryption: dict[str, dict[str, str]] = field(default_factory=dict)
     """The recorded encryption properties of the encrypted ones (see :mod:`zfs_encryption`), by name."""
+    properties: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Each one's :func:`restore_properties`, by name (recorded with the backup)."""
 
     def having(self, snapshot: str) -> Layout | None:
         """The part of this layout whose file systems have ``@snapshot`` (None without the top one).
@@ -233,7 +236,8 @@ class Layout:
         if self.dataset not in present:
             return None
         members = [m for m in self.members if m.dataset in present]
-        return Layout(self.dataset, present, members, {d: e for d, e in self.encryption.items() if d in present})
+        encryption = {d: e for d, e in self.encryption.items() if d in present}
+        return Layout(self.dataset, present, members, encryption, {d: self.properties[d] for d in present})
 
 
 class ZfsSnapshot(Snapshot):
@@ -251,6 +255,7 @@ class ZfsSnapshot(Snapshot):
         self.members = layout.members
         self.mountpoint = top.mountpoint
         self.encryption = layout.encryption
+        self._properties = layout.properties
         self._objmap = objmap
         if objmap is not None:
             self.change_list_head_start = STREAM_HEAD_START
@@ -259,6 +264,9 @@ class ZfsSnapshot(Snapshot):
         """False once a directory could not be listed: its names in the map may then be stale."""
         self._map_of_parent = False
         """True once the map is known to describe the parent backup's snapshot (its rows are that backup's nodes)."""
+        self._holding: Future[None] | None = None
+        """The hold being placed (:meth:`hold`), until :meth:`held` has waited for it."""
+        self._was_held = False
         self._layouts: dict[tuple[str, int], bool] = {}
         """(dataset, SA layout number) -> whether its bonus buffers are read (see :meth:`_layout_trusted`)."""
 
@@ -286,7 +294,7 @@ class ZfsSnapshot(Snapshot):
             {
                 "Dataset": child[len(self.dataset) + 1 :],
                 "Path": paths.get(child),
-                "Properties": dataset_properties(child),
+                "Properties": self._properties[child],
                 **({"Encryption": self.encryption[child]} if child in self.encryption else {}),
             }
             for child in self.datasets[1:]
@@ -294,7 +302,7 @@ class ZfsSnapshot(Snapshot):
 
     def source_properties(self) -> dict[str, str]:
         """The dataset's own properties a restore to a new dataset should set again."""
-        return dataset_properties(self.dataset)
+        return self._properties[self.dataset]
 
     # --------------------------------------------------------- change lists
     def changes_since(
@@ -496,13 +504,37 @@ class ZfsSnapshot(Snapshot):
 
     # ------------------------------------------------------------ lifecycle
     def hold(self) -> None:
+        """Hold the snapshots (tag ``zfsbackd``), so that nobody destroys them while they are read: on a thread
+        of its own, so that the hold's transaction group (a few tenths of a second under emulation) is waited
+        for beside the walk, not before it. :meth:`held` waits for it."""
+        one = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zfsbackd-zfs-hold")
+        self._holding = one.submit(self._place_hold)
+        one.shutdown(wait=False)  # (the hold is still placed; the thread ends with it)
+
+    def _place_hold(self) -> None:
         try:
             lzc.lzc_hold({snap: HOLD_TAG for snap in self.snapshots()})
         except HoldFailure as exc:
             if not all(isinstance(e, HoldExists) for e in exc.errors):
                 raise SnapshotError(f"file_systems[{self.fs_id}]: cannot hold {self.name}: {exc}") from exc
 
+    def held(self) -> bool:
+        """Wait for :meth:`hold`; whether the hold is in place. One that failed is logged, not raised: the
+        snapshot is read all the same (the hold only guards it; a snapshot destroyed meanwhile fails the
+        reads, and so the backup, with their own errors)."""
+        holding, self._holding = self._holding, None
+        if holding is None:
+            return self._was_held
+        try:
+            holding.result()
+            self._was_held = True
+        except (SnapshotError, ZFSError) as exc:
+            log.warning("zfs_snapshot_not_held", fs_id=self.fs_id, snapshot=self.name, error=str(exc))
+        return self._was_held
+
     def _release_hold(self) -> None:
+        if not self.held():
+            return  # (never placed: nothing to release)
         try:
             lzc.lzc_release({snap: [HOLD_TAG] for snap in self.snapshots()})
         except HoldReleaseFailure as exc:
@@ -510,7 +542,8 @@ class ZfsSnapshot(Snapshot):
                 raise
 
     def close(self) -> None:
-        """Interrupted: the snapshot stays for the resumed run; what the walk told the object map does not."""
+        """Interrupted: the snapshot stays (held) for the resumed run; what the walk told the object map does not."""
+        self.held()
         if self._objmap is not None:
             self._objmap.rollback()
         super().close()
@@ -639,7 +672,8 @@ class ZfsProvider(SnapshotProvider):
             raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
         if not lzc.lzc_exists(_b(dataset)):
             raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
-        mounts, props = command.mounts_and_properties(dataset, zfs_encryption.LAYOUT_PROPERTIES, recursive=recursive)
+        mounts, every = command.mounts_and_properties(dataset, recursive=recursive)
+        props = {name: {k: v for k, (v, _source) in values.items()} for name, values in every.items()}
         not_mounted = SnapshotError(
             f"{where}: dataset {dataset} is not mounted, so its snapshots cannot be read; "
             f"mount it (`zfs mount {dataset}`)"
@@ -662,7 +696,8 @@ class ZfsProvider(SnapshotProvider):
                 )
             members.append(Member(child.name, child.mountpoint, os.fsencode(child.mountpoint.relative_to(top))))
         encryption = {m.name: e for m in mounts if (e := zfs_encryption.recorded_encryption(props.get(m.name, {})))}
-        return Layout(dataset, [m.name for m in mounts], members, encryption)
+        restore = {m.name: restore_properties(every[m.name]) for m in mounts}
+        return Layout(dataset, [m.name for m in mounts], members, encryption, restore)
 
     def take(self, fs: FileSystemSource, backup_id: str) -> Snapshot:
         layout = self._layout(fs)

@@ -30,8 +30,6 @@ from zfsbackd.zfs import libzfs_core as lzc
 
 #: recorded for each encrypted file system of a backup (``zfs get`` names and ``-p`` values)
 ENCRYPTION_PROPERTIES = ("encryption", "keyformat", "pbkdf2iters", "keylocation", "encryptionroot")
-#: what a backup asks of each file system it covers, in one ``zfs get``
-LAYOUT_PROPERTIES = (*ENCRYPTION_PROPERTIES, "keystatus", "canmount", "mountpoint")
 KEY_FORMATS = ("raw", "hex", "passphrase")
 #: the key lengths libzfs accepts (lib/libzfs/libzfs_crypto.c): a raw key is the whole file, a hex key or
 #: passphrase the file's first line without its newline
@@ -54,8 +52,9 @@ def recorded_encryption(props: Mapping[str, str]) -> dict[str, str] | None:
 def check_keys_loaded(where: str, dataset: str, props: Mapping[str, Mapping[str, str]], mounted: set[str]) -> None:
     """Refuse a source whose files cannot be read because an encryption key is not loaded.
 
-    ``props`` holds :data:`LAYOUT_PROPERTIES` of ``dataset`` and its children (only those the backup
-    covers), ``mounted`` the ones mounted now. A child that is not mounted only because its key is not
+    ``props`` holds the properties (``zfs get all``; ``keystatus``, ``encryptionroot``, ``canmount`` and
+    ``mountpoint`` are looked at) of ``dataset`` and of those children the backup covers, ``mounted``
+    the ones mounted now. A child that is not mounted only because its key is not
     loaded (``canmount=on`` with a mount point) would otherwise be skipped like a container dataset,
     and its files would be missing from the backup without an error.
     """

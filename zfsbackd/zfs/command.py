@@ -35,6 +35,8 @@ from zfsbackd.errors import SnapshotError
 
 BACKUP_ID_PROPERTY = "zfsbackd:backup-id"
 """User property that marks a snapshot as taken by zfsbackd and names its backup."""
+SET_HERE = ("local", "received")
+"""The sources (``zfs get -s``) of a property set on the file system itself: not inherited, not a default."""
 
 _SOURCE_FIX = "or fix file_systems[].source.zfs in the configuration"
 
@@ -256,19 +258,30 @@ class MountInfo:
 
 
 def mounts_and_properties(
-    root: str, names: Iterable[str] = (), recursive: bool = True
-) -> tuple[list[MountInfo], dict[str, dict[str, str]]]:
-    """Where ``root`` and, when ``recursive``, every file system below it (parents first) is mounted, and their
-    ``names`` properties (:func:`get_properties_below`): one ``zfs get`` (each ``zfs`` process costs its
-    start-up, a few tenths of a second under emulation, on every backup)."""
-    names = list(dict.fromkeys([*names, "mounted", "mountpoint"]))
-    props = get_properties_below(root, names, recursive)
-    command = ["zfs", *_get_below_args(root, names, recursive)]
+    root: str, recursive: bool = True
+) -> tuple[list[MountInfo], dict[str, dict[str, tuple[str, str]]]]:
+    """Where ``root`` and, when ``recursive``, every file system below it (parents first) is mounted, and
+    every property of each, ``(value, source)`` by name (``-p`` form; a source is ``local``, ``received``,
+    ``default``, ``inherited from ...``, ``temporary`` or ``-``): one ``zfs get all`` (each ``zfs`` process
+    costs its start-up, a few tenths of a second under emulation, on every backup)."""
+    args = ["get", "-Hp", *(["-r"] if recursive else []), "-t", "filesystem", "-o", "name,property,value,source"]
+    args += ["all", root]
+    command = ["zfs", *args]
+    props: dict[str, dict[str, tuple[str, str]]] = {}
+    for line in _lines(_run("zfs", args, dataset=root)):
+        name, prop, value, source = _fields(command, line, 4, rest_in=2)
+        if name != root and not name.startswith(root + "/"):
+            raise _unexpected(command, f"{name!r} is not {root!r} or below it", line)
+        if prop in props.setdefault(name, {}):
+            raise _unexpected(command, f"property {prop!r} twice", line)
+        props[name][prop] = (value, source)
+    if root not in props:
+        raise _unexpected(command, f"{root!r} itself is missing", b"")
     mounts = []
     for name, values in props.items():
-        mounted, where = values.get("mounted"), values.get("mountpoint", "")
+        mounted, where = values.get("mounted", ("", ""))[0], values.get("mountpoint", ("", ""))[0]
         if mounted not in ("yes", "no"):
-            raise _unexpected(command, f"mounted of {name!r} is not yes/no", (mounted or "").encode())
+            raise _unexpected(command, f"mounted of {name!r} is not yes/no", mounted.encode())
         path: Path | None = None
         if mounted == "yes":
             if where == "legacy":
@@ -280,6 +293,12 @@ def mounts_and_properties(
                 raise _unexpected(command, why, where.encode())
         mounts.append(MountInfo(name, path))
     return mounts, props
+
+
+def set_here(props: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """Of ``(value, source)`` properties, those set on the file system itself (locally or received): what
+    distinguishes it from a freshly created one, so what a restore must set again."""
+    return {prop: value for prop, (value, source) in props.items() if source in SET_HERE}
 
 
 def list_snapshots(dataset: str) -> list[SnapshotInfo]:
@@ -319,11 +338,11 @@ def list_snapshots(dataset: str) -> list[SnapshotInfo]:
 
 
 def get_properties(
-    dataset: str, names: Iterable[str] | None = None, sources: Iterable[str] | None = ("local", "received")
+    dataset: str, names: Iterable[str] | None = None, sources: Iterable[str] | None = SET_HERE
 ) -> dict[str, str]:
     """Properties of ``dataset`` whose source is one of ``sources`` (None: any): name -> value (``-p`` form).
 
-    The default, ``local`` and ``received``, is what distinguishes a dataset
+    The default, :data:`SET_HERE`, is what distinguishes a dataset
     from a freshly created one: what a restore must set again.
     """
     args = ["get", "-Hp", "-o", "property,value,source"]
@@ -338,30 +357,6 @@ def get_properties(
             raise _unexpected(command, f"property {prop!r} twice", line)
         result[prop] = value
     return result
-
-
-def get_properties_below(root: str, names: Iterable[str], recursive: bool = True) -> dict[str, dict[str, str]]:
-    """Whatever their source, ``names`` of ``root`` and (``recursive``) every file system below it, in one
-    command: file system -> {property: value} (``-p`` form), parents first as ``zfs list -r`` orders them."""
-    names = list(names)
-    args = _get_below_args(root, names, recursive)
-    command = ["zfs", *args]
-    result: dict[str, dict[str, str]] = {}
-    for line in _lines(_run("zfs", args, dataset=root)):
-        name, prop, value = _fields(command, line, 3, rest_in=2)
-        if name != root and not name.startswith(root + "/"):
-            raise _unexpected(command, f"{name!r} is not {root!r} or below it", line)
-        if prop not in names or prop in result.setdefault(name, {}):
-            raise _unexpected(command, f"property {prop!r}", line)
-        result[name][prop] = value
-    if root not in result:
-        raise _unexpected(command, f"{root!r} itself is missing", b"")
-    return result
-
-
-def _get_below_args(root: str, names: list[str], recursive: bool) -> list[str]:
-    return ["get", "-Hp", *(["-r"] if recursive else []), "-t", "filesystem", "-o", "name,property,value",
-            ",".join(names), root]
 
 
 def _single_value(prop: str, dataset: str) -> tuple[str, list[str]]:
