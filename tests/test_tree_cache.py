@@ -101,6 +101,17 @@ def test_the_cache_stays_within_its_bound_dropping_the_least_recently_used(tmp_p
     assert Path(cache._path(ids[-1])).exists()
 
 
+def test_a_hit_makes_the_tree_recently_used(tmp_path: Path) -> None:
+    cache = TreeCache(tmp_path / "trees", _verify)
+    blob_id = b"\x05" * 32
+    cache.put(blob_id, b"tree:" + blob_id)
+    cache.flush()
+    os.utime(cache._path(blob_id), (1, 1))
+    assert cache.get(blob_id) == b"tree:" + blob_id
+    cache.flush()  # (touched by the writer thread)
+    assert os.stat(cache._path(blob_id)).st_mtime > 1_000_000_000
+
+
 def test_a_killed_writers_temporary_files_are_removed_at_open(tmp_path: Path) -> None:
     cache = TreeCache(tmp_path / "trees", _verify)
     blob_id = b"\x07" * 32

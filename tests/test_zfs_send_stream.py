@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from zfsbackd.snapshot import zfs_objmap
 from zfsbackd.snapshot.zfs_objmap import ObjectMap
 from zfsbackd.zfs import sendstream as ss
 
@@ -247,6 +248,29 @@ def test_an_uncommitted_backup_leaves_the_map_of_the_base(tmp_path: Path) -> Non
     assert objmap.describes("s1") and objmap.paths("fs", [2]) == {b"a"}
     objmap.commit(None)  # a backup whose walk could not list a directory
     assert not objmap.describes("s1")
+
+
+@pytest.mark.parametrize("batch", [2, zfs_objmap.WRITE_BATCH])
+def test_changed_directories_are_written_in_batches_and_only_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    """Rows of changed directories are written together, a batch at a time (2: one after nearly each
+    directory) or at the commit; a directory listed whole after them sees them; a rollback drops them."""
+    monkeypatch.setattr(zfs_objmap, "WRITE_BATCH", batch)
+    objmap = ObjectMap(tmp_path / "m")
+    objmap.archived("fs", 0, entries(("d", 2), ("e", 3)))
+    objmap.archived("fs", 2, entries(("x", 10), ("y", 11)))
+    objmap.commit("s1")
+    objmap.changed("fs", 2, entries(("z", 12), ("y", 13)), {b"x"})  # x deleted, z new, y replaced
+    objmap.changed("fs", 0, entries(("f", 4)), set())
+    objmap.archived("fs", 3, entries(("w", 14)))  # written after the rows kept so far
+    assert objmap.paths("fs", [12]) == set(), "nothing is visible before the commit"
+    objmap.commit("s2")
+    assert objmap.paths("fs", [10, 11, 12, 13, 4, 14]) == {b"d/z", b"d/y", b"f", b"e/w"}
+    objmap.changed("fs", 0, entries(("g", 5)), {b"f"})
+    objmap.rollback()
+    objmap.commit("s3")
+    assert objmap.paths("fs", [4, 5]) == {b"f"}, "the rolled-back backup's rows were never written"
 
 
 def test_a_parent_cycle_resolves_nowhere(tmp_path: Path) -> None:

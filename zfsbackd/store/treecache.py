@@ -16,7 +16,7 @@ a compression, an open, a write and a rename each time (``PENDING_MAX_BYTES`` of
 beyond that :meth:`TreeCache.put` writes itself); :meth:`TreeCache.flush` waits for them.
 
 The cache is bounded in bytes: when it grows past ``max_bytes`` the least recently used files (by
-modification time, touched on every hit) are removed down to 80 % of the bound.
+modification time, touched on every hit by the writer thread) are removed down to 80 % of the bound.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ EVICT_TO = 0.8
 _TMP_PREFIX = ".tmp-"
 #: plaintext bytes of trees waiting for the writer thread, at most
 PENDING_MAX_BYTES = 16 * 1024 * 1024
+#: hits whose touch waits for the writer thread, at most (past it the reader touches)
+PENDING_MAX_TOUCHES = 10_000
 
 
 class TreeCache:
@@ -61,8 +63,9 @@ class TreeCache:
         self.hits = 0
         self.misses = 0
         self._write_failed = False
-        self._pending: queue.Queue[tuple[bytes, bytes, bool]] = queue.Queue()
+        self._pending: queue.Queue[tuple[bytes, bytes | None, bool]] = queue.Queue()
         self._pending_bytes = 0
+        self._pending_touches = 0
         self._pending_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -92,8 +95,8 @@ class TreeCache:
             self._remove(path, len(packed))
             self.misses += 1
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # least recently used goes first
+        if not self._queue(blob_id, None, False):  # touched by the writer thread: least recently used goes first
+            self._touch(blob_id)
         self.hits += 1
         return plaintext
 
@@ -107,34 +110,52 @@ class TreeCache:
         or read-only ``state_dir``) only costs the cache: it is logged once per process and the tree
         is simply not cached.
         """
-        with self._pending_lock:
-            queued = self._pending_bytes + len(data) <= PENDING_MAX_BYTES
-            if queued:
-                self._pending_bytes += len(data)
-                if self._writer is None:
-                    self._writer = threading.Thread(target=self._write_pending, name="zfsbackd-tree-cache", daemon=True)
-                    self._writer.start()
-        if queued:
-            self._pending.put((blob_id, data, compressed))
-        else:
+        if not self._queue(blob_id, data, compressed):
             self._write(blob_id, data, compressed)
+
+    def _queue(self, blob_id: bytes, data: bytes | None, compressed: bool) -> bool:
+        """Give the writer thread a tree to write, or (*data* None) a cached one to touch; False when
+        ``PENDING_MAX_BYTES`` (or ``PENDING_MAX_TOUCHES``) already wait."""
+        size = 0 if data is None else len(data)
+        with self._pending_lock:
+            if size and self._pending_bytes + size > PENDING_MAX_BYTES:
+                return False
+            if not size and self._pending_touches >= PENDING_MAX_TOUCHES:
+                return False
+            self._pending_bytes += size
+            self._pending_touches += not size
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_pending, name="zfsbackd-tree-cache", daemon=True)
+                self._writer.start()
+        self._pending.put((blob_id, data, compressed))
+        return True
 
     def flush(self) -> None:
         """Wait until every tree given to :meth:`put` so far is written (or given up)."""
         self._pending.join()
 
     def _write_pending(self) -> None:
-        """The writer thread: one tree after another, for the life of the process."""
+        """The writer thread: one tree (or touch) after another, for the life of the process."""
         while True:
             blob_id, data, compressed = self._pending.get()
             try:
-                self._write(blob_id, data, compressed)
+                if data is None:
+                    self._touch(blob_id)
+                else:
+                    self._write(blob_id, data, compressed)
             except Exception as exc:  # a bug must not stop the thread: flush() would wait for ever
                 log.error("tree_cache_write_crashed", directory=str(self.directory), error=repr(exc))
             finally:
                 with self._pending_lock:
-                    self._pending_bytes -= len(data)
+                    if data is None:
+                        self._pending_touches -= 1
+                    else:
+                        self._pending_bytes -= len(data)
                 self._pending.task_done()
+
+    def _touch(self, blob_id: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self._path(blob_id))
 
     def _write(self, blob_id: bytes, data: bytes, compressed: bool) -> None:
         path = self._path(blob_id)
