@@ -60,6 +60,7 @@ from zfsbackd.zfs.exceptions import (
     HoldReleaseFailure,
     SnapshotDestructionFailure,
     ZFSError,
+    ZFSInitializationFailed,
 )
 
 log = structlog.get_logger(__name__)
@@ -668,7 +669,11 @@ class ZfsProvider(SnapshotProvider):
         recursive = bool(getattr(fs, "recursive", False))
         # A missing pool or dataset is reported as such (two ioctls: an imported pool's top dataset exists),
         # then one `zfs` process (its start-up costs a few tenths of a second under emulation) says the rest.
-        if not lzc.lzc_exists(_b(pool)):
+        try:
+            pool_imported = lzc.lzc_exists(_b(pool))
+        except ZFSInitializationFailed as exc:  # no ZFS on this host, or its module is not loaded
+            raise SnapshotError(f"{where}: ZFS is not usable on this host: {exc.message}") from exc
+        if not pool_imported:
             raise SnapshotError(f"{where}: pool {pool} is not imported; run `zpool import {pool}`")
         if not lzc.lzc_exists(_b(dataset)):
             raise SnapshotError(f"{where}: dataset {dataset} does not exist; create it or fix the name")
