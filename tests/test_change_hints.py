@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,9 +127,10 @@ def test_change_set_walk_equals_full_walk(xfs_dir: Path, tmp_path: Path) -> None
         full_stats.bytes_total,
         full_stats.directories,
     )  # type: ignore[attr-defined]
-    # Only the changed files are read ("inside" because its directory is new under its new name).
+    # Only the changed files are read, and "inside" with `zfs diff`'s paths: its directory is new under its
+    # new name there. The full walk finds the renamed directory's node by its inode and compares with it.
     assert hinted_stats.files_read == 4  # type: ignore[attr-defined]
-    assert full_stats.files_read == 4  # type: ignore[attr-defined]
+    assert full_stats.files_read == 3  # type: ignore[attr-defined]
 
 
 def test_empty_change_set_reuses_the_parent_root(xfs_dir: Path, tmp_path: Path) -> None:
@@ -346,3 +348,103 @@ def test_a_listed_directory_with_the_changed_objects_is_spliced_unparsed(
     assert archiver.directories_listed_by_changes == (2 if with_listings else 0)
     assert len(parsed) == 2, parsed  # the tree of the root's node, and pipes' (its FIFO is in no tree)
     assert hinted_stats.entries_not_examined == 36 + 1  # type: ignore[attr-defined]  # d's 36 clean files, pipes/p1
+
+
+@pytest.mark.parametrize("with_change_list", [False, True], ids=["full-walk", "send-stream-change-list"])
+def test_a_renamed_directory_is_compared_with_its_old_tree_not_read_again(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_change_list: bool
+) -> None:
+    """A directory renamed in its parent (``mv old new``; a swap of two names; a name given to a new directory
+    while the old one moved on) is found by its inode among the parent backup's nodes of that directory, and
+    walked against its old tree: only what changed inside is read. A send stream's change list names what
+    changed below it by the old paths (the object map's): the walk asks it by those, and what it names
+    nowhere below is taken without a look. Every tree is the one a backup with no parent makes."""
+    moved = xfs_dir / "p" / "old"
+    (moved / "sub" / "deep").mkdir(parents=True)
+    for i in range(30):
+        (moved / f"f{i:02d}").write_bytes(random.Random(i).randbytes(200 + i))
+    for i in range(10):
+        (moved / "sub" / f"g{i}").write_text(f"g {i}\n")
+    for i in range(5):
+        (moved / "sub" / "deep" / f"h{i}").write_text(f"h {i}\n")
+    for name in ("swap1", "swap2", "q/gone"):
+        (xfs_dir / name).mkdir(parents=True)
+        for i in range(8):
+            (xfs_dir / name / f"s{i}").write_text(f"{name} {i}\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    map_of_parent = {p.stat().st_ino: os.fsencode(p.relative_to(xfs_dir)) for p in xfs_dir.rglob("*")}
+
+    new = xfs_dir / "p" / "new"
+    os.rename(moved, new)
+    (new / "f05").write_text("changed in place\n")
+    (new / "added").write_text("a new object\n")
+    (new / "f10").unlink()
+    (new / "sub" / "deep" / "h2").write_text("changed two levels below the renamed directory\n")
+    os.rename(xfs_dir / "swap1", xfs_dir / "tmp")
+    os.rename(xfs_dir / "swap2", xfs_dir / "swap1")
+    os.rename(xfs_dir / "tmp", xfs_dir / "swap2")
+    os.rename(xfs_dir / "q" / "gone", xfs_dir / "q" / "gone2")
+    (xfs_dir / "q" / "gone").mkdir()
+    (xfs_dir / "q" / "gone" / "fresh").write_text("in a new directory under an old name\n")
+    # What a send stream gives: the objects that changed, and the names the parent backup's map has for them.
+    changed = [
+        xfs_dir,
+        xfs_dir / "p",
+        new,
+        new / "f05",
+        new / "added",
+        new / "sub" / "deep" / "h2",
+        xfs_dir / "swap1",
+        xfs_dir / "swap2",
+        xfs_dir / "q",
+        xfs_dir / "q" / "gone2",
+        xfs_dir / "q" / "gone",
+        xfs_dir / "q" / "gone" / "fresh",
+    ]
+    objects = {p.stat().st_ino for p in changed}
+    paths = [map_of_parent[inode] for inode in objects if inode in map_of_parent]
+    changes = ChangeSet.from_paths(paths, objects) if with_change_list else None
+
+    from_nothing_root, _ = _archive(engine, "", None)
+    archiver, listed = _archive_recording_listings(engine, parent.root_tree, changes, monkeypatch)  # type: ignore[arg-type]
+    root, stats = archiver.result
+
+    assert root == from_nothing_root
+    assert stats.files_read == 4  # type: ignore[attr-defined]  # f05, added, h2, q/gone/fresh
+    if with_change_list:
+        assert b"p/old/sub/deep/h2" in changes.touched  # type: ignore[union-attr]  # (by the old path)
+        assert b"p/new/sub" not in listed and b"p/new/sub/deep" not in listed
+        assert archiver.directories_not_listed == 2  # p/new/sub and p/new/sub/deep: only their changed names
+        # p/new's files but f05 (and f10, gone); its sub's 10 g's, deep's h's but h2; the 8 files of each
+        # swapped directory and of q/gone2
+        assert stats.entries_not_examined == 28 + 10 + 4 + 3 * 8  # type: ignore[attr-defined]
+
+
+def test_a_name_now_of_another_directory_is_compared_entry_by_entry(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rm -r d2/sub; mv d1/sub d2/sub``: a send stream names no deleted object, so the change list names
+    neither d2/sub (the old one is gone) nor anything in it; d2/sub is another directory with the same
+    names, not the one its parent tree has. Its entries are compared with that tree's one by one (inode
+    included), never taken as the old directory's."""
+    for top in ("d1", "d2"):
+        (xfs_dir / top / "sub").mkdir(parents=True)
+        for i in range(8):
+            (xfs_dir / top / "sub" / f"s{i}").write_text(f"{top} {i}\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    map_of_parent = {p.stat().st_ino: os.fsencode(p.relative_to(xfs_dir)) for p in xfs_dir.rglob("*")}
+
+    shutil.rmtree(xfs_dir / "d2" / "sub")
+    os.rename(xfs_dir / "d1" / "sub", xfs_dir / "d2" / "sub")
+    objects = {p.stat().st_ino for p in (xfs_dir, xfs_dir / "d1", xfs_dir / "d2", xfs_dir / "d2" / "sub")}
+    changes = ChangeSet.from_paths([map_of_parent[i] for i in objects if i in map_of_parent], objects)
+    assert b"d2/sub" not in changes.touched
+
+    from_nothing_root, _ = _archive(engine, "", None)
+    archiver, _listed = _archive_recording_listings(engine, parent.root_tree, changes, monkeypatch)
+    root, stats = archiver.result
+
+    assert root == from_nothing_root
+    assert stats.files_read == 8  # type: ignore[attr-defined]  # (their inodes are not the old d2/sub's files')

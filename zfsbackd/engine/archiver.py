@@ -224,6 +224,22 @@ class _DirFrame:
     #: in ``previous`` (those of the changed names, parsed) are kept as they are, unparsed (counted in
     #: ``kept_totals``, not in ``kept``); the new tree is spliced from its bytes
     spliced: TreeBytes | None = None
+    #: the directory's path in the parent backup when it is there under another one (it, or a directory above
+    #: it, was renamed since: see :meth:`Archiver._moved_node`); None when it is ``rel``
+    moved_from: bytes | None = None
+    #: the parent backup's subdirectories of ``previous`` by inode, made when a new name needs them
+    dirs_by_inode: dict[int, Node] | None = None
+
+    @property
+    def change_rel(self) -> bytes:
+        """The path the change list knows this directory by: a send stream's object map names what
+        changed by the paths of the parent backup's snapshot."""
+        return self.rel if self.moved_from is None else self.moved_from
+
+    def child_change_rel(self, name: bytes) -> bytes:
+        """:attr:`change_rel` of the entry *name* (the parent backup's name of the object, when it was renamed)."""
+        base = self.change_rel
+        return base + b"/" + name if base else name
 
 
 def _results_ready(frame: _DirFrame) -> bool:
@@ -664,21 +680,49 @@ class Archiver:
         parent.nodes.append(frame.node)
 
     def _enter_dir(
-        self, rel: bytes, parent_tree: str | None, dev: int, node: Node | None, before: Node | None = None
+        self,
+        rel: bytes,
+        parent_tree: str | None,
+        dev: int,
+        node: Node | None,
+        before: Node | None = None,
+        moved_from: bytes | None = None,
     ) -> _DirFrame:
         """List the directory *rel* (on device *dev*) for the walk; OSError if it cannot be listed.
 
-        ``before`` is the directory's node in the parent backup (whose tree is ``parent_tree``).
+        ``before`` is the directory's node in the parent backup (whose tree is ``parent_tree``), where
+        its path was ``moved_from`` if not *rel* (see :meth:`_moved_node`).
         """
+        frame = self._list_dir(rel, parent_tree, dev, node, before, moved_from)
+        frame.moved_from = moved_from
+        if frame.tree_before is not None and frame.spliced is None and frame.as_listed is None:
+            self._take_clean_entries(frame, _Totals.of_directory(before))
+        return frame
+
+    def _list_dir(
+        self,
+        rel: bytes,
+        parent_tree: str | None,
+        dev: int,
+        node: Node | None,
+        before: Node | None,
+        moved_from: bytes | None,
+    ) -> _DirFrame:
+        """:meth:`_enter_dir`'s frame, before the clean entries of a parsed parent tree are taken."""
         if self.cancel.is_set():
             raise BackupCancelled()
         raw = None  # with a change list, the parent tree's bytes: spliced where they can be (see _frame_spliced)
+        known_as = rel if moved_from is None else moved_from  # (what the change list calls it)
         if parent_tree and self.changes is not None:
             raw = self._read_parent_bytes(parent_tree)
-            if raw is not None and self._may_skip_listing(rel):
-                frame = self._frame_spliced(rel, dev, node, parent_tree, raw, before, None)
-                if frame is not None:
-                    return frame
+        # The change list says which names of a directory changed, not that a name is the directory it was:
+        # another one under the name (its own renamed there, the old one removed or moved) is compared entry
+        # by entry with the old one's tree, as the full walk compares it.
+        splice = raw is not None and (node is None or before is None or before.get("inode") == node["inode"])
+        if splice and self._may_skip_listing(known_as):
+            frame = self._frame_spliced(rel, known_as, dev, node, parent_tree, raw, before, None)  # type: ignore[arg-type]
+            if frame is not None:
+                return frame
         entries = self._entries_from_change_list(rel, node)
         if entries is None:
             with os.scandir(self._path(rel)) as it:
@@ -686,10 +730,11 @@ class Archiver:
         self._entries_listed += len(entries)
         if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
             self._start_shards()
-        if raw is not None:
-            frame = self._frame_spliced(rel, dev, node, parent_tree, raw, before, entries)  # type: ignore[arg-type]
+        if splice:
+            frame = self._frame_spliced(rel, known_as, dev, node, parent_tree, raw, before, entries)  # type: ignore[arg-type]
             if frame is not None:
                 return frame
+        if raw is not None:
             parent: _ParentDir = self._parse_parent(raw, parent_tree)  # type: ignore[arg-type]
         elif self.changes is not None:
             parent = None  # (the parent tree could not be read)
@@ -705,7 +750,6 @@ class Archiver:
         frame = _DirFrame(rel, dev, parent or {}, entries, node, listing=listing, listed=len(entries))
         if parent is not None:
             frame.tree_before = parent_tree
-            self._take_clean_entries(frame, _Totals.of_directory(before))
         return frame
 
     def _entries_from_change_list(self, rel: bytes, node: Node | None) -> list[_Entry] | None:
@@ -726,6 +770,7 @@ class Archiver:
     def _frame_spliced(
         self,
         rel: bytes,
+        known_as: bytes,
         dev: int,
         node: Node | None,
         tree_id: str,
@@ -755,14 +800,14 @@ class Archiver:
         listed is not in the parent tree (then the directory did change), the tree and the listing
         disagree (an entry no tree holds: a FIFO, an excluded one), the change list has no objects for a
         listed one, the bytes are not in the canonical form (or its names need escapes), or the node
-        gives no valid totals.
+        gives no valid totals. *known_as*: the path the change list knows the directory by (``_DirFrame.change_rel``).
         """
         changes = self.changes
         totals = _Totals.of_directory(before)
         tree = TreeBytes(raw)
         if changes is None or totals is None or not tree.canonical_frame:
             return None
-        not_clean = changes.names_not_clean(rel)
+        not_clean = changes.names_not_clean(known_as)
         entries: list[_Entry]
         if listing is None:
             entries = [_NamedEntry(name, self._path(rel + b"/" + name)) for name in sorted(not_clean)]  # name order
@@ -857,7 +902,7 @@ class Archiver:
         changes = self._change_set()
         if changes is None:
             return
-        not_clean = changes.names_not_clean(frame.rel)
+        not_clean = changes.names_not_clean(frame.change_rel)
         inode_of = dict(zip(map(_ENTRY_NAME, frame.entries), map(_ENTRY_INODE, frame.entries), strict=True))
         taken = {
             name: node
@@ -890,6 +935,7 @@ class Archiver:
         entry, so it is kept lean: the per-entry error handling costs nothing until an error.
         """
         rel, previous, entries, nodes, kept = frame.rel, frame.previous, frame.entries, frame.nodes, frame.kept
+        moved = frame.moved_from is not None  # (then the change list names its entries by other paths)
         changes = self._change_set()
         stats = self.counters.stats
         unchanged_files = unchanged_bytes = 0  # reported to the progress once per call
@@ -906,7 +952,7 @@ class Archiver:
             if (
                 before is not None
                 and changes is not None
-                and changes.is_clean(child)
+                and changes.is_clean(frame.child_change_rel(name) if moved else child)
                 and entry.inode() == before.get("inode")  # a name now of another object is not clean
             ):
                 kept.append(before)  # unchanged since the parent's snapshot: not even stat'ed
@@ -999,6 +1045,11 @@ class Archiver:
         the backup, by ``on_entry_error``).
         """
         graft = self.grafts.get(child)
+        old_name = name
+        if graft is None:
+            moved = self._moved_node(frame, before, st.st_ino)
+            if moved is not None:
+                before, old_name = moved, node_name(moved)
         try:
             if graft is not None:  # a child dataset's snapshot takes the place of its (empty) mount point
                 st = os.lstat(graft)
@@ -1017,22 +1068,54 @@ class Archiver:
             node.update(subtree=subtree, tree_files=0, tree_bytes=0, tree_dirs=0)
             frame.nodes.append(node)
             return None
-        unchanged = _unchanged(before, "dir", st)
+        unchanged = old_name == name and _unchanged(before, "dir", st)  # (a renamed one's node has the old name)
         if self._shards is not None and self._sends(before):
             job = ShardJob(child, st.st_dev, node, before, unchanged)
             frame.shards.append((self._shards.submit(job), node, before))
             return None
-        return self._enter_subdir(child, st.st_dev, node, before, unchanged)
+        known_as = frame.child_change_rel(old_name)
+        return self._enter_subdir(child, st.st_dev, node, before, unchanged, None if known_as == child else known_as)
+
+    def _moved_node(self, frame: _DirFrame, before: Node | None, inode: int) -> Node | None:
+        """The parent backup's node of the subdirectory *inode* of *frame* when it had another name there
+        (renamed: ``mv a b``), so that the directory is compared with its tree instead of read again as new;
+        None when *before*, the node of its name, is its own, or the directory had no other name there.
+
+        Only where what changed below a renamed directory is known: in a full walk, where every entry is
+        compared with its node anyway, and with a send stream's change list (``ChangeSet.objects``),
+        whose object map names what changed by the paths of the parent backup's snapshot — the
+        directory's walk then asks it by those (``_DirFrame.moved_from``). ``zfs diff``'s paths are not
+        said to be either, so with them a renamed directory stays new. (An object number used again for
+        a new directory only means its entries are compared with the old ones, each by its metadata.)
+        """
+        if before is not None and before.get("inode") == inode:
+            return None
+        changes = self.changes
+        if (changes is None and self._pending is not None) or (changes is not None and changes.objects is None):
+            return None
+        if frame.dirs_by_inode is None:
+            frame.dirs_by_inode = {
+                int(node["inode"]): node for node in frame.previous.values() if node.get("type") == "dir"
+            }
+        return frame.dirs_by_inode.get(inode)
 
     def _enter_subdir(
-        self, child: bytes, dev: int, node: Node, before: Node | None, unchanged: bool
+        self,
+        child: bytes,
+        dev: int,
+        node: Node,
+        before: Node | None,
+        unchanged: bool,
+        moved_from: bytes | None = None,
     ) -> _DirFrame | None:
         """The frame of the subdirectory *child* (None when it cannot be listed: an entry problem).
 
-        *unchanged*: the parent backup's node *before* still describes the directory itself.
+        *unchanged*: the parent backup's node *before* still describes the directory itself; *moved_from*:
+        its path in the parent backup, when it (or a directory above it) was renamed since.
         """
         try:
-            child_frame = self._enter_dir(child, before.get("subtree") if before else None, dev, node, before)
+            parent_tree = before.get("subtree") if before else None
+            child_frame = self._enter_dir(child, parent_tree, dev, node, before, moved_from)  # type: ignore[arg-type]
         except OSError as exc:
             self.snapshot.directory_archived(child, node, None, False)
             self._entry_problem(child, "list the directory", exc)
