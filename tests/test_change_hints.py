@@ -448,3 +448,45 @@ def test_a_name_now_of_another_directory_is_compared_entry_by_entry(
 
     assert root == from_nothing_root
     assert stats.files_read == 8  # type: ignore[attr-defined]  # (their inodes are not the old d2/sub's files')
+
+
+@pytest.mark.parametrize("with_change_list", [False, True], ids=["full-walk", "send-stream-change-list"])
+def test_a_directory_moved_to_another_parent_is_found_by_its_old_path(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_change_list: bool
+) -> None:
+    """``mv a/far b/far-moved``: a send stream's object map gives the moved directory's old path
+    (``ChangeSet.directory_paths``), where the parent backup's trees have its node; it is walked against
+    that tree, asking the change list by the old paths, and only the file changed inside is read. A full
+    walk has no such map: the directory is new there, read whole. Both make the tree of a backup with
+    no parent."""
+    far = xfs_dir / "a" / "far"
+    (far / "deep").mkdir(parents=True)
+    (xfs_dir / "b").mkdir()
+    for i in range(12):
+        (far / f"f{i}").write_text(f"far {i}\n")
+        (far / "deep" / f"h{i}").write_text(f"deep {i}\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    map_of_parent = {p.stat().st_ino: os.fsencode(p.relative_to(xfs_dir)) for p in xfs_dir.rglob("*")}
+
+    moved = xfs_dir / "b" / "far-moved"
+    os.rename(far, moved)
+    (moved / "deep" / "h1").write_text("changed below the moved directory\n")
+    changed = [xfs_dir, xfs_dir / "a", xfs_dir / "b", moved, moved / "deep" / "h1"]
+    objects = {p.stat().st_ino for p in changed}
+    changes = ChangeSet.from_paths(
+        [map_of_parent[i] for i in objects if i in map_of_parent], objects, None, {moved.stat().st_ino: b"a/far"}
+    )
+
+    from_nothing_root, _ = _archive(engine, "", None)
+    archiver, listed = _archive_recording_listings(
+        engine, parent.root_tree, changes if with_change_list else None, monkeypatch  # type: ignore[arg-type]
+    )
+    root, stats = archiver.result
+
+    assert root == from_nothing_root
+    if with_change_list:
+        assert stats.files_read == 1  # type: ignore[attr-defined]  # h1
+        assert b"b/far-moved/deep" not in listed  # (nothing was added to or removed from it)
+    else:
+        assert stats.files_read == 24  # type: ignore[attr-defined]

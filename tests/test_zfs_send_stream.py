@@ -222,9 +222,10 @@ def test_objects_with_the_ctime_of_the_map_are_unchanged(tmp_path: Path) -> None
     objmap = ObjectMap(tmp_path / "m")
     objmap.archived("fs", 0, entries(("a", 2), ("b", 3), ("c", 4)))  # ctime = object * 10
     objmap.commit("s")
-    paths, changed = objmap.changes("fs", [2, 3, 4, 9], {2: 20, 3: 31})
+    paths, changed, names = objmap.changes("fs", [2, 3, 4, 9], {2: 20, 3: 31})
     assert paths == {b"b", b"c"}
     assert changed == {3, 4, 9}  # 9 is new: no name in the map, but changed all the same
+    assert names == {3: [b"b"], 4: [b"c"]}
 
 
 def test_a_listing_replaces_the_directory_and_orphans_resolve_nowhere(tmp_path: Path) -> None:

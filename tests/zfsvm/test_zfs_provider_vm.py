@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,8 +120,13 @@ def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes
     root = _mnt(dataset)
     (root / "keep").mkdir()
     (root / "keep" / "a").write_text("a\n")
-    (root / "mv-src").mkdir()
+    (root / "mv-src" / "deeper").mkdir(parents=True)
     (root / "mv-src" / "inner").write_text("inner\n")
+    (root / "mv-src" / "deeper" / "changed").write_text("before\n")
+    for top in ("d1", "d2", "swap1", "swap2"):  # directories with the same names in them
+        (root / top / "sub").mkdir(parents=True)
+        for i in range(3):
+            (root / top / "sub" / f"s{i}").write_text(f"{top} {i}\n")
     (root / "gone").write_text("bye\n")
     (root / "becomes-dir").write_text("file now\n")
     (root / "linked").write_text("hard\n")
@@ -130,6 +136,12 @@ def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes
     first = engine.create_backup(BackupRequest("fs-zfs"))
 
     os.rename(root / "mv-src", root / "mv-dst")  # renamed directory
+    (root / "mv-dst" / "deeper" / "changed").write_text("after: the stream's map names it by its old path\n")
+    shutil.rmtree(root / "d2" / "sub")  # a name now of another directory, the old one gone (in no stream)
+    os.rename(root / "d1" / "sub", root / "d2" / "sub")
+    os.rename(root / "swap1", root / "swap-tmp")  # two directories swap names
+    os.rename(root / "swap2", root / "swap1")
+    os.rename(root / "swap-tmp", root / "swap2")
     (root / "gone").unlink()  # deleted
     (root / "becomes-dir").unlink()  # type change
     (root / "becomes-dir").mkdir()
@@ -140,6 +152,9 @@ def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes
     (root / "new dir with space" / b"\xffnot-utf8".decode("utf-8", "surrogateescape")).write_text("odd\n")
     second = engine.create_backup(BackupRequest("fs-zfs"))
     assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
+    assert _full_walk_root(engine, second.backup_id, None) == second.root_tree  # (nothing reused at all)
+    if change_list == "send-stream":  # moved directories are walked against their old trees, by their old paths
+        assert second.stats.files_read == 4  # deeper/changed, becomes-dir/child, tagged (its ctime), the odd name
 
     (root / "linked").write_text("hard, changed\n")  # a changed file with another name elsewhere
     third = engine.create_backup(BackupRequest("fs-zfs"))

@@ -1045,11 +1045,11 @@ class Archiver:
         the backup, by ``on_entry_error``).
         """
         graft = self.grafts.get(child)
-        old_name = name
+        known_as = None  # the path the change list knows the directory by, when it was moved
         if graft is None:
             moved = self._moved_node(frame, before, st.st_ino)
             if moved is not None:
-                before, old_name = moved, node_name(moved)
+                before, known_as = moved
         try:
             if graft is not None:  # a child dataset's snapshot takes the place of its (empty) mount point
                 st = os.lstat(graft)
@@ -1068,25 +1068,29 @@ class Archiver:
             node.update(subtree=subtree, tree_files=0, tree_bytes=0, tree_dirs=0)
             frame.nodes.append(node)
             return None
-        unchanged = old_name == name and _unchanged(before, "dir", st)  # (a renamed one's node has the old name)
+        unchanged = known_as is None and _unchanged(before, "dir", st)  # (a moved one's node has the old name)
         if self._shards is not None and self._sends(before):
             job = ShardJob(child, st.st_dev, node, before, unchanged)
             frame.shards.append((self._shards.submit(job), node, before))
             return None
-        known_as = frame.child_change_rel(old_name)
+        if known_as is None:
+            known_as = frame.child_change_rel(name)
         return self._enter_subdir(child, st.st_dev, node, before, unchanged, None if known_as == child else known_as)
 
-    def _moved_node(self, frame: _DirFrame, before: Node | None, inode: int) -> Node | None:
-        """The parent backup's node of the subdirectory *inode* of *frame* when it had another name there
-        (renamed: ``mv a b``), so that the directory is compared with its tree instead of read again as new;
-        None when *before*, the node of its name, is its own, or the directory had no other name there.
+    def _moved_node(self, frame: _DirFrame, before: Node | None, inode: int) -> tuple[Node, bytes] | None:
+        """The parent backup's node of the subdirectory *inode* of *frame* when it had another path then
+        (renamed, ``mv a b``, or moved, ``mv a x/b``), with the path the change list knows it by; so that the
+        directory is compared with its old tree instead of read again as new. None when *before*, the node
+        of its name, is its own, or its old node is not known.
 
-        Only where what changed below a renamed directory is known: in a full walk, where every entry is
-        compared with its node anyway, and with a send stream's change list (``ChangeSet.objects``),
-        whose object map names what changed by the paths of the parent backup's snapshot — the
-        directory's walk then asks it by those (``_DirFrame.moved_from``). ``zfs diff``'s paths are not
-        said to be either, so with them a renamed directory stays new. (An object number used again for
-        a new directory only means its entries are compared with the old ones, each by its metadata.)
+        Only where what changed below a moved directory is known: in a full walk, where every entry is
+        compared with its node anyway (a directory renamed in its parent: found among the parent tree's
+        nodes by inode), and with a send stream's change list (``ChangeSet.objects``), whose object map
+        names what changed by the paths of the parent backup's snapshot — the directory's walk then asks
+        it by those (``_DirFrame.moved_from``), and the map gives the old path of a changed directory
+        moved to another parent (``ChangeSet.directory_paths``). ``zfs diff``'s paths are not said to be
+        either, so with them a moved directory stays new. (An object number used again for a new
+        directory only means its entries are compared with the old ones, each by its metadata.)
         """
         if before is not None and before.get("inode") == inode:
             return None
@@ -1095,9 +1099,27 @@ class Archiver:
             return None
         if frame.dirs_by_inode is None:
             frame.dirs_by_inode = {
-                int(node["inode"]): node for node in frame.previous.values() if node.get("type") == "dir"
+                node["inode"]: node
+                for node in frame.previous.values()
+                if node.get("type") == "dir" and isinstance(node.get("inode"), int)
             }
-        return frame.dirs_by_inode.get(inode)
+        node = frame.dirs_by_inode.get(inode)
+        if node is not None:
+            return node, frame.child_change_rel(node_name(node))
+        path = None if changes is None else changes.directory_paths.get(inode)
+        node = None if path is None else self._parent_node_at(path)
+        if node is None or node.get("type") != "dir" or node.get("inode") != inode:
+            return None
+        return node, path  # type: ignore[return-value]
+
+    def _parent_node_at(self, path: bytes) -> Node | None:
+        """The parent backup's node at *path* (below the root), read down its trees; None if it has none."""
+        node = self._parent_root_node()
+        for name in path.split(b"/"):
+            subtree = None if node is None else node.get("subtree")
+            nodes = self._read_parent_tree(subtree) if isinstance(subtree, str) and subtree else None
+            node = None if nodes is None else nodes.get(name)
+        return node
 
     def _enter_subdir(
         self,

@@ -20,7 +20,7 @@ import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
@@ -355,12 +355,18 @@ class ChangeSet:
 
     ``listings``, with ``objects``: the complete listings the change list carries of directories
     whose names changed, by the directory's inode; the archiver takes them instead of listing.
+
+    With ``objects``, ``touched`` are the paths of the parent backup's snapshot (a send stream's
+    object map has no others): a directory renamed since is walked against its old tree and asks
+    the change list by its old path (``_DirFrame.moved_from``). ``directory_paths`` are those old
+    paths of the changed directories by inode, for one moved to another parent.
     """
 
     touched: frozenset[bytes]
     dirty_dirs: frozenset[bytes]
     objects: frozenset[int] | None = None
     listings: DirectoryListings | None = None
+    directory_paths: Mapping[int, bytes] = field(default_factory=dict)
 
     @classmethod
     def from_paths(
@@ -368,13 +374,15 @@ class ChangeSet:
         paths: Iterable[bytes],
         objects: Iterable[int] | None = None,
         listings: DirectoryListings | None = None,
+        directory_paths: Mapping[int, bytes] | None = None,
     ) -> ChangeSet:
         touched = frozenset(p.strip(b"/") for p in paths)
         dirty = {b""}
         for path in touched:
             parts = path.split(b"/")
             dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
-        return cls(touched, frozenset(dirty), None if objects is None else frozenset(objects), listings)
+        frozen = None if objects is None else frozenset(objects)
+        return cls(touched, frozenset(dirty), frozen, listings, directory_paths or {})
 
     def is_clean(self, rel: bytes) -> bool:
         return rel not in self.touched and rel not in self.dirty_dirs

@@ -137,6 +137,17 @@ def _map_rows(nodes: list[Node]) -> list[tuple[bytes, int, int]]:
     return [(node_name(n), int(n["inode"]), int(n.get("ctime_ns", -1))) for n in nodes]
 
 
+def _directory_paths(names: dict[int, list[bytes]], batch: sendstream.ObjectBatch) -> dict[int, bytes]:
+    """The map's path of each changed directory in *batch* (by its OBJECT record's mode; a directory has one
+    name): where the archiver finds the old node of a directory moved to another parent."""
+    attributes = batch.attributes
+    return {
+        obj: found[0]
+        for obj, found in names.items()
+        if len(found) == 1 and obj in attributes and stat.S_ISDIR(attributes[obj].mode)
+    }
+
+
 def _b(name: str) -> bytes:
     return name.encode()
 
@@ -347,6 +358,7 @@ class ZfsSnapshot(Snapshot):
         # dataset (inode numbers are per dataset) and while they are not too many to hold.
         objects: set[int] | None = set() if len(self.members) == 1 else None
         directories: dict[int, zap.DirectoryBlock] = {}  # (one dataset's, as objects)
+        directory_paths: dict[int, bytes] = {}  # (one dataset's, as objects)
         for member in self.members:
             origin = _b(f"{member.dataset}@{base}")
             if not lzc.lzc_exists(origin):
@@ -358,13 +370,12 @@ class ZfsSnapshot(Snapshot):
             root_object = os.stat(member.mountpoint).st_ino
             with sendstream.incremental_stream(_b(f"{member.dataset}@{self.name}"), origin, stop) as stream:
                 for batch in stream.batches():
-                    changed, changed_objects = self._objmap.changes(
-                        member.dataset, batch.objects, self._ctimes(member, batch)
-                    )
-                    paths.update(graft + p for p in changed)
+                    found = self._objmap.changes(member.dataset, batch.objects, self._ctimes(member, batch))
+                    paths.update(graft + p for p in found.paths)
                     if objects is not None:
-                        objects.update(changed_objects)
+                        objects.update(found.objects)
                         directories.update(batch.directories)
+                        directory_paths.update(_directory_paths(found.names, batch))
                         if len(objects) > MAX_CHANGED_PATHS:
                             objects = None
                     if member.rel and root_object in batch.objects:
@@ -384,7 +395,9 @@ class ZfsSnapshot(Snapshot):
                 seconds=round(summary.seconds, 3),
             )
         listings = zap.StreamDirectories(directories) if objects is not None else None
-        return ChangeSet.from_paths(paths, objects, listings)
+        if objects is None:
+            return ChangeSet.from_paths(paths)
+        return ChangeSet.from_paths(paths, objects, listings, directory_paths)
 
     def _ctimes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, int]:
         """The ctime of each object in *batch* whose dnode alone was sent, where its bonus layout is trusted.

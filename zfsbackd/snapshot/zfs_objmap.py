@@ -28,7 +28,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import structlog
 
@@ -54,6 +54,17 @@ CREATE INDEX IF NOT EXISTS entries_by_object ON entries (member, object);
 """
 
 
+class MapChanges(NamedTuple):
+    """What the map says of a batch of objects the stream sent (see :meth:`ObjectMap.changes`)."""
+
+    paths: set[bytes]
+    """Every name of the objects that may have changed, as of the map's snapshot."""
+    objects: set[int]
+    """The objects that may have changed (new ones included: they have no name yet)."""
+    names: dict[int, list[bytes]]
+    """``paths`` by object (an object with no name that resolves is not in it)."""
+
+
 class ObjectMap:
     """Names by object number for one file system's datasets (see the module docstring)."""
 
@@ -74,9 +85,9 @@ class ObjectMap:
 
     def paths(self, member: str, objects: Iterable[int]) -> set[bytes]:
         """Every name (relative to the member's root) that the committed map gives ``objects``."""
-        return self.changes(member, objects, {})[0]
+        return self.changes(member, objects, {}).paths
 
-    def changes(self, member: str, objects: Iterable[int], ctimes: Mapping[int, int]) -> tuple[set[bytes], set[int]]:
+    def changes(self, member: str, objects: Iterable[int], ctimes: Mapping[int, int]) -> MapChanges:
         """The names of ``objects``, but not of those whose ctime is known (``ctimes``) and as it was; and
         the objects that may have changed: all of ``objects`` but those (a new object has no name yet).
 
@@ -85,12 +96,10 @@ class ObjectMap:
         """
         wanted = list(objects)
         result = self._read(lambda conn: self._changes(conn, member, wanted, ctimes))
-        return result if result is not None else (set(), set(wanted))
+        return result if result is not None else MapChanges(set(), set(wanted), {})
 
     @staticmethod
-    def _changes(
-        conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]
-    ) -> tuple[set[bytes], set[int]]:
+    def _changes(conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]) -> MapChanges:
         rows = _rows(conn, member, objects)
         links = {  # object -> [(parent, name, ctime)] of the objects that (may) have changed
             obj: entries
@@ -124,12 +133,15 @@ class ObjectMap:
             return base
 
         paths: set[bytes] = set()
-        for entries in links.values():
+        names: dict[int, list[bytes]] = {}
+        for obj, entries in links.items():
             for parent, name, _ in entries:
                 base = dir_path(parent)
                 if base is not None:
-                    paths.add(_join(base, name))
-        return paths, changed
+                    path = _join(base, name)
+                    paths.add(path)
+                    names.setdefault(obj, []).append(path)
+        return MapChanges(paths, changed, names)
 
     def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T | None:
         """Run ``query`` on a fresh reader connection; None when there is no usable map."""
