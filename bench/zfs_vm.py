@@ -345,7 +345,7 @@ class Bench:
         self.vdev = Path(args.workdir) / f"{self.pool}.img"
         self.kept: dict[str, Any] | None = None  # the dataset a --data-pool holds, as its marker describes it
         if args.data_pool:
-            self.vdev = Path(args.data_pool) / "pool.img"
+            self.vdev = Path(args.data_pool).resolve() / "pool.img"
             marker = self.vdev.with_suffix(".json")
             if marker.exists():
                 self.kept = json.loads(marker.read_text())
@@ -411,8 +411,17 @@ class Bench:
 
     def keep_pool(self, info: GenInfo) -> None:
         """Describe the generated dataset next to the --data-pool's file, so the next run imports it."""
-        marker = {"pool": self.pool, "dataset": asdict(info), "args": vars(self.args)}
-        self.vdev.with_suffix(".json").write_text(json.dumps(marker, indent=2) + "\n")
+        self.kept = {"pool": self.pool, "dataset": asdict(info), "args": vars(self.args), "churn_rounds": 0}
+        self.vdev.with_suffix(".json").write_text(json.dumps(self.kept, indent=2) + "\n")
+
+    def churn_round(self, r: int) -> int:
+        """The churn's round number: a --data-pool's rounds go on from its earlier runs' (the names they made
+        are there), and the marker counts them."""
+        if self.kept is None:
+            return r
+        self.kept["churn_rounds"] = n = self.kept.get("churn_rounds", 0) + 1
+        self.vdev.with_suffix(".json").write_text(json.dumps(self.kept, indent=2) + "\n")
+        return n
 
     def mountpoint(self, ds: str) -> Path:
         return Path(sh("zfs", "get", "-H", "-o", "value", "mountpoint", ds).strip())
@@ -701,7 +710,7 @@ class Bench:
                 log(f"churn{suffix}: applying ~1 % churn")
                 t0 = time.perf_counter()
                 report: dict[str, int] = {}
-                churn_small(root, data, 1.0, a.seed, report, round_no=r)  # bench/run.py's `small` churn mix
+                churn_small(root, data, 1.0, a.seed, report, round_no=self.churn_round(r))  # run.py: small mix
                 os.sync()
                 report_s = time.perf_counter() - t0
                 self.doc.setdefault("churn", {})[f"churn{suffix}"] = {**report, "seconds": round(report_s, 1)}
