@@ -73,6 +73,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,16 +473,29 @@ class Bench:
             ZfsProvider._objmap = lambda self, fs: None  # type: ignore[method-assign]
         self.engine = Engine(load_config(path))
 
+    def _write_profile(self, profiler: Any, name: str) -> None:
+        """The profile as text (cumulative and own time) and as pstats (for pstats/snakeviz later) in the logs."""
+        import io
+        import pstats
+
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+        (self.logdir / f"{name}.txt").write_text(text.getvalue())
+        profiler.dump_stats(self.logdir / f"{name}.pstats")
+
     def zfsbackd_backup(self, label: str) -> tuple[Result, Any]:
         from zfsbackd.engine.engine import BackupRequest
 
         self.timers.reset()
         profiler = None
+        threads: list[Any] = []  # the change list's thread's profile (see _profile_change_list)
         if self.args.profile:
             import cProfile
 
             profiler = cProfile.Profile()
-        with InProcess() as m:
+        with InProcess() as m, _profile_change_list(threads if profiler else None):
             if profiler:
                 profiler.enable()
             try:
@@ -490,17 +504,11 @@ class Bench:
                 if profiler:
                     profiler.disable()
         if profiler:
-            import io
-            import pstats
-
-            text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text)
-            stats.sort_stats("cumulative").print_stats(40)
-            stats.sort_stats("tottime").print_stats(25)
-            name = f"profile-{self.profile_seq:02d}-{label.replace(' ', '_')}.txt"
+            name = f"profile-{self.profile_seq:02d}-{label.replace(' ', '_')}"
             self.profile_seq += 1
-            (self.logdir / name).write_text(text.getvalue())
-            profiler.dump_stats(self.logdir / name.replace(".txt", ".pstats"))  # for pstats/snakeviz later
+            self._write_profile(profiler, name)
+            for thread_profiler in threads:
+                self._write_profile(thread_profiler, name + "-change-list")
         s = record.stats
         t = self.timers
         res = Result(
@@ -815,6 +823,35 @@ def render(doc: dict[str, Any]) -> str:
             + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in rep.items()) for k, rep in doc["churn"].items()),
         ]
     return "\n".join(out)
+
+
+@contextlib.contextmanager
+def _profile_change_list(profilers: list[Any] | None) -> Iterator[None]:
+    """With a list: each change list worked out meanwhile (``PendingChanges``' own thread, which the main
+    thread's profiler does not see: the send stream's parsing and the object map) is profiled into it."""
+    if profilers is None:
+        yield
+        return
+    import cProfile
+
+    from zfsbackd.snapshot.base import PendingChanges
+
+    real_run = PendingChanges._run
+
+    def profiled_run(self: PendingChanges, *args: Any) -> None:
+        profiler = cProfile.Profile()
+        profilers.append(profiler)
+        profiler.enable()
+        try:
+            real_run(self, *args)
+        finally:
+            profiler.disable()
+
+    PendingChanges._run = profiled_run  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PendingChanges._run = real_run  # type: ignore[method-assign]
 
 
 def main() -> int:

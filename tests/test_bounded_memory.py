@@ -26,6 +26,7 @@ from zfsbackd.engine.restorer import Restorer
 from zfsbackd.pools import TREE_READ_AHEAD_WORKERS as READ_AHEAD_WORKERS
 from zfsbackd.snapshot import take_snapshot
 from zfsbackd.snapshot.detect import choose_provider
+from zfsbackd.store import writer as writer_module
 from zfsbackd.store.blobs import BlobType
 from zfsbackd.store.tree import TreeReadAhead, expected_entries
 from zfsbackd.store.writer import PackWriter
@@ -305,3 +306,57 @@ def test_a_writer_holds_no_more_packs_than_its_slots_and_the_one_it_fills(tmp_pa
     assert writer.stats.packs_uploaded > 20
     # One slot: the pack uploading, and at the end the last partial pack taken while it waits for the slot.
     assert peak[0] <= 2, f"{peak[0]} packs taken and not yet uploaded at once, with one slot"
+
+
+def test_trees_are_stored_on_the_tree_thread_within_a_bound_of_queued_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``add_tree`` gives the id at once and leaves the tree to the writer's tree thread; past the bound of
+    queued bytes the caller waits (one tree larger than the bound still goes, alone), and after ``flush``
+    every tree is stored and readable."""
+    monkeypatch.setattr(writer_module, "TREES_QUEUED_BYTES", 1000)
+    engine = Engine(make_config(tmp_path, {}))
+    store = engine.store()
+    store.load_index()
+    go = threading.Event()
+    with PackWriter(store) as writer:
+        encode = writer._encode
+
+        def held_encode(*args: object) -> None:
+            go.wait(30)
+            encode(*args)  # type: ignore[arg-type]
+
+        writer._encode = held_encode  # type: ignore[method-assign]
+        trees = [b'{"nodes":[%d]}' % i + b" " * 590 for i in range(3)]  # 603 bytes each
+        first = writer.add_tree(trees[0])  # queued; a second one would pass the bound
+        second: list[bytes] = []
+        adder = threading.Thread(target=lambda: second.append(writer.add_tree(trees[1])))
+        adder.start()
+        adder.join(0.3)
+        assert adder.is_alive() and writer._trees_queued == len(trees[0])  # waits while the first is not stored
+        go.set()
+        adder.join(30)
+        third = writer.add_tree(trees[2] * 3)  # 1,809 bytes: larger than the bound, queued alone
+        writer.flush()
+        assert writer._trees_queued == 0
+    for tree_id, plaintext in zip([first, second[0], third], [trees[0], trees[1], trees[2] * 3], strict=True):
+        assert tree_id == store.hasher.blob_id(plaintext)
+        assert store.read_tree(tree_id, what="a tree") == plaintext
+    assert writer.stats.blobs_new == 3
+
+
+def test_an_error_storing_a_tree_is_raised_by_flush(tmp_path: Path) -> None:
+    """A tree that cannot be stored (a full disk under the tree cache) fails the backup at ``flush``,
+    which the engine calls before any record names the trees: never a backup naming a tree it lacks."""
+    engine = Engine(make_config(tmp_path, {}))
+    store = engine.store()
+    store.load_index()
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device", "/var/lib/zfsbackd/cache/trees")
+
+    store.remember_tree = full_disk  # type: ignore[method-assign]
+    with PackWriter(store) as writer:
+        writer.add_tree(b'{"nodes":[]}')
+        with pytest.raises(OSError, match="No space left"):
+            writer.flush()

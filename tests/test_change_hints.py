@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,58 @@ def test_clean_entries_of_a_changed_directory_are_taken_without_a_look(xfs_dir: 
     # 497 clean files and the clean "sub" of "wide"; nothing else in the root but "wide" itself (dirty)
     assert hinted_stats.entries_not_examined == 498  # type: ignore[attr-defined]
     assert hinted_stats.files_unchanged == full_stats.files_unchanged == 498  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("read_ahead_entries", [20_000, 1], ids=["read-ahead", "bound-of-one-entry"])
+def test_the_trees_a_change_list_names_are_read_ahead_of_the_walk(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_ahead_entries: int
+) -> None:
+    """With a change list known before the walk, the parent backup's trees of the directories it names are
+    read on the read-ahead's threads, in the walk's order, and the walk takes them there: only the tree of
+    the root node is read on the walk's thread; the trees of clean directories are not read at all. Even
+    with room for one entry (each tree is still read ahead, one at a time), every tree is the full walk's."""
+    for top in ("a", "m", "z"):
+        for sub in ("x", "y"):
+            (xfs_dir / top / sub).mkdir(parents=True)
+            for i in range(5):
+                (xfs_dir / top / sub / f"f{i}").write_text(f"{top}/{sub}/{i}\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    (xfs_dir / "a" / "y" / "f1").write_text("changed\n")
+    (xfs_dir / "z" / "x" / "f4").write_text("changed too\n")
+    full_root, _ = _archive(engine, parent.root_tree or "", None)
+    store = engine.store()
+    reads: list[tuple[str, str]] = []
+    real_read_tree = type(store).read_tree
+
+    def recording_read_tree(self: object, tree_id: bytes, *, what: str) -> bytes:
+        reads.append((tree_id.hex(), threading.current_thread().name))
+        return real_read_tree(self, tree_id, what=what)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(store), "read_tree", recording_read_tree)
+    fs = engine.config.file_system("fs-src")
+    snapshot = take_snapshot(fs, "backup-00000000000000001", choose_provider(fs))
+    try:
+        with PackWriter(store) as writer:
+            archiver = Archiver(
+                store,
+                writer,
+                snapshot,
+                parent.root_tree,
+                changes=ChangeSet.from_paths([b"a/y/f1", b"z/x/f4"]),
+                read_ahead_entries=read_ahead_entries,
+            )
+            hinted_root, stats = archiver.run()
+            writer.flush()
+    finally:
+        snapshot.release()
+
+    assert hinted_root == full_root and stats.files_read == 2
+    on_walk = [tree for tree, thread in reads if not thread.startswith("zfsbackd-tree")]
+    ahead = [tree for tree, thread in reads if thread.startswith("zfsbackd-tree")]
+    assert on_walk == [parent.root_tree]
+    # the top directory, then a, a/y, z, z/x in the walk's order (the threads may finish them in another)
+    assert len(ahead) == len(set(ahead)) == 5
 
 
 def test_a_directory_node_without_usable_totals_is_counted_entry_by_entry() -> None:

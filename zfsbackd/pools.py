@@ -32,6 +32,9 @@ ARCHIVE_PROCESSES = min(os.cpu_count() or 1, 4)
 PARALLEL_AFTER_ENTRIES = int(os.environ.get("ZFSBACKD_PARALLEL_AFTER_ENTRIES", "20000"))
 
 # ------------------------------------------------------------------ writing packs
+#: threads compressing, caching and sealing the trees one writer is given (PackWriter.add_tree): the walk
+#: makes them one at a time, so one keeps up with it
+TREE_ENCODE_THREADS = 1
 #: threads uploading one writer's packs
 UPLOAD_THREADS = 2
 #: packs of one writer being uploaded or waiting for an upload thread: the writer's memory is
@@ -67,5 +70,6 @@ RESTORE_PROCESSES = min(os.cpu_count() or 1, 4)
 RESTORE_FETCH_WORKERS = 4
 #: packs ``check`` verifies at once (with ``--read-data`` each holds a whole pack)
 CHECK_WORKERS = 3
-#: ZFS commit: the hold's release and the old bookmarks' destruction beside the new bookmark
-ZFS_COMMIT_WORKERS = 2
+#: ZFS commit: the hold's release, the old bookmarks' destruction and the object map's commit beside the new
+#: bookmark (each waits for a transaction group or a disk, not for a CPU)
+ZFS_COMMIT_WORKERS = 3

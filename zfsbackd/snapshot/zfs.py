@@ -577,12 +577,12 @@ class ZfsSnapshot(Snapshot):
         Each of these changes waits for a transaction group to sync (about a second each under load,
         most of a no-change backup's time), and they used to wait one after the other. Now the
         bookmark and the destruction of the older snapshots are one channel program (one txg; ZFS has
-        no channel-program call for holds or for destroying bookmarks), and the hold's release and the
-        older bookmarks' destruction run beside it on their own threads: the waits overlap.
+        no channel-program call for holds or for destroying bookmarks), and the hold's release, the
+        older bookmarks' destruction and the object map's commit (an SQLite transaction and checkpoint:
+        a few tenths of a second with scattered churn) run beside it on their own threads: the waits
+        overlap. The map names this snapshot, which stays whatever the others do.
         """
         super().close()
-        if self._objmap is not None:
-            self._objmap.commit(self.name if self._map_complete else None)
         old_bookmarks = [
             _b(f"{dataset}#") + name
             for dataset in self.datasets
@@ -592,6 +592,8 @@ class ZfsSnapshot(Snapshot):
         bookmarks = {_b(f"{d}#{self.name}"): _b(f"{d}@{self.name}") for d in self.datasets}
         with ThreadPoolExecutor(max_workers=pools.ZFS_COMMIT_WORKERS, thread_name_prefix="zfsbackd-zfs-commit") as pool:
             side = [pool.submit(self._release_hold)]
+            if self._objmap is not None:
+                side.append(pool.submit(self._objmap.commit, self.name if self._map_complete else None))
             if old_bookmarks:
                 side.append(pool.submit(lzc.lzc_destroy_bookmarks, old_bookmarks))
             self._bookmark_and_destroy(bookmarks)
