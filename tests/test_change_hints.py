@@ -265,6 +265,49 @@ def test_the_trees_a_change_list_names_are_read_ahead_of_the_walk(
     assert len(ahead) == len(set(ahead)) == 5
 
 
+def test_files_whose_content_changed_are_read_without_a_stat_first(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send stream's ``ChangeSet.files`` (regular files with data records, by inode, with their sizes): such
+    an entry goes to the read pool without the walk's ``lstat``, in a directory not listed (its inode is the
+    parent tree's) and in one whose listing came with the change list (the listing's); the read stats it
+    through its descriptor, and every tree is the full walk's."""
+    d, e = xfs_dir / "d", xfs_dir / "e"
+    d.mkdir()
+    e.mkdir()
+    for i in range(40):
+        (d / f"f{i:02d}").write_text(f"file {i}\n")
+        (e / f"g{i:02d}").write_bytes(random.Random(i).randbytes(3000))
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    (d / "f03").write_text("changed in place, larger\n")
+    (e / "g07").write_bytes(random.Random(99).randbytes(70_000))  # larger than a small file: read alone
+    (e / "new").write_text("a new object\n")
+    changed = [d / "f03", e / "g07", e / "new"]
+    files = {path.stat().st_ino: path.stat().st_size for path in changed}
+    objects = {*files, e.stat().st_ino}
+    paths = [b"d/f03", b"e", b"e/g07"]  # (the map has no name for the new object yet)
+    full_root, full_stats = _archive(engine, parent.root_tree or "", None)
+    stat_paths: list[bytes] = []
+    real_lstat = os.lstat
+
+    def recording_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if isinstance(path, bytes):
+            stat_paths.append(path)
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archiver_module.os, "lstat", recording_lstat)
+    archiver, listed = _archive_recording_listings(
+        engine, parent.root_tree, ChangeSet.from_paths(paths, objects, _Listings(e), files=files), monkeypatch
+    )
+    hinted_root, hinted_stats = archiver.result
+
+    assert hinted_root == full_root
+    assert hinted_stats.files_read == full_stats.files_read == 3  # type: ignore[attr-defined]
+    assert listed == [b"."]  # d's names are as they were; e's listing came with the change list
+    assert not [path for path in stat_paths if path.endswith((b"/f03", b"/g07", b"/new"))]
+
+
 def test_a_directory_node_without_usable_totals_is_counted_entry_by_entry() -> None:
     """The totals of the clean entries come from the parent's directory node only when it has them, as
     whole non-negative numbers (an older or damaged node makes the archiver count the entries instead)."""

@@ -219,13 +219,18 @@ def test_paths_follow_parents_and_every_hard_link(tmp_path: Path) -> None:
 
 
 def test_objects_with_the_ctime_of_the_map_are_unchanged(tmp_path: Path) -> None:
+    """Compared with the stream's ctimes: unchanged when every row of the object has the ctime known (a hard
+    link whose rows disagree is changed, with all its names); the same object number in another dataset
+    is another object."""
     objmap = ObjectMap(tmp_path / "m")
-    objmap.archived("fs", 0, entries(("a", 2), ("b", 3), ("c", 4)))  # ctime = object * 10
+    objmap.archived("fs", 0, [*entries(("a", 2), ("b", 3), ("c", 4)), (b"h1", 5, 50), (b"h2", 5, 51)])
+    objmap.archived("other", 0, [(b"a", 2, 99)])
     objmap.commit("s")
-    paths, changed, names = objmap.changes("fs", [2, 3, 4, 9], {2: 20, 3: 31})
-    assert paths == {b"b", b"c"}
-    assert changed == {3, 4, 9}  # 9 is new: no name in the map, but changed all the same
-    assert names == {3: [b"b"], 4: [b"c"]}
+    paths, changed, names = objmap.changes("fs", [2, 3, 4, 5, 9], {2: 20, 3: 31, 5: 50, 9: 90})
+    assert paths == {b"b", b"c", b"h1", b"h2"}
+    assert changed == {3, 4, 5, 9}  # 9 is new: no name in the map, but changed all the same
+    assert names == {3: [b"b"], 4: [b"c"], 5: [b"h1", b"h2"]}
+    assert objmap.changes("other", [2], {2: 99}) == (set(), set(), {})
 
 
 def test_a_listing_replaces_the_directory_and_orphans_resolve_nowhere(tmp_path: Path) -> None:

@@ -319,6 +319,11 @@ def _meta_node(name: bytes, st: os.stat_result) -> Node:
     return node
 
 
+def _node_inode(node: Node) -> int | None:
+    inode = node.get("inode")
+    return inode if type(inode) is int else None
+
+
 def _unchanged(previous: Node | None, node_type: str, st: os.stat_result) -> bool:
     """Whether the parent backup's node still describes the entry (runs once per entry: kept lean)."""
     return (
@@ -866,10 +871,14 @@ class Archiver:
         not_clean = changes.names_not_clean(known_as)
         entries: list[_Entry]
         if listing is None:
-            entries = [_NamedEntry(name, self._path(rel + b"/" + name)) for name in sorted(not_clean)]  # name order
             previous = tree.nodes_named(not_clean)
             if previous is None or len(previous) != len(not_clean):
                 return None
+            # (same names, same objects: the inode numbers are the parent tree's)
+            entries = [
+                _NamedEntry(name, self._path(rel + b"/" + name), _node_inode(previous[name]))
+                for name in sorted(not_clean)  # name order
+            ]
         else:
             held = tree.names() if changes.objects is not None else None
             if held is None:
@@ -1016,6 +1025,11 @@ class Archiver:
                 unchanged_files += files
                 unchanged_bytes += nbytes
                 continue
+            if changes is not None and changes.files:
+                size = changes.files.get(entry.inode())
+                if size is not None and (frame.dev, entry.inode()) not in self.excluded:
+                    self._queue_read(frame, child, name, size)  # its content changed: read, not stat'ed first
+                    continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:
@@ -1030,13 +1044,8 @@ class Archiver:
                     kept.append(before)  # type: ignore[arg-type]
                     unchanged_files += 1
                     unchanged_bytes += st.st_size
-                elif st.st_size <= self.small_file:
-                    frame.batch.append((child, name))
-                    frame.batch_bytes += st.st_size
-                    if len(frame.batch) >= FILES_PER_JOB or frame.batch_bytes >= BYTES_PER_JOB:
-                        self._submit_reads(frame)
-                else:  # alone: its chunks keep the chunk pool busy while other jobs read on
-                    self._submit_reads(frame, [(child, name)])
+                else:
+                    self._queue_read(frame, child, name, st.st_size)
             elif stat.S_ISDIR(mode):
                 self._submit_reads(frame)  # read this directory's files while the walk goes down
                 descend = self._dir_entry(frame, child, name, st, before)
@@ -1079,6 +1088,17 @@ class Archiver:
         if unchanged_files:
             self.progress.advance(files=unchanged_files, nbytes=unchanged_bytes)
         return descend
+
+    def _queue_read(self, frame: _DirFrame, child: bytes, name: bytes, size: int) -> None:
+        """Read the file *child* of *frame* (of *size* bytes as listed): batched with other small files, a
+        larger one alone (its chunks keep the chunk pool busy while other jobs read on)."""
+        if size <= self.small_file:
+            frame.batch.append((child, name))
+            frame.batch_bytes += size
+            if len(frame.batch) >= FILES_PER_JOB or frame.batch_bytes >= BYTES_PER_JOB:
+                self._submit_reads(frame)
+        else:
+            self._submit_reads(frame, [(child, name)])
 
     def _submit_reads(self, frame: _DirFrame, jobs: list[_FileJob] | None = None) -> None:
         """Give *jobs* (by default the frame's batch of small files) to the read pool as one job."""

@@ -360,6 +360,10 @@ class ChangeSet:
     object map has no others): a directory renamed since is walked against its old tree and asks
     the change list by its old path (``_DirFrame.moved_from``). ``directory_paths`` are those old
     paths of the changed directories by inode, for one moved to another parent.
+
+    ``files``, with ``objects``: the regular files whose content changed (a send stream's data
+    records), by inode, with their sizes (their bonus buffers'): an entry of one of those inodes is
+    read without being stat'ed first (the read stats it through its descriptor anyway).
     """
 
     touched: frozenset[bytes]
@@ -367,6 +371,7 @@ class ChangeSet:
     objects: frozenset[int] | None = None
     listings: DirectoryListings | None = None
     directory_paths: Mapping[int, bytes] = field(default_factory=dict)
+    files: Mapping[int, int] = field(default_factory=dict)
 
     @classmethod
     def from_paths(
@@ -375,6 +380,7 @@ class ChangeSet:
         objects: Iterable[int] | None = None,
         listings: DirectoryListings | None = None,
         directory_paths: Mapping[int, bytes] | None = None,
+        files: Mapping[int, int] | None = None,
     ) -> ChangeSet:
         touched = frozenset(p.strip(b"/") for p in paths)
         dirty = {b""}
@@ -382,7 +388,7 @@ class ChangeSet:
             parts = path.split(b"/")
             dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
         frozen = None if objects is None else frozenset(objects)
-        return cls(touched, frozenset(dirty), frozen, listings, directory_paths or {})
+        return cls(touched, frozenset(dirty), frozen, listings, directory_paths or {}, files or {})
 
     def is_clean(self, rel: bytes) -> bool:
         return rel not in self.touched and rel not in self.dirty_dirs

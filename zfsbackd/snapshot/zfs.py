@@ -62,6 +62,7 @@ from zfsbackd.zfs.exceptions import (
     ZFSError,
     ZFSInitializationFailed,
 )
+from zfsbackd.zfs.sendstream import ZplAttributes
 
 log = structlog.get_logger(__name__)
 
@@ -135,6 +136,16 @@ RESTORE_PROPERTIES = (
 def _map_rows(nodes: list[Node]) -> list[tuple[bytes, int, int]]:
     """(name, object, ctime) of each node, as the object map keeps them."""
     return [(node_name(n), int(n["inode"]), int(n.get("ctime_ns", -1))) for n in nodes]
+
+
+def _changed_files(trusted: dict[int, ZplAttributes], batch: sendstream.ObjectBatch) -> dict[int, int]:
+    """``ChangeSet.files`` of one batch: the size of each regular file with data records (changed for certain)
+    whose attributes are trusted."""
+    return {
+        obj: attributes.size
+        for obj, attributes in trusted.items()
+        if obj in batch.data_objects and stat.S_ISREG(attributes.mode)
+    }
 
 
 def _directory_paths(names: dict[int, list[bytes]], batch: sendstream.ObjectBatch) -> dict[int, bytes]:
@@ -359,6 +370,7 @@ class ZfsSnapshot(Snapshot):
         objects: set[int] | None = set() if len(self.members) == 1 else None
         directories: dict[int, zap.DirectoryBlock] = {}  # (one dataset's, as objects)
         directory_paths: dict[int, bytes] = {}  # (one dataset's, as objects)
+        files: dict[int, int] = {}  # (one dataset's, as objects)
         for member in self.members:
             origin = _b(f"{member.dataset}@{base}")
             if not lzc.lzc_exists(origin):
@@ -370,12 +382,15 @@ class ZfsSnapshot(Snapshot):
             root_object = os.stat(member.mountpoint).st_ino
             with sendstream.incremental_stream(_b(f"{member.dataset}@{self.name}"), origin, stop) as stream:
                 for batch in stream.batches():
-                    found = self._objmap.changes(member.dataset, batch.objects, self._ctimes(member, batch))
+                    trusted = self._trusted_attributes(member, batch)
+                    ctimes = {obj: a.ctime_ns for obj, a in trusted.items() if obj not in batch.data_objects}
+                    found = self._objmap.changes(member.dataset, batch.objects, ctimes)
                     paths.update(graft + p for p in found.paths)
                     if objects is not None:
                         objects.update(found.objects)
                         directories.update(batch.directories)
                         directory_paths.update(_directory_paths(found.names, batch))
+                        files.update(_changed_files(trusted, batch))
                         if len(objects) > MAX_CHANGED_PATHS:
                             objects = None
                     if member.rel and root_object in batch.objects:
@@ -397,19 +412,18 @@ class ZfsSnapshot(Snapshot):
         listings = zap.StreamDirectories(directories) if objects is not None else None
         if objects is None:
             return ChangeSet.from_paths(paths)
-        return ChangeSet.from_paths(paths, objects, listings, directory_paths)
+        return ChangeSet.from_paths(paths, objects, listings, directory_paths, files)
 
-    def _ctimes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, int]:
-        """The ctime of each object in *batch* whose dnode alone was sent, where its bonus layout is trusted.
+    def _trusted_attributes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, ZplAttributes]:
+        """The attributes of the objects in *batch* whose bonus layout is trusted (:meth:`_layout_trusted`).
 
-        A dnode block is sent whole when any of its 32 dnodes changed; comparing each one's ctime
-        with the map's tells the changed ones from their neighbours without a stat.
+        A dnode block is sent whole when any of its 32 dnodes changed: comparing the ctime of each
+        object whose dnode alone was sent with the map's tells the changed ones from their neighbours
+        without a stat (each layout is judged once per batch, not once per object).
         """
-        return {
-            obj: attributes.ctime_ns
-            for obj, attributes in batch.attributes.items()
-            if obj not in batch.data_objects and self._layout_trusted(member, attributes.layout, batch)
-        }
+        layouts = {attributes.layout for attributes in batch.attributes.values()}
+        trusted = {layout for layout in layouts if self._layout_trusted(member, layout, batch)}
+        return {obj: attributes for obj, attributes in batch.attributes.items() if attributes.layout in trusted}
 
     def _layout_trusted(self, member: Member, layout: int, batch: sendstream.ObjectBatch) -> bool:
         """Whether the bonus buffers of *layout* are in zfs_mknode's order: a regular file of that layout,

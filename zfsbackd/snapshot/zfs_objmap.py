@@ -100,13 +100,8 @@ class ObjectMap:
 
     @staticmethod
     def _changes(conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]) -> MapChanges:
-        rows = _rows(conn, member, objects)
-        links = {  # object -> [(parent, name, ctime)] of the objects that (may) have changed
-            obj: entries
-            for obj, entries in rows.items()
-            if obj not in ctimes or any(ctime != ctimes[obj] for _, _, ctime in entries)
-        }
-        changed = set(objects) - (rows.keys() - links.keys())
+        changed = _changed_objects(conn, member, objects, ctimes)
+        links = _rows(conn, member, list(changed))  # object -> [(parent, name, ctime)] of those with names
         named: dict[int, tuple[int, bytes]] = {}  # directory -> (its parent, its name)
         wanted = {parent for entries in links.values() for parent, _, _ in entries} - {0}
         for _ in range(_MAX_DEPTH):
@@ -278,6 +273,34 @@ class ObjectMap:
 
 def _join(directory: bytes, name: bytes) -> bytes:
     return directory + b"/" + name if directory else name
+
+
+def _changed_objects(
+    conn: sqlite3.Connection, member: str, objects: list[int], ctimes: Mapping[int, int]
+) -> set[int]:
+    """Those of ``objects`` that may have changed: with no ctime known (``ctimes``), with no row (new), or with
+    a row whose ctime is not the one known.
+
+    Compared inside SQLite, against a temporary table of what the stream said: a dnode block is sent
+    whole when one of its 32 dnodes changed, so with scattered churn most objects sent are as they
+    were (11,000 sent for 600 changed at 1 % of 50,000 files), and fetching every one's rows into
+    Python to compare them took most of the change list's time after the stream itself.
+    """
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS sent (object INTEGER PRIMARY KEY, ctime_ns INTEGER)")
+    try:
+        conn.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?)", ((obj, ctimes.get(obj)) for obj in objects))
+        found = conn.execute(
+            # INDEXED BY: see _rows
+            "SELECT object FROM sent WHERE ctime_ns IS NULL"
+            " OR NOT EXISTS (SELECT 1 FROM entries INDEXED BY entries_by_object"
+            "   WHERE member = ?1 AND object = sent.object)"
+            " OR EXISTS (SELECT 1 FROM entries INDEXED BY entries_by_object"
+            "   WHERE member = ?1 AND object = sent.object AND ctime_ns != sent.ctime_ns)",
+            (member,),
+        )
+        return {obj for (obj,) in found}
+    finally:
+        conn.execute("DELETE FROM sent")
 
 
 def _rows(conn: sqlite3.Connection, member: str, objects: list[int]) -> dict[int, list[tuple[int, bytes, int]]]:
