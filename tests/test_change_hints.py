@@ -308,6 +308,41 @@ def test_files_whose_content_changed_are_read_without_a_stat_first(
     assert not [path for path in stat_paths if path.endswith((b"/f03", b"/g07", b"/new"))]
 
 
+def test_directories_dirty_only_below_are_entered_without_a_stat(
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a send stream's objects, a subdirectory that is not among them but has changes below is entered
+    with its parent backup's node (its ctime would have changed with anything of its own): not stat'ed. One
+    whose mode changed is among the objects, and is stat'ed; every tree is the full walk's."""
+    for chain in ("a/b/c", "x/y/z"):
+        (xfs_dir / chain).mkdir(parents=True)
+        (xfs_dir / chain / "f").write_text("before\n")
+    engine = Engine(make_config(tmp_path, {"src": xfs_dir}))
+    parent = engine.create_backup(BackupRequest("fs-src"))
+    (xfs_dir / "a/b/c/f").write_text("after\n")  # in place: no directory's names change
+    (xfs_dir / "x/y/z/f").write_text("after\n")
+    os.chmod(xfs_dir / "x/y", 0o700)
+    objects = {(xfs_dir / p).stat().st_ino for p in ("a/b/c/f", "x/y/z/f", "x/y")}
+    full_root, _ = _archive(engine, parent.root_tree or "", None)
+    stat_paths: list[bytes] = []
+    real_lstat = os.lstat
+
+    def recording_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if isinstance(path, bytes):
+            stat_paths.append(path)
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archiver_module.os, "lstat", recording_lstat)
+    changes = ChangeSet.from_paths([b"a/b/c/f", b"x/y/z/f", b"x/y"], objects)
+    archiver, listed = _archive_recording_listings(engine, parent.root_tree, changes, monkeypatch)
+
+    assert archiver.result[0] == full_root and archiver.result[1].files_read == 2  # type: ignore[attr-defined]
+    assert listed == [b".", b"x/y"]  # the root, and the one directory the change list names itself
+    root = stat_paths[0]  # the snapshot's root, stat'ed first
+    stat_dirs = sorted(os.path.relpath(path, root) for path in stat_paths[1:])
+    assert stat_dirs == [b"a/b/c/f", b"x/y", b"x/y/z/f"], stat_dirs  # (the files: no ChangeSet.files here)
+
+
 def test_a_directory_node_without_usable_totals_is_counted_entry_by_entry() -> None:
     """The totals of the clean entries come from the parent's directory node only when it has them, as
     whole non-negative numbers (an older or damaged node makes the archiver count the entries instead)."""

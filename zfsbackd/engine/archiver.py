@@ -319,6 +319,19 @@ def _meta_node(name: bytes, st: os.stat_result) -> Node:
     return node
 
 
+#: what :func:`_meta_node` takes from a stat
+_META_KEYS = ("mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode")
+
+
+def _node_as_before(name: bytes, before: Node) -> Node:
+    """A directory's node made from its parent backup's node *before* (see :meth:`Archiver._as_before`):
+    what :meth:`Archiver._dir_entry` makes from its stat when nothing of it changed."""
+    node: Node = encode_name(name)
+    node.update({key: before[key] for key in _META_KEYS})
+    node.update(type="dir", xattrs=before.get("xattrs", []))
+    return node
+
+
 def _node_inode(node: Node) -> int | None:
     inode = node.get("inode")
     return inode if type(inode) is int else None
@@ -1030,6 +1043,13 @@ class Archiver:
                 if size is not None and (frame.dev, entry.inode()) not in self.excluded:
                     self._queue_read(frame, child, name, size)  # its content changed: read, not stat'ed first
                     continue
+            if before is not None and changes is not None and self._as_before(changes, entry, before):
+                self._submit_reads(frame)  # read this directory's files while the walk goes down
+                node = _node_as_before(name, before)
+                descend = self._walk_into(frame, child, name, frame.dev, node, before, True, None)
+                if descend is not None:
+                    break
+                continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:
@@ -1145,13 +1165,44 @@ class Archiver:
             frame.nodes.append(node)
             return None
         unchanged = known_as is None and _unchanged(before, "dir", st)  # (a moved one's node has the old name)
+        return self._walk_into(frame, child, name, st.st_dev, node, before, unchanged, known_as)
+
+    def _walk_into(
+        self,
+        frame: _DirFrame,
+        child: bytes,
+        name: bytes,
+        dev: int,
+        node: Node,
+        before: Node | None,
+        unchanged: bool,
+        known_as: bytes | None,
+    ) -> _DirFrame | None:
+        """The subdirectory *child* (its node *node*, on device *dev*) of *frame*, sent to a worker process or
+        entered here; *known_as*: the path the change list knows it by when it was moved (see :meth:`_dir_entry`)."""
         if self._shards is not None and self._sends(before):
-            job = ShardJob(child, st.st_dev, node, before, unchanged)
+            job = ShardJob(child, dev, node, before, unchanged)
             frame.shards.append((self._shards.submit(job), node, before))
             return None
         if known_as is None:
             known_as = frame.child_change_rel(name)
-        return self._enter_subdir(child, st.st_dev, node, before, unchanged, None if known_as == child else known_as)
+        return self._enter_subdir(child, dev, node, before, unchanged, None if known_as == child else known_as)
+
+    def _as_before(self, changes: ChangeSet, entry: _Entry, before: Node) -> bool:
+        """Whether the subdirectory *entry*, dirty below, is itself as its parent backup's node *before* says
+        (that node's object, and no change of the object: not among ``ChangeSet.objects``). Its node is then
+        the parent backup's, without a stat: its ctime would have changed with any of its attributes, its
+        names or its extended attributes. A send stream's change list of one dataset only (no grafts)."""
+        objects = changes.objects
+        inode = before.get("inode")
+        return (
+            objects is not None
+            and not self.grafts
+            and before.get("type") == "dir"
+            and inode not in objects
+            and entry.inode() == inode
+            and all(key in before for key in _META_KEYS)
+        )
 
     def _moved_node(self, frame: _DirFrame, before: Node | None, inode: int) -> tuple[Node, bytes] | None:
         """The parent backup's node of the subdirectory *inode* of *frame* when it had another path then

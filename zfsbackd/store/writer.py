@@ -99,30 +99,30 @@ class PackWriter:
     def add_tree(self, plaintext: bytes) -> bytes:
         """Store the tree ``plaintext`` unless it is already stored; returns its id at once.
 
-        The id is made here; compressing, caching and sealing the tree happen on the writer's tree
-        thread (those calls release the GIL), while the caller goes on. The walk makes every tree of
-        a backup on its one thread, and with scattered churn a few hundred of them (a changed file in
-        nearly every directory) were half of its time. An error there is raised by the next add or
-        by :meth:`flush`, which waits for every tree queued.
+        The id is made here; asking the index whether the store has it (an SQLite query), compressing,
+        caching and sealing the tree happen on the writer's tree thread (the last three release the
+        GIL), while the caller goes on. The walk makes every tree of a backup on its one thread, and
+        with scattered churn a few hundred of them (a changed file in nearly every directory) were
+        half of its time. An error there is raised by the next add or by :meth:`flush`, which waits
+        for every tree queued.
         """
         blob_id = self.store.hasher.blob_id(plaintext)
-        new = self.reserve(blob_id, len(plaintext))
         self._raise_upload_error()
         with self._trees_room:
             while self._trees_queued and self._trees_queued + len(plaintext) > TREES_QUEUED_BYTES:
                 self._trees_room.wait()
             self._trees_queued += len(plaintext)
         try:
-            self._tree_pool.submit(self._store_tree, blob_id, plaintext, new)
+            self._tree_pool.submit(self._store_tree, blob_id, plaintext)
         except BaseException:
             self._tree_stored(len(plaintext))
             raise
         return blob_id
 
-    def _store_tree(self, blob_id: bytes, plaintext: bytes, new: bool) -> None:
+    def _store_tree(self, blob_id: bytes, plaintext: bytes) -> None:
         """:meth:`add_tree`'s work on the tree thread; its error is kept for the caller's next call."""
         try:
-            self._encode(BlobType.TREE, blob_id, plaintext, new)
+            self._encode(BlobType.TREE, blob_id, plaintext, self.reserve(blob_id, len(plaintext)))
         except BaseException as exc:
             self._error = self._error or exc
         finally:
