@@ -78,9 +78,25 @@ def test_a_spliced_tree_is_the_serialized_tree(seed: int) -> None:
     added = {name: _node(name, rng) for name in new_names}
     after = {name: node for name, node in before.items() if name not in removed} | replaced | added
 
-    spliced = TreeBytes(raw).splice(removed, [*replaced.values(), *added.values()])
+    tree = TreeBytes(raw)
+    if seed % 2:  # as the archiver does: the changed nodes first, then the splice (from what was found)
+        assert tree.nodes_named(sorted(removed)) == {name: before[name] for name in removed}
+    spliced = tree.splice(removed, [*replaced.values(), *added.values()])
 
     assert spliced == serialize_tree(list(after.values()))
+
+
+def test_a_node_found_is_not_parsed_again_by_the_splice(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(3)
+    before = _tree(rng, [b"a", b"b", b"c"])
+    tree = TreeBytes(serialize_tree(list(before.values())))
+    parsed: list[bytes] = []
+    real_loads = orjson.loads
+    monkeypatch.setattr(orjson, "loads", lambda data: parsed.append(bytes(data)) or real_loads(data))
+    assert tree.nodes_named([b"b"]) == {b"b": before[b"b"]}
+    changed = {**before[b"b"], "size": 1}
+    assert tree.splice({b"b"}, [changed]) == serialize_tree([before[b"a"], changed, before[b"c"]])
+    assert len(parsed) == 1
 
 
 def test_an_empty_tree_takes_nodes_and_a_tree_can_lose_them_all() -> None:

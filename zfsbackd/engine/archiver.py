@@ -443,7 +443,7 @@ class Archiver:
         self.directories_not_listed = 0
         """Directories a change list spared the listing of (:meth:`_frame_spliced`)."""
         self.directories_listed_by_changes = 0
-        """Directories whose listing came with the change list (:meth:`_entries_from_change_list`)."""
+        """Directories whose listing came with the change list (:meth:`_listing_from_change_list`)."""
         self.unfinished_peak_dirs = 0
         """The most directories left unfinished at once while their files were read (see ``_walk``)."""
         self._processes = pools.ARCHIVE_PROCESSES if processes is None else processes
@@ -797,17 +797,23 @@ class Archiver:
             frame = self._frame_spliced(rel, known_as, dev, node, parent_tree, raw, before, None)  # type: ignore[arg-type]
             if frame is not None:
                 return frame
-        entries = self._entries_from_change_list(rel, node)
-        if entries is None:
+        pairs = self._listing_from_change_list(node)  # (name, inode), in name order
+        entries: list[_Entry] | None = None
+        if pairs is None:
             with os.scandir(self._path(rel)) as it:
                 entries = sorted(it, key=_ENTRY_NAME)  # looked at in name order, the order trees keep
-        self._entries_listed += len(entries)
+        self._entries_listed += len(entries if pairs is None else pairs)  # type: ignore[arg-type]
         if self._shard_context is not None and self._entries_listed >= self._parallel_after and self.changes is None:
             self._start_shards()
         if splice:
-            frame = self._frame_spliced(rel, known_as, dev, node, parent_tree, raw, before, entries)  # type: ignore[arg-type]
+            if pairs is None:
+                pairs = [(entry.name, entry.inode()) for entry in entries]  # type: ignore[union-attr]
+            frame = self._frame_spliced(rel, known_as, dev, node, parent_tree, raw, before, pairs)  # type: ignore[arg-type]
             if frame is not None:
                 return frame
+        if entries is None:
+            prefix = self._path(rel) + b"/"
+            entries = [_NamedEntry(name, prefix + name, inode) for name, inode in pairs]  # type: ignore[union-attr]
         if raw is not None:
             parent: _ParentDir = self._parse_parent(raw, parent_tree)  # type: ignore[arg-type]
         elif self.changes is not None:
@@ -826,16 +832,16 @@ class Archiver:
             frame.tree_before = parent_tree
         return frame
 
-    def _entries_from_change_list(self, rel: bytes, node: Node | None) -> list[_Entry] | None:
-        """The entries of directory *rel* (its node *node*) in name order, from the listing the change
-        list carries of it (``ChangeSet.listings``); None when it carries none (the root: no node)."""
+    def _listing_from_change_list(self, node: Node | None) -> list[tuple[bytes, int]] | None:
+        """The (name, inode) of each entry of the directory whose node is *node*, in name order, from the
+        listing the change list carries of it (``ChangeSet.listings``); None when it carries none (the
+        root: no node). Pairs, not entries: a directory spliced looks at a few of them only."""
         listings = None if self.changes is None else self.changes.listings
         found = None if listings is None or node is None else listings.entries(node["inode"])
         if found is None:
             return None
         self.directories_listed_by_changes += 1
-        prefix = self._path(rel) + b"/"
-        return [_NamedEntry(name, prefix + name, inode) for name, inode in sorted(found)]
+        return sorted(found)
 
     def _may_skip_listing(self, rel: bytes) -> bool:
         """Whether the change list names *rel* only as the ancestor of changes (see :meth:`_frame_spliced`)."""
@@ -850,7 +856,7 @@ class Archiver:
         tree_id: str,
         raw: bytes,
         before: Node | None,
-        listing: list[_Entry] | None,
+        listing: list[tuple[bytes, int]] | None,
     ) -> _DirFrame | None:
         """The frame of a directory whose unchanged entries are the nodes of its parent backup's tree *tree_id*
         (bytes *raw*), known as such without parsing them: the new tree is spliced from those bytes
@@ -863,12 +869,12 @@ class Archiver:
         modified, the send stream sends its dnode — except the backup's root, which is always listed. So it
         holds the parent tree's names for the same objects, and the changed ones are looked at by name.
 
-        Listed (*listing*): with the change list's objects (``ChangeSet.objects``), an entry is looked at
-        when the change list names it or its inode is among the objects that changed; each other one is
-        the parent tree's node of its name (an object's names change only with its ctime). The names
-        the tree has and the listing has not are cut (a deleted object is in no change list); the tree's
-        names (read from its name keys alone, :meth:`TreeBytes.names`) other than the changed ones must
-        be exactly the entries not looked at.
+        Listed (*listing*, (name, inode) pairs): with the change list's objects (``ChangeSet.objects``), an
+        entry is looked at when the change list names it or its inode is among the objects that changed; each
+        other one is the parent tree's node of its name (an object's names change only with its ctime). The
+        names the tree has and the listing has not are cut (a deleted object is in no change list); the tree's
+        names (read from its name keys alone, :meth:`TreeBytes.names`) other than the changed ones must be
+        exactly the entries not looked at.
 
         None (parse the parent tree, and list the directory) when a changed name of a directory not
         listed is not in the parent tree (then the directory did change), the tree and the listing
@@ -897,13 +903,16 @@ class Archiver:
             if held is None:
                 return None
             objects = changes.objects
-            entries = [entry for entry in listing if entry.name in not_clean or entry.inode() in objects]
-            listed = set(map(_ENTRY_NAME, listing))
+            chosen = [(name, inode) for name, inode in listing if name in not_clean or inode in objects]
+            names = [name for name, _inode in chosen]
+            listed = {name for name, _inode in listing}
             gone = held - listed  # (deleted since: a send stream names no deleted object)
-            previous = tree.nodes_named(not_clean.union(map(_ENTRY_NAME, entries), gone))
-            if previous is None or held - previous.keys() != listed.difference(map(_ENTRY_NAME, entries)):
+            previous = tree.nodes_named(not_clean.union(names, gone))
+            if previous is None or held - previous.keys() != listed.difference(names):
                 log.info("change_list_listing_not_as_tree", path=rel.decode("utf-8", "backslashreplace"))
                 return None
+            prefix = self._path(rel) + b"/"
+            entries = [_NamedEntry(name, prefix + name, inode) for name, inode in chosen]
         for changed in previous.values():
             totals.add_node(changed, -1)
         if min(totals.files, totals.bytes, totals.dirs) < 0:  # the node's totals are wrong: count the entries

@@ -59,6 +59,10 @@ class TreeBytes:
         self.canonical_frame = raw.startswith(_HEAD) and raw.endswith(_TAIL) and self._first <= self._end
         """Whether the bytes are ``{"nodes":[…]}`` at all (else nothing here applies: parse them)."""
         self._b64_names = _B64_KEY in raw  # (rare: names that are not UTF-8; else never searched for)
+        # What the searches found, by name and by key: a spliced directory's changed nodes are looked for
+        # twice, by the archiver (nodes_named) and by the splice that replaces them.
+        self._keys: dict[bytes, int | None] = {}
+        self._nodes: dict[int, tuple[int, int, Node]] = {}
 
     def count(self) -> int:
         """How many nodes the tree holds (one name key each)."""
@@ -141,15 +145,29 @@ class TreeBytes:
 
     def _find_key(self, name: bytes) -> int | None:
         """Where the key naming *name* is, or None if no node has that name."""
+        if name in self._keys:
+            return self._keys[name]
         key = _name_key(name)
+        found = None
         for after in (b",", b"}"):
             at = self.raw.find(key + after, self._first, self._end)
             if at >= 0:
-                return at
-        return None
+                found = at
+                break
+        self._keys[name] = found
+        return found
 
     def _node_at(self, key: int, name: bytes) -> tuple[int, int, Node] | None:
-        """The node whose name key is at *key*: (start, end, node), checked to be *name*'s and canonical."""
+        """The node whose name key is at *key*: (start, end, node), checked to be *name*'s and canonical.
+        The node is shared by every caller (nobody changes one: a changed entry gets a new node)."""
+        located = self._nodes.get(key)
+        if located is None or node_name(located[2]) != name:
+            located = self._read_node_at(key, name)
+            if located is not None:
+                self._nodes[key] = located
+        return located
+
+    def _read_node_at(self, key: int, name: bytes) -> tuple[int, int, Node] | None:
         raw = self.raw
         start = raw.rfind(b"{", self._first, key)
         if start < 0 or raw[start - 1 : start] not in (b"[", b","):

@@ -22,6 +22,8 @@ caller lists the directory as before.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import struct
 from typing import NamedTuple
 
@@ -118,9 +120,13 @@ def _microzap_used(data: bytes) -> list[tuple[bytes, int]] | None:
         used = [(raw[: raw.index(0)], value) for value, raw in zip(flat[0::2], flat[1::2], strict=True) if raw[0]]
     except ValueError:  # a name without its NUL
         return None
-    if any(not value & _OBJECT_BITS for _name, value in used) or len({name for name, _ in used}) != len(used):
+    objects = map(operator.and_, map(_VALUE, used), itertools.repeat(_OBJECT_BITS))  # (checked in C, not per step)
+    if 0 in objects or len(set(map(_NAME, used))) != len(used):
         return None
     return used
+
+
+_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
 
 
 @functools.lru_cache(maxsize=16)
