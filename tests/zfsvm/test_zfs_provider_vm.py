@@ -132,6 +132,9 @@ def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes
     (root / "linked").write_text("hard\n")
     os.link(root / "linked", root / "keep" / "second-name")
     (root / "tagged").write_text("x\n")
+    for top in ("xattr-dir", "chmod-dir"):  # directories whose own attributes change, and a file below
+        (root / top / "below").mkdir(parents=True)
+        (root / top / "below" / "f").write_text("f\n")
     engine = _engine(tmp_path, dataset)
     first = engine.create_backup(BackupRequest("fs-zfs"))
 
@@ -148,13 +151,20 @@ def test_change_list_equals_full_walk_with_renames_links_xattrs_and_type_changes
     (root / "becomes-dir" / "child").write_text("child\n")
     os.setxattr(root / "tagged", "user.color", b"blue")  # xattr only
     os.chmod(root / "keep", 0o750)  # metadata only
+    # A directory changed only below is entered with its old node (send stream: its object is not among the
+    # changed ones); one whose own xattr or mode changed too must not be (its ctime changed: it is).
+    os.setxattr(root / "xattr-dir", "user.dir", b"tag")
+    os.chmod(root / "chmod-dir" / "below", 0o700)
+    for top in ("xattr-dir", "chmod-dir"):
+        (root / top / "below" / "f").write_text("changed in place\n")
     (root / "new dir with space").mkdir()
     (root / "new dir with space" / b"\xffnot-utf8".decode("utf-8", "surrogateescape")).write_text("odd\n")
     second = engine.create_backup(BackupRequest("fs-zfs"))
     assert _full_walk_root(engine, second.backup_id, first.root_tree) == second.root_tree
     assert _full_walk_root(engine, second.backup_id, None) == second.root_tree  # (nothing reused at all)
     if change_list == "send-stream":  # moved directories are walked against their old trees, by their old paths
-        assert second.stats.files_read == 4  # deeper/changed, becomes-dir/child, tagged (its ctime), the odd name
+        # deeper/changed, becomes-dir/child, tagged (its ctime), the odd name, the two below/f
+        assert second.stats.files_read == 6
 
     (root / "linked").write_text("hard, changed\n")  # a changed file with another name elsewhere
     third = engine.create_backup(BackupRequest("fs-zfs"))
