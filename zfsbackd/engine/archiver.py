@@ -602,12 +602,9 @@ class Archiver:
         changes = self.changes
         names = sorted(changes.names_not_clean(rel)) if changes is not None else []
         tree = TreeBytes(raw)
-        if not names:
+        nodes = tree.nodes_named(names) if names and tree.canonical_frame else None
+        if nodes is None:  # (none named, or not in the canonical form: the walk reads those trees itself)
             return []
-        nodes = tree.nodes_named(names) if tree.canonical_frame else None
-        if nodes is None:  # (not the canonical form: parsed whole)
-            every = nodes_by_name(parse_tree(raw, what="parent tree"))
-            nodes = {name: every[name] for name in names if name in every}
         prefix = rel + b"/" if rel else b""
         return [
             (node["subtree"], prefix + name, expected_entries(node))
