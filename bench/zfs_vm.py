@@ -401,8 +401,10 @@ class Bench:
 
     def reuse_pool(self) -> None:
         """Import the --data-pool's pool: its data dataset as the last run left it (churn included), without
-        snapshots or bookmarks, and a new, empty work dataset (repositories, zfsbackd's state)."""
-        sh("zpool", "import", "-d", str(self.vdev.parent), self.pool)
+        snapshots or bookmarks, and a new, empty work dataset (repositories, zfsbackd's state). Forced (``-f``):
+        a run stopped by its timeout after the generation (500,000 files take ~50 min under TCG) left the pool
+        imported by a VM that is gone, never exported."""
+        sh("zpool", "import", "-f", "-d", str(self.vdev.parent), self.pool)
         for kind in ("bookmark", "snapshot"):
             for name in sh("zfs", "list", "-H", "-o", "name", "-t", kind, "-r", self.data_ds).split():
                 sh("zfs", "destroy", name)
