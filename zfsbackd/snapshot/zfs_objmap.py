@@ -286,6 +286,7 @@ def _changed_objects(
     were (11,000 sent for 600 changed at 1 % of 50,000 files), and fetching every one's rows into
     Python to compare them took most of the change list's time after the stream itself.
     """
+    conn.execute("PRAGMA temp_store = MEMORY")  # (at most a batch's rows: no temporary file, wherever /tmp is)
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS sent (object INTEGER PRIMARY KEY, ctime_ns INTEGER)")
     try:
         conn.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?)", ((obj, ctimes.get(obj)) for obj in objects))
