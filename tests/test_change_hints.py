@@ -53,6 +53,20 @@ def _record_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return parsed
 
 
+def _record_lstats(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """From now on, the path of each ``lstat`` by bytes path (the walk's own: ``_NamedEntry.stat``), in order."""
+    stat_paths: list[bytes] = []
+    real_lstat = os.lstat
+
+    def recording_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if isinstance(path, bytes):
+            stat_paths.append(path)
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archiver_module.os, "lstat", recording_lstat)
+    return stat_paths
+
+
 class _RunArchiver(Archiver):
     """An archiver that keeps what :meth:`run` returned."""
 
@@ -288,15 +302,7 @@ def test_files_whose_content_changed_are_read_without_a_stat_first(
     objects = {*files, e.stat().st_ino}
     paths = [b"d/f03", b"e", b"e/g07"]  # (the map has no name for the new object yet)
     full_root, full_stats = _archive(engine, parent.root_tree or "", None)
-    stat_paths: list[bytes] = []
-    real_lstat = os.lstat
-
-    def recording_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
-        if isinstance(path, bytes):
-            stat_paths.append(path)
-        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(archiver_module.os, "lstat", recording_lstat)
+    stat_paths = _record_lstats(monkeypatch)
     archiver, listed = _archive_recording_listings(
         engine, parent.root_tree, ChangeSet.from_paths(paths, objects, _Listings(e), files=files), monkeypatch
     )
@@ -324,15 +330,7 @@ def test_directories_dirty_only_below_are_entered_without_a_stat(
     os.chmod(xfs_dir / "x/y", 0o700)
     objects = {(xfs_dir / p).stat().st_ino for p in ("a/b/c/f", "x/y/z/f", "x/y")}
     full_root, _ = _archive(engine, parent.root_tree or "", None)
-    stat_paths: list[bytes] = []
-    real_lstat = os.lstat
-
-    def recording_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
-        if isinstance(path, bytes):
-            stat_paths.append(path)
-        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(archiver_module.os, "lstat", recording_lstat)
+    stat_paths = _record_lstats(monkeypatch)
     changes = ChangeSet.from_paths([b"a/b/c/f", b"x/y/z/f", b"x/y"], objects)
     archiver, listed = _archive_recording_listings(engine, parent.root_tree, changes, monkeypatch)
 

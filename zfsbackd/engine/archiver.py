@@ -809,8 +809,7 @@ class Archiver:
             if frame is not None:
                 return frame
         if entries is None:
-            prefix = self._path(rel) + b"/"
-            entries = [_NamedEntry(name, prefix + name, inode) for name, inode in pairs]  # type: ignore[union-attr]
+            entries = self._named_entries(rel, pairs)  # type: ignore[arg-type]
         if raw is not None:
             parent: _ParentDir = self._parse_parent(raw, parent_tree)  # type: ignore[arg-type]
         elif self.changes is not None:
@@ -839,6 +838,11 @@ class Archiver:
             return None
         self.directories_listed_by_changes += 1
         return sorted(found)
+
+    def _named_entries(self, rel: bytes, pairs: list[tuple[bytes, int]]) -> list[_Entry]:
+        """The entries of directory *rel* that *pairs* (name, inode) name, in their order."""
+        prefix = self._path(rel) + b"/"
+        return [_NamedEntry(name, prefix + name, inode) for name, inode in pairs]
 
     def _may_skip_listing(self, rel: bytes) -> bool:
         """Whether the change list names *rel* only as the ancestor of changes (see :meth:`_frame_spliced`)."""
@@ -908,8 +912,7 @@ class Archiver:
             if previous is None or held - previous.keys() != listed.difference(names):
                 log.info("change_list_listing_not_as_tree", path=rel.decode("utf-8", "backslashreplace"))
                 return None
-            prefix = self._path(rel) + b"/"
-            entries = [_NamedEntry(name, prefix + name, inode) for name, inode in chosen]
+            entries = self._named_entries(rel, chosen)
         for changed in previous.values():
             totals.add_node(changed, -1)
         if min(totals.files, totals.bytes, totals.dirs) < 0:  # the node's totals are wrong: count the entries
