@@ -37,6 +37,7 @@ from ab import variant_config  # noqa: E402  (bench/ab.py: a config with one loc
 from zfsbackd.config import load_config  # noqa: E402
 from zfsbackd.engine.archiver import Archiver  # noqa: E402
 from zfsbackd.engine.engine import BackupRequest, Engine  # noqa: E402
+from zfsbackd.runtime import tune_process  # noqa: E402
 from zfsbackd.snapshot import take_snapshot  # noqa: E402
 from zfsbackd.snapshot.base import ChangeSet  # noqa: E402
 from zfsbackd.snapshot.detect import choose_provider  # noqa: E402
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("run as root (it creates and mounts a loopback file system)")
+    tune_process()  # zfsbackd runs in this process: tuned as the command line and the daemon tune theirs
     base.ensure_tools("xfs")
     root = Path(args.workdir) / f"zfsbackd-change-list-{os.getpid()}"
     fs = base.LoopFs(root, "xfs")

@@ -407,10 +407,20 @@ class Bench:
         sh("zpool", "import", "-f", "-d", str(self.vdev.parent), self.pool)
         for kind in ("bookmark", "snapshot"):
             for name in sh("zfs", "list", "-H", "-o", "name", "-t", kind, "-r", self.data_ds).split():
+                if kind == "snapshot":
+                    self.release_holds(name)
                 sh("zfs", "destroy", name)
         sh("zfs", "destroy", "-r", self.work_ds)
         sh("zfs", "create", self.work_ds)
         self.doc["pool"] = {"name": self.pool, "vdev": str(self.vdev), "reused": True}
+
+    @staticmethod
+    def release_holds(snapshot: str) -> None:
+        """Release the holds on a snapshot a stopped run left (zfsbackd holds the snapshot of its last backup),
+        which would otherwise make its destroy fail with "dataset is busy"."""
+        for line in sh("zfs", "holds", "-H", snapshot).splitlines():
+            tag = line.split("\t")[1]
+            sh("zfs", "release", tag, snapshot)
 
     def keep_pool(self, info: GenInfo) -> None:
         """Describe the generated dataset next to the --data-pool's file, so the next run imports it."""
@@ -900,6 +910,12 @@ def main() -> int:
         print("--files: at least 500", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # run-in-vm's timeout: still destroy the pool
+    # zfsbackd runs in this process: tuned as the command line and the daemon tune theirs (the GIL's switch
+    # interval above all: at Python's default 5 ms, each system call of the walk's thread waited up to 5 ms
+    # for the GIL while the read threads hashed, most of a scattered churn's walk under emulation)
+    from zfsbackd.runtime import tune_process
+
+    tune_process()
     return Bench(args).run()
 
 
