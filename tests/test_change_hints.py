@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from zfsbackd.snapshot import take_snapshot
 from zfsbackd.snapshot.base import ChangeSet
 from zfsbackd.snapshot.detect import choose_provider
 from zfsbackd.store.writer import PackWriter
+from zfsbackd.zfs.sendstream import ZplAttributes
 
 
 def _archive(engine: Engine, parent_root: str, changes: ChangeSet | None) -> tuple[str, object]:
@@ -314,12 +316,14 @@ def test_files_whose_content_changed_are_read_without_a_stat_first(
     assert not [path for path in stat_paths if path.endswith((b"/f03", b"/g07", b"/new"))]
 
 
+@pytest.mark.parametrize("attributes_known", [False, True], ids=["stat", "attributes-from-the-stream"])
 def test_directories_dirty_only_below_are_entered_without_a_stat(
-    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    xfs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attributes_known: bool
 ) -> None:
     """With a send stream's objects, a subdirectory that is not among them but has changes below is entered
     with its parent backup's node (its ctime would have changed with anything of its own): not stat'ed. One
-    whose mode changed is among the objects, and is stat'ed; every tree is the full walk's."""
+    whose mode changed is among the objects, and is stat'ed, unless its attributes came with the change list
+    (``ChangeSet.directories``: its OBJECT record's); every tree is the full walk's."""
     for chain in ("a/b/c", "x/y/z"):
         (xfs_dir / chain).mkdir(parents=True)
         (xfs_dir / chain / "f").write_text("before\n")
@@ -331,14 +335,28 @@ def test_directories_dirty_only_below_are_entered_without_a_stat(
     objects = {(xfs_dir / p).stat().st_ino for p in ("a/b/c/f", "x/y/z/f", "x/y")}
     full_root, _ = _archive(engine, parent.root_tree or "", None)
     stat_paths = _record_lstats(monkeypatch)
-    changes = ChangeSet.from_paths([b"a/b/c/f", b"x/y/z/f", b"x/y"], objects)
+    st = (xfs_dir / "x/y").stat()
+    known = ZplAttributes(0, st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+    directories = {st.st_ino: known} if attributes_known else None
+    changes = ChangeSet.from_paths([b"a/b/c/f", b"x/y/z/f", b"x/y"], objects, directories=directories)
     archiver, listed = _archive_recording_listings(engine, parent.root_tree, changes, monkeypatch)
 
     assert archiver.result[0] == full_root and archiver.result[1].files_read == 2  # type: ignore[attr-defined]
     assert listed == [b".", b"x/y"]  # the root, and the one directory the change list names itself
     root = stat_paths[0]  # the snapshot's root, stat'ed first
     stat_dirs = sorted(os.path.relpath(path, root) for path in stat_paths[1:])
-    assert stat_dirs == [b"a/b/c/f", b"x/y", b"x/y/z/f"], stat_dirs  # (the files: no ChangeSet.files here)
+    expected = [b"a/b/c/f", b"x/y/z/f"] if attributes_known else [b"a/b/c/f", b"x/y", b"x/y/z/f"]
+    assert stat_dirs == expected, stat_dirs  # (the files: no ChangeSet.files here)
+
+
+def test_attributes_from_a_stream_make_the_stat_the_snapshot_would_give(tmp_path: Path) -> None:
+    """``ZplAttributes.as_stat``: what ``lstat`` says of the object, to the nanosecond, with its inode and device."""
+    st = os.lstat(tmp_path)
+    known = ZplAttributes(2, st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+    made = known.as_stat(st.st_ino, st.st_dev)
+    assert known.matches(made)
+    assert (made.st_ino, made.st_dev, made.st_mtime, made.st_ctime) == (st.st_ino, st.st_dev, st.st_mtime, st.st_ctime)
+    assert made.st_mtime_ns == st.st_mtime_ns and made[stat.ST_MTIME] == int(st.st_mtime)
 
 
 def test_a_directory_node_without_usable_totals_is_counted_entry_by_entry() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from zfsbackd.snapshot import zfs as zfs_snapshot
 from zfsbackd.snapshot import zfs_objmap
 from zfsbackd.snapshot.zfs_objmap import ObjectMap
 from zfsbackd.zfs import sendstream as ss
@@ -171,6 +172,20 @@ def test_zpl_bonus_buffers_are_decoded_and_raw_ones_are_not() -> None:
     assert batch.attributes == {
         40: ss.ZplAttributes(2, 0o100644, 4096, 1000, 100, 1700000000_000000005, 1700000100_999999999, 2)
     }, "the header's size is honoured; an encrypted (raw) bonus is not read"
+
+
+def test_changed_directories_are_those_the_map_found_changed_with_ids_a_stat_gives() -> None:
+    """``ChangeSet.directories``: the trusted attributes of the changed directories only; not those of files,
+    of unchanged neighbours in the same dnode block, or with a FUID of a domain as owner (a stat maps it)."""
+    attributes = ss.ZplAttributes(2, 0o040755, 3, 1000, 100, 5, 6, 2)
+    trusted = {
+        10: attributes,
+        11: attributes,  # (sent with 10: not changed)
+        12: attributes._replace(mode=0o100644),
+        13: attributes._replace(uid=1 << 32 | 1000),
+        14: attributes._replace(gid=1 << 32 | 100),
+    }
+    assert zfs_snapshot._changed_directories(trusted, [10, 12, 13, 14, 15]) == {10: attributes}
 
 
 @pytest.mark.parametrize(

@@ -1059,8 +1059,9 @@ class Archiver:
                 if descend is not None:
                     break
                 continue
+            known = changes.directories.get(entry.inode()) if changes is not None and changes.directories else None
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = entry.stat(follow_symlinks=False) if known is None else known.as_stat(entry.inode(), frame.dev)
             except OSError as exc:
                 self._entry_problem(child, "stat", exc)
                 continue

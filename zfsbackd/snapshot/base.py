@@ -328,6 +328,15 @@ class DirectoryListings(Protocol):
         when the change list does not carry its listing (then the directory is listed)."""
 
 
+class KnownAttributes(Protocol):
+    """An object's attributes as a change list carries them (a send stream's OBJECT record:
+    :class:`zfsbackd.zfs.sendstream.ZplAttributes`), in the snapshot's state."""
+
+    def as_stat(self, inode: int, dev: int) -> os.stat_result:
+        """What ``lstat`` of the object *inode* on device *dev* in the snapshot says (its times to the
+        nanosecond; ``st_atime`` is not known: 0)."""
+
+
 @dataclass(frozen=True)
 class ChangeSet:
     """What changed since the parent backup's snapshot, when the snapshot provider knows (``zfs diff``).
@@ -364,6 +373,9 @@ class ChangeSet:
     ``files``, with ``objects``: the regular files whose content changed (a send stream's data
     records), by inode, with their sizes (their bonus buffers'): an entry of one of those inodes is
     read without being stat'ed first (the read stats it through its descriptor anyway).
+
+    ``directories``, with ``objects``: the attributes of the changed directories (a send stream's
+    OBJECT records of trusted bonus layouts), by inode: such a directory is entered without a stat.
     """
 
     touched: frozenset[bytes]
@@ -372,6 +384,7 @@ class ChangeSet:
     listings: DirectoryListings | None = None
     directory_paths: Mapping[int, bytes] = field(default_factory=dict)
     files: Mapping[int, int] = field(default_factory=dict)
+    directories: Mapping[int, KnownAttributes] = field(default_factory=dict)
 
     @classmethod
     def from_paths(
@@ -381,6 +394,7 @@ class ChangeSet:
         listings: DirectoryListings | None = None,
         directory_paths: Mapping[int, bytes] | None = None,
         files: Mapping[int, int] | None = None,
+        directories: Mapping[int, KnownAttributes] | None = None,
     ) -> ChangeSet:
         touched = frozenset(p.strip(b"/") for p in paths)
         dirty = {b""}
@@ -388,7 +402,7 @@ class ChangeSet:
             parts = path.split(b"/")
             dirty.update(b"/".join(parts[:i]) for i in range(1, len(parts)))
         frozen = None if objects is None else frozenset(objects)
-        return cls(touched, frozenset(dirty), frozen, listings, directory_paths or {}, files or {})
+        return cls(touched, frozenset(dirty), frozen, listings, directory_paths or {}, files or {}, directories or {})
 
     def is_clean(self, rel: bytes) -> bool:
         return rel not in self.touched and rel not in self.dirty_dirs

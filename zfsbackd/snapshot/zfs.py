@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,17 @@ def _changed_files(trusted: dict[int, ZplAttributes], batch: sendstream.ObjectBa
         for obj, attributes in trusted.items()
         if obj in batch.data_objects and stat.S_ISREG(attributes.mode)
     }
+
+
+def _changed_directories(trusted: dict[int, ZplAttributes], changed: Iterable[int]) -> dict[int, ZplAttributes]:
+    """``ChangeSet.directories`` of one batch: the attributes of each changed directory whose layout is trusted,
+    unless its owner is a FUID with a domain (a stat maps those to other ids)."""
+    found = {}
+    for obj in changed:
+        attributes = trusted.get(obj)
+        if attributes is not None and stat.S_ISDIR(attributes.mode) and (attributes.uid | attributes.gid) >> 32 == 0:
+            found[obj] = attributes
+    return found
 
 
 def _directory_paths(names: dict[int, list[bytes]], batch: sendstream.ObjectBatch) -> dict[int, bytes]:
@@ -371,6 +383,7 @@ class ZfsSnapshot(Snapshot):
         directories: dict[int, zap.DirectoryBlock] = {}  # (one dataset's, as objects)
         directory_paths: dict[int, bytes] = {}  # (one dataset's, as objects)
         files: dict[int, int] = {}  # (one dataset's, as objects)
+        changed_directories: dict[int, ZplAttributes] = {}  # (one dataset's, as objects)
         for member in self.members:
             origin = _b(f"{member.dataset}@{base}")
             if not lzc.lzc_exists(origin):
@@ -391,6 +404,7 @@ class ZfsSnapshot(Snapshot):
                         directories.update(batch.directories)
                         directory_paths.update(_directory_paths(found.names, batch))
                         files.update(_changed_files(trusted, batch))
+                        changed_directories.update(_changed_directories(trusted, found.objects))
                         if len(objects) > MAX_CHANGED_PATHS:
                             objects = None
                     if member.rel and root_object in batch.objects:
@@ -412,7 +426,7 @@ class ZfsSnapshot(Snapshot):
         listings = zap.StreamDirectories(directories) if objects is not None else None
         if objects is None:
             return ChangeSet.from_paths(paths)
-        return ChangeSet.from_paths(paths, objects, listings, directory_paths, files)
+        return ChangeSet.from_paths(paths, objects, listings, directory_paths, files, changed_directories)
 
     def _trusted_attributes(self, member: Member, batch: sendstream.ObjectBatch) -> dict[int, ZplAttributes]:
         """The attributes of the objects in *batch* whose bonus layout is trusted (:meth:`_layout_trusted`).

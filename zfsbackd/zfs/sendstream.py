@@ -162,6 +162,15 @@ class ZplAttributes(NamedTuple):
             st.st_nlink,
         )
 
+    def as_stat(self, inode: int, dev: int) -> os.stat_result:
+        """What ``lstat`` of the object (number *inode*, on device *dev*) says in the stream's snapshot: the
+        fields :meth:`matches` compares, the others 0 (``st_atime``, ``st_rdev``, ``st_blocks``...)."""
+        mtime, ctime = self.mtime_ns, self.ctime_ns
+        integer_times = (0, mtime // _NS, ctime // _NS)  # st_atime, st_mtime, st_ctime as indexed
+        float_times = (0.0, mtime / _NS, ctime / _NS)
+        fields = (self.mode, inode, dev, self.links, self.uid, self.gid, self.size, *integer_times, *float_times)
+        return os.stat_result((*fields, 0, mtime, ctime))
+
 
 def zpl_attributes(
     bonus: memoryview | bytes | bytearray, offset: int = 0, length: int | None = None
