@@ -1506,9 +1506,9 @@ class Archiver:
                 except OSError as exc:
                     raise _EntryError("stat", exc) from exc
                 if not changed or attempt == READ_ATTEMPTS - 1:
-                    # A live file's attributes through its fd (no path lookup); a clone has none of its own.
+                    # Through the fd (no second path lookup), but a clone has none of its own.
                     try:
-                        xattrs = read_xattrs(frozen.fd if frozen.live else self._path(rel))
+                        xattrs = read_xattrs(self._path(rel) if frozen.clone else frozen.fd)
                     except OSError as exc:
                         raise _EntryError("read the extended attributes", exc) from exc
                     break  # a live file that moved while read is read again (non-atomic providers only)

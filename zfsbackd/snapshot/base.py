@@ -248,12 +248,16 @@ class FrozenFile:
 
     ``live`` is True when ``fd`` is the live file itself (copy provider, or a file the
     reflink provider could not clone): then :meth:`changed` re-checks the metadata.
+    ``clone`` is True when ``fd`` is a copy of the file (the reflink provider's clone): its
+    extended attributes are not the file's, which are read by path instead; otherwise (the live
+    file, a ZFS or btrfs snapshot's) through ``fd``, without a second lookup of the path.
     """
 
-    def __init__(self, fd: int, st: os.stat_result, *, live: bool) -> None:
+    def __init__(self, fd: int, st: os.stat_result, *, live: bool, clone: bool = False) -> None:
         self.fd = fd
         self.stat = st
         self.live = live
+        self.clone = clone
 
     def changed(self) -> bool:
         """True if the content may have changed since open; call it after reading."""

@@ -126,7 +126,7 @@ class ReflinkSnapshot(Snapshot):
                         return live
                     raise
                 if same_version(st, after):
-                    return FrozenFile(tmp, after, live=False)
+                    return FrozenFile(tmp, after, live=False, clone=True)
                 os.close(tmp)
                 st = after
             why = f"kept changing during {CLONE_ATTEMPTS} clone attempts"
