@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -160,11 +161,48 @@ def test_prefetch_queues_the_reads_of_a_batch_of_files(xfs_dir: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         assert sum(_cached_bytes(f) for f in files) < len(files) * 64 * 1024
-        snap.prefetch([f.name.encode() for f in files] + [b"gone", b"../escape"])
-        deadline = time.monotonic() + 10
-        while sum(_cached_bytes(f) for f in files) < len(files) * 64 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [_cached_bytes(f) for f in files] == [64 * 1024] * len(files)
+        with snap.prefetched([f.name.encode() for f in files] + [b"gone", b"../escape"]):
+            deadline = time.monotonic() + 10
+            while sum(_cached_bytes(f) for f in files) < len(files) * 64 * 1024 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [_cached_bytes(f) for f in files] == [64 * 1024] * len(files)
+    finally:
+        snap.release()
+
+
+def _fds_open_on(directory: Path) -> dict[int, str]:
+    """This process's descriptors open on files of *directory*: fd -> the file's name."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # (the listing's own descriptor, closed by now)
+        if target.parent == directory:
+            found[int(fd)] = target.name
+    return found
+
+
+def test_prefetched_files_are_opened_once_and_closed_if_not_read(xfs_dir: Path) -> None:
+    """A file of the batch is opened by the prefetch and that descriptor is the read's, on the same thread
+    only; what no read took is closed at the end of the block."""
+    for name in ("a", "b", "c"):
+        (xfs_dir / name).write_bytes(name.encode() * 100)
+    snap = ReflinkProvider().take(Source("fs-a", xfs_dir), "backup-0123456789abcdef0")
+    try:
+        with snap.prefetched([b"a", b"b", b"a", b"c"]):
+            held = _fds_open_on(xfs_dir)
+            assert sorted(held.values()) == ["a", "b", "c"], "one descriptor per file, one named twice too"
+            with snap.open_file(b"a") as frozen:
+                assert held.get(frozen.fd) == "a" and os.pread(frozen.fd, 3, 0) == b"aaa"
+            elsewhere: list[int] = []
+            reader = threading.Thread(target=lambda: elsewhere.append(snap.open_file(b"b").fd))
+            reader.start()
+            reader.join()
+            assert held.get(elsewhere[0]) != "b", "another thread opens its own"
+            os.close(elsewhere[0])
+            assert sorted(_fds_open_on(xfs_dir).values()) == ["b", "c"]
+        assert _fds_open_on(xfs_dir) == {}
     finally:
         snap.release()
 

@@ -19,6 +19,7 @@ listed only counts as vanished. Only the snapshot's root must be readable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import os
@@ -1456,9 +1457,8 @@ class Archiver:
         The small files' contents are stored together at the end (one index lookup for all
         of them), and only what was finally read: not the reads of a file that moved meanwhile.
         """
-        if len(jobs) > 1:
-            self.snapshot.prefetch(child for child, _name in jobs)
-        outcomes = [self._read_file(child, name) for child, name in jobs]
+        with self.snapshot.prefetched(child for child, _name in jobs) if len(jobs) > 1 else contextlib.nullcontext():
+            outcomes = [self._read_file(child, name) for child, name in jobs]
         small = [outcome for outcome in outcomes if outcome.small_data]
         if small:
             added = self.writer.add_many(BlobType.DATA, [outcome.small_data for outcome in small])

@@ -13,13 +13,14 @@ Providers differ only in how strong that promise is (``atomic``):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -516,6 +517,7 @@ class Snapshot(ABC):
         self._graft_order = sorted(self.grafts, key=len, reverse=True)  # longest prefix wins
         self._root_fd = os.open(root, _DIR_FLAGS)
         self._graft_fds: dict[bytes, int] = {}
+        self._local = threading.local()  # the files :meth:`prefetched` holds open for this thread's reads
         try:
             for rel, path in self.grafts.items():
                 self._graft_fds[rel] = os.open(path, _DIR_FLAGS)
@@ -597,37 +599,50 @@ class Snapshot(ABC):
     def describe(self) -> dict[str, object]:
         return {"Provider": self.provider, "Name": self.name, "Atomic": self.atomic}
 
-    def prefetch(self, relpaths: Iterable[bytes]) -> None:
-        """Have the kernel start reading these files' data now (``POSIX_FADV_WILLNEED``), all at once.
+    @contextlib.contextmanager
+    def prefetched(self, relpaths: Iterable[bytes]) -> Iterator[None]:
+        """Have the kernel start reading these files' data now (``POSIX_FADV_WILLNEED``), all at once, and keep
+        each one open for the :meth:`open_file` of it on this thread inside the block (closed at its end if
+        none came).
 
         Why: a batch of small files read one after another from a cold cache waits
         for the disk once per file, one request in flight per read thread; hinted
         first, their reads are queued together and the reads that follow find the
         data in the page cache (1M small files, cold: GNU ``cat`` in 8 streams reads
         them in 24 s, a backup with 4 read threads spent half of its 79 s waiting).
-        Only a hint: a file that cannot be opened is left to the read that follows,
-        which reports it.
+        Kept open, each file is looked up once, not twice (a system call costs ~1 ms
+        under emulation). Only a hint: a file that cannot be opened is left to the read
+        that follows, which reports it.
         """
-        if self._root_fd < 0:
-            return
-        for relpath in relpaths:
-            try:
-                fd = self._open_below_root(relpath)
-            except (OSError, ValueError):
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
+        opened: dict[bytes, int] = {}
+        try:
+            if self._root_fd >= 0:
+                for relpath in relpaths:
+                    if relpath in opened:
+                        continue
+                    try:
+                        fd = self._open_below_root(relpath)
+                    except (OSError, ValueError):
+                        continue
+                    opened[relpath] = fd
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            self._local.prefetched = opened
+            yield
+        finally:
+            self._local.prefetched = None
+            for fd in opened.values():
                 os.close(fd)
 
     def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
         """Open *relpath* and make sure it is (still) a regular file."""
         if self._root_fd < 0:
             raise ValueError(f"snapshot {self.name} has been released")
+        prefetched: dict[bytes, int] | None = getattr(self._local, "prefetched", None)
+        fd = prefetched.pop(relpath, -1) if prefetched else -1
         try:
-            fd = self._open_below_root(relpath)
+            if fd < 0:
+                fd = self._open_below_root(relpath)
         except OSError as exc:
             exc.filename = self._display_path(relpath)  # the full path, for the archiver's error report
             raise
